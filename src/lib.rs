@@ -3,4 +3,8 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod format;
+pub mod btree;
+pub mod error;
 pub mod io;
+pub mod space_map;
+pub mod transaction;

@@ -1,0 +1,287 @@
+//! The transaction manager: a block cache over [`MetaStorage`], the set of blocks
+//! shadowed (allocated) in the current transaction, and the two space maps' counts.
+//!
+//! Blocks are validated once, when read from storage: checksum with the salt of the
+//! kind the reader expects, blocknr, and (for nodes) structure. Blocks allocated in
+//! the current transaction live only in memory until [`Txn::write_dirty`] seals them
+//! (blocknr + checksum) and writes them. After any failed write or sync the manager
+//! is poisoned and refuses everything until the pool is reopened.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::error::{Corruption, MetaError};
+use crate::format::checksum::{self, BlockKind};
+use crate::format::{node, space_map as fsm, Block};
+use crate::io::MetaStorage;
+use crate::space_map::RefCounts;
+
+/// Clean blocks kept in the cache before it is trimmed.
+pub const DEFAULT_CACHE_BLOCKS: usize = 1 << 16;
+
+#[derive(Debug)]
+struct Cached {
+    data: Box<Block>,
+    kind: BlockKind,
+    /// Leaf value size the node was validated for (nodes only).
+    value_size: u32,
+    dirty: bool,
+}
+
+/// Blocks, shadows and counts of one open metadata device.
+pub struct Txn {
+    storage: Box<dyn MetaStorage>,
+    cache: HashMap<u64, Cached>,
+    clean: usize,
+    cache_limit: usize,
+    /// Blocks allocated in this transaction (writable in place while their count is 1).
+    shadowed: HashSet<u64>,
+    poisoned: bool,
+    /// Counts of metadata blocks.
+    pub meta: RefCounts,
+    /// Counts of data blocks.
+    pub data: RefCounts,
+    /// Free metadata blocks kept back for commits.
+    pub meta_reserve: u64,
+    /// When set, allocations may dig into the reserve (during commit).
+    pub committing: bool,
+}
+
+impl std::fmt::Debug for Txn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Txn")
+            .field("cached", &self.cache.len())
+            .field("shadowed", &self.shadowed.len())
+            .field("poisoned", &self.poisoned)
+            .finish()
+    }
+}
+
+impl Txn {
+    /// A transaction manager over `storage` with the given counts.
+    pub fn new(storage: Box<dyn MetaStorage>, meta: RefCounts, data: RefCounts) -> Txn {
+        let meta_reserve = (meta.nr_blocks() / 50).clamp(8, 1024);
+        Txn {
+            storage,
+            cache: HashMap::new(),
+            clean: 0,
+            cache_limit: DEFAULT_CACHE_BLOCKS,
+            shadowed: HashSet::new(),
+            poisoned: false,
+            meta,
+            data,
+            meta_reserve,
+            committing: false,
+        }
+    }
+
+    /// Number of blocks of the underlying device.
+    pub fn device_blocks(&self) -> u64 {
+        self.storage.nr_blocks()
+    }
+
+    fn ensure_ok(&self) -> Result<(), MetaError> {
+        if self.poisoned {
+            Err(MetaError::Poisoned)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn in_range(&self, b: u64) -> Result<(), MetaError> {
+        let n = self.meta.nr_blocks().min(self.storage.nr_blocks());
+        if b >= n {
+            return Err(MetaError::corrupt(b, Corruption::PastEnd { nr_blocks: n }));
+        }
+        Ok(())
+    }
+
+    /// Read a block from storage without caching or validation.
+    pub fn read_uncached(&self, b: u64) -> Result<Box<Block>, MetaError> {
+        self.ensure_ok()?;
+        let mut buf = crate::format::zeroed_block();
+        self.storage.read_block(b, &mut buf)?;
+        Ok(buf)
+    }
+
+    fn load(&mut self, b: u64, kind: BlockKind, value_size: u32) -> Result<&Cached, MetaError> {
+        self.ensure_ok()?;
+        self.in_range(b)?;
+        let need_load = match self.cache.get(&b) {
+            None => true,
+            Some(c) => {
+                if c.kind != kind || (kind == BlockKind::Node && c.value_size != value_size) {
+                    // Asked for as something else: validate the bytes again for the new kind.
+                    if c.dirty {
+                        return Err(MetaError::corrupt(
+                            b,
+                            Corruption::Tree(format!("referenced as a {} but holds a {}", kind.name(), c.kind.name())),
+                        ));
+                    }
+                    true
+                } else {
+                    false
+                }
+            }
+        };
+        if need_load {
+            let data = self.read_uncached(b)?;
+            match kind {
+                BlockKind::Node => {
+                    node::validate(&data, b, value_size).map_err(|e| MetaError::corrupt(b, Corruption::Node(e)))?;
+                }
+                BlockKind::Bitmap => {
+                    fsm::bitmap_verify(&data, b).map_err(|e| MetaError::corrupt(b, Corruption::Bitmap(e)))?;
+                }
+                BlockKind::Index => {
+                    checksum::verify(&data, BlockKind::Index, b)
+                        .map_err(|e| MetaError::corrupt(b, Corruption::Index(e)))?;
+                }
+                BlockKind::Superblock => {
+                    checksum::verify(&data, BlockKind::Superblock, b).map_err(|e| {
+                        MetaError::corrupt(b, Corruption::Superblock(crate::format::superblock::SuperblockError::Prefix(e)))
+                    })?;
+                }
+            }
+            if self.clean >= self.cache_limit {
+                self.trim_cache();
+            }
+            if self.cache.insert(b, Cached { data, kind, value_size, dirty: false }).is_none() {
+                self.clean += 1;
+            }
+        }
+        self.cache.get(&b).ok_or(MetaError::Poisoned)
+    }
+
+    fn trim_cache(&mut self) {
+        self.cache.retain(|_, c| c.dirty);
+        self.clean = 0;
+    }
+
+    /// A validated B-tree node whose leaves carry `value_size`-byte values.
+    pub fn node(&mut self, b: u64, value_size: u32) -> Result<&Block, MetaError> {
+        Ok(&self.load(b, BlockKind::Node, value_size)?.data)
+    }
+
+    /// A validated bitmap block.
+    pub fn bitmap(&mut self, b: u64) -> Result<&Block, MetaError> {
+        Ok(&self.load(b, BlockKind::Bitmap, 0)?.data)
+    }
+
+    /// A validated metadata index block.
+    pub fn index_block(&mut self, b: u64) -> Result<&Block, MetaError> {
+        Ok(&self.load(b, BlockKind::Index, 0)?.data)
+    }
+
+    /// Mutable access to a block shadowed in this transaction.
+    pub fn node_mut(&mut self, b: u64) -> Result<&mut Block, MetaError> {
+        match self.cache.get_mut(&b) {
+            Some(c) if c.dirty => Ok(&mut c.data),
+            _ => Err(MetaError::corrupt(b, Corruption::Tree("internal error: writing a block not shadowed".into()))),
+        }
+    }
+
+    /// Install `data` as the new content of block `b` (allocated in this transaction).
+    pub fn put(&mut self, b: u64, data: Box<Block>, kind: BlockKind, value_size: u32) {
+        if let Some(old) = self.cache.insert(b, Cached { data, kind, value_size, dirty: true }) {
+            if !old.dirty {
+                self.clean -= 1;
+            }
+        }
+    }
+
+    /// Is `b` allocated in this transaction and not shared, so writable in place?
+    pub fn is_writable(&self, b: u64) -> bool {
+        self.shadowed.contains(&b) && self.meta.get(b) == 1
+    }
+
+    /// Allocate a metadata block (count 1) for this transaction.
+    pub fn alloc_meta(&mut self) -> Result<u64, MetaError> {
+        self.ensure_ok()?;
+        let usable = self.meta.nr_free();
+        if !self.committing && usable <= self.meta_reserve {
+            return Err(MetaError::NoMetadataSpace { nr_blocks: self.meta.nr_blocks() });
+        }
+        let limit = self.storage.nr_blocks();
+        loop {
+            let b = self.meta.alloc().ok_or(MetaError::NoMetadataSpace { nr_blocks: self.meta.nr_blocks() })?;
+            if b < limit {
+                self.shadowed.insert(b);
+                return Ok(b);
+            }
+            // Cannot happen when the space map fits the device (checked at open).
+            return Err(MetaError::corrupt(b, Corruption::PastEnd { nr_blocks: limit }));
+        }
+    }
+
+    /// Drop a reference to metadata block `b`; forget it when it becomes free.
+    pub fn dec_meta(&mut self, b: u64) -> Result<u32, MetaError> {
+        let c = self.meta.dec(b)?;
+        if c == 0 {
+            if let Some(old) = self.cache.remove(&b) {
+                if !old.dirty {
+                    self.clean -= 1;
+                }
+            }
+            self.shadowed.remove(&b);
+        }
+        Ok(c)
+    }
+
+    /// Seal and write every dirty block, then sync. Errors poison the manager.
+    pub fn write_dirty(&mut self) -> Result<(), MetaError> {
+        self.ensure_ok()?;
+        let mut dirty: Vec<u64> = self.cache.iter().filter(|(_, c)| c.dirty).map(|(&b, _)| b).collect();
+        dirty.sort_unstable();
+        for b in dirty {
+            let Some(c) = self.cache.get_mut(&b) else { continue };
+            checksum::seal(&mut c.data, c.kind, b);
+            c.dirty = false;
+            self.clean += 1;
+            if let Err(e) = self.storage.write_block(b, &c.data) {
+                self.poisoned = true;
+                return Err(e.into());
+            }
+        }
+        self.sync()
+    }
+
+    /// Sync the device. Errors poison the manager.
+    pub fn sync(&mut self) -> Result<(), MetaError> {
+        self.ensure_ok()?;
+        if let Err(e) = self.storage.sync() {
+            self.poisoned = true;
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Write a sealed block straight to storage (the superblock).
+    pub fn write_through(&mut self, b: u64, data: &Block) -> Result<(), MetaError> {
+        self.ensure_ok()?;
+        if let Err(e) = self.storage.write_block(b, data) {
+            self.poisoned = true;
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// End of transaction: nothing is shadowed any more.
+    pub fn end_transaction(&mut self) {
+        self.shadowed.clear();
+    }
+
+    /// Mark the manager failed (used when a commit step fails above this layer).
+    pub fn poison(&mut self) {
+        self.poisoned = true;
+    }
+
+    /// Has a write failed?
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    /// Number of blocks in the cache (diagnostics, tests).
+    pub fn cached_blocks(&self) -> usize {
+        self.cache.len()
+    }
+}
