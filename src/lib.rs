@@ -6,5 +6,7 @@ pub mod format;
 pub mod btree;
 pub mod error;
 pub mod io;
+pub mod metadata;
+pub mod pool;
 pub mod space_map;
 pub mod transaction;

@@ -80,6 +80,20 @@ impl RefCounts {
         rc
     }
 
+    /// Set the count of `b` as read from disk: part of the committed state, nothing
+    /// becomes dirty. Only for loading, before any change.
+    pub fn load(&mut self, b: u64, c: u32) {
+        if b >= self.nr_blocks || c == 0 {
+            return;
+        }
+        if self.get(b) == 0 {
+            self.nr_allocated += 1;
+            self.used_per_bitmap[(b / ENTRIES_PER_BITMAP) as usize] += 1;
+        }
+        self.store(b, c);
+        self.committed_used.set(b as usize, true);
+    }
+
     /// Number of blocks tracked.
     pub fn nr_blocks(&self) -> u64 {
         self.nr_blocks
