@@ -554,6 +554,56 @@ impl Metadata {
         Ok(old.is_some())
     }
 
+    /// Restore support (`thin_restore`): create device `id` with these details;
+    /// `mapped_blocks` counts the mappings added with [`Metadata::restore_mapping`].
+    pub fn restore_device(&mut self, id: u64, transaction_id: u64, creation_time: u32, snapshotted_time: u32) -> Result<(), PoolError> {
+        self.create_thin(id)?;
+        let id = id as DevId;
+        if let Some(d) = self.devices.get_mut(&id) {
+            d.details = DeviceDetails { mapped_blocks: 0, transaction_id, creation_time, snapshotted_time };
+        }
+        Ok(())
+    }
+
+    /// Restore support: map `vblock` of `id` to `data_block` with an explicit time,
+    /// taking a new reference on the data block.
+    pub fn restore_mapping(&mut self, id: DevId, vblock: u64, data_block: u64, time: u32) -> Result<(), PoolError> {
+        self.writable()?;
+        if data_block >= self.t.data.nr_blocks() {
+            return Err(PoolError::invalid(format!(
+                "data block {data_block} is past the end of the pool ({} blocks)",
+                self.t.data.nr_blocks()
+            )));
+        }
+        if time > MAX_TIME {
+            return Err(PoolError::invalid(format!("mapping time {time} exceeds 24 bits")));
+        }
+        let root = self.touch(id)?;
+        self.t.data.inc(data_block)?;
+        let v = pack_block_time(data_block, time);
+        let r = btree::insert(&mut self.t, root, vblock, &v.to_le_bytes(), Values::Mapping, Replace::DecOld)?;
+        let d = self.devices.get_mut(&id).ok_or(PoolError::NoSuchDevice(id))?;
+        d.root = r.root;
+        if r.old.is_none() {
+            d.details.mapped_blocks += 1;
+        }
+        d.details_dirty = true;
+        self.changed = true;
+        Ok(())
+    }
+
+    /// Restore support: set the pool time (and transaction id with
+    /// [`Metadata::set_transaction_id`]).
+    pub fn set_time(&mut self, time: u32) -> Result<(), PoolError> {
+        self.writable()?;
+        if time > MAX_TIME {
+            return Err(PoolError::invalid(format!("pool time {time} exceeds 24 bits")));
+        }
+        self.time = time;
+        self.changed = true;
+        Ok(())
+    }
+
     /// Grow the data space map to `nr_blocks` (the data device grew).
     pub fn extend_data(&mut self, nr_blocks: u64) -> Result<(), PoolError> {
         self.writable()?;
