@@ -72,11 +72,17 @@ pub enum MetaError {
     #[error("metadata I/O error: {0}")]
     Io(#[from] io::Error),
     /// No free metadata block.
-    #[error("out of metadata space ({nr_blocks} metadata blocks, all in use); grow the metadata file")]
+    #[error(
+        "out of metadata space ({nr_blocks} metadata blocks, all in use); grow the metadata file"
+    )]
     NoMetadataSpace { nr_blocks: u64 },
     /// A reference count would go below zero or past a limit (corrupt counts).
     #[error("{sm} space map: block {block}: {what}")]
-    RefCount { sm: &'static str, block: u64, what: &'static str },
+    RefCount {
+        sm: &'static str,
+        block: u64,
+        what: &'static str,
+    },
     /// An earlier write or sync failed; nothing more is accepted until reopen.
     #[error("an earlier metadata write failed; reopen the pool (the last commit is intact)")]
     Poisoned,

@@ -2,9 +2,9 @@
 //! dm-thin format byte for byte.
 #![deny(unsafe_op_in_unsafe_fn)]
 
-pub mod format;
 pub mod btree;
 pub mod error;
+pub mod format;
 pub mod io;
 pub mod metadata;
 pub mod pool;

@@ -118,14 +118,20 @@ fn sm_err(what: String) -> Corruption {
 impl Metadata {
     /// Format `storage` as a new, empty pool with `nr_data_blocks` data blocks of
     /// `data_block_sectors` sectors, and commit it.
-    pub fn format(storage: Box<dyn MetaStorage>, data_block_sectors: u32, nr_data_blocks: u64) -> Result<Metadata, PoolError> {
+    pub fn format(
+        storage: Box<dyn MetaStorage>,
+        data_block_sectors: u32,
+        nr_data_blocks: u64,
+    ) -> Result<Metadata, PoolError> {
         if !crate::format::valid_data_block_sectors(data_block_sectors) {
             return Err(PoolError::invalid(format!(
                 "data block size {data_block_sectors} sectors: must be a multiple of 128 between 128 and 2097152"
             )));
         }
         if nr_data_blocks > MAX_DATA_BLOCKS {
-            return Err(PoolError::invalid(format!("{nr_data_blocks} data blocks: more than 2^40")));
+            return Err(PoolError::invalid(format!(
+                "{nr_data_blocks} data blocks: more than 2^40"
+            )));
         }
         let nr_meta = storage.nr_blocks().min(MAX_METADATA_BLOCKS);
         if nr_meta < 64 {
@@ -187,9 +193,12 @@ impl Metadata {
         let mut raw = crate::format::zeroed_block();
         storage.read_block(0, &mut raw).map_err(MetaError::Io)?;
         if raw.iter().all(|&b| b == 0) {
-            return Err(PoolError::invalid("the metadata device is not formatted (block 0 is all zeros)"));
+            return Err(PoolError::invalid(
+                "the metadata device is not formatted (block 0 is all zeros)",
+            ));
         }
-        let sb = Superblock::decode(&raw, 0).map_err(|e| MetaError::corrupt(0, Corruption::Superblock(e)))?;
+        let sb = Superblock::decode(&raw, 0)
+            .map_err(|e| MetaError::corrupt(0, Corruption::Superblock(e)))?;
         if !read_only && sb.flags & superblock::FLAG_NEEDS_CHECK != 0 {
             return Err(PoolError::invalid(
                 "the metadata has the needs_check flag set: check and repair it first (thin_check --clear-needs-check-flag)",
@@ -212,69 +221,143 @@ impl Metadata {
         // bitmaps than there are metadata blocks: this bounds the allocation below.
         let data_bitmaps_n = dsm.nr_blocks.div_ceil(ENTRIES_PER_BITMAP);
         if dsm.nr_blocks > MAX_DATA_BLOCKS || data_bitmaps_n > nr_meta {
-            return Err(MetaError::corrupt(0, sm_err(format!("data space map claims {} blocks", dsm.nr_blocks))).into());
+            return Err(MetaError::corrupt(
+                0,
+                sm_err(format!("data space map claims {} blocks", dsm.nr_blocks)),
+            )
+            .into());
         }
         // A temporary manager to read the trees; its counts are replaced below.
-        let mut t = Txn::new(storage, RefCounts::new("metadata", nr_meta), RefCounts::new("data", 0));
+        let mut t = Txn::new(
+            storage,
+            RefCounts::new("metadata", nr_meta),
+            RefCounts::new("data", 0),
+        );
 
         // Metadata space map: index block, bitmaps, overflow tree.
         let meta_index_loc = msm.bitmap_root;
         let entries = {
             let blk = t.index_block(meta_index_loc)?;
-            fsm::index_decode(blk, meta_index_loc).map_err(|e| MetaError::corrupt(meta_index_loc, Corruption::Index(e)))?
+            fsm::index_decode(blk, meta_index_loc)
+                .map_err(|e| MetaError::corrupt(meta_index_loc, Corruption::Index(e)))?
         };
         let meta_bitmaps_n = nr_meta.div_ceil(ENTRIES_PER_BITMAP) as usize;
-        let meta_bitmaps: Vec<u64> = entries[..meta_bitmaps_n].iter().map(|e| e.blocknr).collect();
-        let meta_counts = load_counts(&mut t, "metadata", nr_meta, &meta_bitmaps, msm.ref_count_root, meta_index_loc)?;
+        let meta_bitmaps: Vec<u64> = entries[..meta_bitmaps_n]
+            .iter()
+            .map(|e| e.blocknr)
+            .collect();
+        let meta_counts = load_counts(
+            &mut t,
+            "metadata",
+            nr_meta,
+            &meta_bitmaps,
+            msm.ref_count_root,
+            meta_index_loc,
+        )?;
 
         // Data space map: index tree, bitmaps, overflow tree.
         let mut index: Vec<Option<IndexEntry>> = vec![None; data_bitmaps_n as usize];
         let idx_root = dsm.bitmap_root;
-        btree::visit(&mut t, idx_root, SM_INDEX, 0, u64::MAX, &mut |k, v| {
-            match index.get_mut(k as usize) {
+        btree::visit(
+            &mut t,
+            idx_root,
+            SM_INDEX,
+            0,
+            u64::MAX,
+            &mut |k, v| match index.get_mut(k as usize) {
                 Some(slot) => {
                     *slot = Some(IndexEntry::decode(v));
                     Ok(())
                 }
-                None => Err(MetaError::corrupt(idx_root, sm_err(format!("data space-map index has an entry for bitmap {k} of {data_bitmaps_n}")))),
-            }
-        })?;
+                None => Err(MetaError::corrupt(
+                    idx_root,
+                    sm_err(format!(
+                        "data space-map index has an entry for bitmap {k} of {data_bitmaps_n}"
+                    )),
+                )),
+            },
+        )?;
         let mut data_bitmaps = Vec::with_capacity(index.len());
         for (i, e) in index.iter().enumerate() {
             match e {
                 Some(e) => data_bitmaps.push(e.blocknr),
                 None => {
-                    return Err(MetaError::corrupt(idx_root, sm_err(format!("data space-map index lacks bitmap {i}"))).into())
+                    return Err(MetaError::corrupt(
+                        idx_root,
+                        sm_err(format!("data space-map index lacks bitmap {i}")),
+                    )
+                    .into())
                 }
             }
         }
-        let data_counts = load_counts(&mut t, "data", dsm.nr_blocks, &data_bitmaps, dsm.ref_count_root, idx_root)?;
+        let data_counts = load_counts(
+            &mut t,
+            "data",
+            dsm.nr_blocks,
+            &data_bitmaps,
+            dsm.ref_count_root,
+            idx_root,
+        )?;
         t.meta = meta_counts;
         t.data = data_counts;
 
         // Devices.
         let mut roots: BTreeMap<u64, u64> = BTreeMap::new();
-        btree::visit(&mut t, sb.data_mapping_root, Values::Subtrees, 0, u64::MAX, &mut |k, v| {
-            roots.insert(k, u64::from_le_bytes(v[..8].try_into().unwrap_or_default()));
-            Ok(())
-        })?;
+        btree::visit(
+            &mut t,
+            sb.data_mapping_root,
+            Values::Subtrees,
+            0,
+            u64::MAX,
+            &mut |k, v| {
+                roots.insert(k, u64::from_le_bytes(v[..8].try_into().unwrap_or_default()));
+                Ok(())
+            },
+        )?;
         let mut details: BTreeMap<u64, DeviceDetails> = BTreeMap::new();
-        btree::visit(&mut t, sb.device_details_root, DETAILS, 0, u64::MAX, &mut |k, v| {
-            details.insert(k, DeviceDetails::decode(v));
-            Ok(())
-        })?;
+        btree::visit(
+            &mut t,
+            sb.device_details_root,
+            DETAILS,
+            0,
+            u64::MAX,
+            &mut |k, v| {
+                details.insert(k, DeviceDetails::decode(v));
+                Ok(())
+            },
+        )?;
         let mut devices = BTreeMap::new();
         for (&id, &root) in &roots {
             let d = details.get(&id).copied().ok_or_else(|| {
-                MetaError::corrupt(sb.device_details_root, Corruption::Tree(format!("thin device {id} has mappings but no details")))
+                MetaError::corrupt(
+                    sb.device_details_root,
+                    Corruption::Tree(format!("thin device {id} has mappings but no details")),
+                )
             })?;
             if id > MAX_DEV_ID {
-                return Err(MetaError::corrupt(sb.data_mapping_root, Corruption::Tree(format!("thin device id {id} exceeds 24 bits"))).into());
+                return Err(MetaError::corrupt(
+                    sb.data_mapping_root,
+                    Corruption::Tree(format!("thin device id {id} exceeds 24 bits")),
+                )
+                .into());
             }
-            devices.insert(id as DevId, Device { root, root_in_tree: root, details: d, details_dirty: false, touched: false });
+            devices.insert(
+                id as DevId,
+                Device {
+                    root,
+                    root_in_tree: root,
+                    details: d,
+                    details_dirty: false,
+                    touched: false,
+                },
+            );
         }
         if let Some((&id, _)) = details.iter().find(|(id, _)| !roots.contains_key(id)) {
-            return Err(MetaError::corrupt(sb.data_mapping_root, Corruption::Tree(format!("thin device {id} has details but no mapping tree"))).into());
+            return Err(MetaError::corrupt(
+                sb.data_mapping_root,
+                Corruption::Tree(format!("thin device {id} has details but no mapping tree")),
+            )
+            .into());
         }
         Ok(Metadata {
             t,
@@ -385,14 +468,31 @@ impl Metadata {
             return Err(PoolError::DeviceExists(id));
         }
         let root = btree::empty(&mut self.t, Values::Mapping)?;
-        self.mapping_root = btree::insert(&mut self.t, self.mapping_root, id as u64, &root.to_le_bytes(), Values::Subtrees, Replace::Raw)?.root;
+        self.mapping_root = btree::insert(
+            &mut self.t,
+            self.mapping_root,
+            id as u64,
+            &root.to_le_bytes(),
+            Values::Subtrees,
+            Replace::Raw,
+        )?
+        .root;
         let details = DeviceDetails {
             mapped_blocks: 0,
             transaction_id: self.trans_id,
             creation_time: self.time,
             snapshotted_time: self.time,
         };
-        self.devices.insert(id, Device { root, root_in_tree: root, details, details_dirty: true, touched: true });
+        self.devices.insert(
+            id,
+            Device {
+                root,
+                root_in_tree: root,
+                details,
+                details_dirty: true,
+                touched: true,
+            },
+        );
         self.changed = true;
         Ok(())
     }
@@ -410,7 +510,15 @@ impl Metadata {
             return Err(PoolError::TimeExhausted);
         }
         self.t.meta.inc(o.root)?;
-        self.mapping_root = btree::insert(&mut self.t, self.mapping_root, id as u64, &o.root.to_le_bytes(), Values::Subtrees, Replace::Raw)?.root;
+        self.mapping_root = btree::insert(
+            &mut self.t,
+            self.mapping_root,
+            id as u64,
+            &o.root.to_le_bytes(),
+            Values::Subtrees,
+            Replace::Raw,
+        )?
+        .root;
         self.time += 1;
         let details = DeviceDetails {
             mapped_blocks: o.details.mapped_blocks,
@@ -418,7 +526,16 @@ impl Metadata {
             creation_time: self.time,
             snapshotted_time: self.time,
         };
-        self.devices.insert(id, Device { root: o.root, root_in_tree: o.root, details, details_dirty: true, touched: true });
+        self.devices.insert(
+            id,
+            Device {
+                root: o.root,
+                root_in_tree: o.root,
+                details,
+                details_dirty: true,
+                touched: true,
+            },
+        );
         if let Some(od) = self.devices.get_mut(&origin) {
             od.details.snapshotted_time = self.time;
             od.details_dirty = true;
@@ -433,9 +550,18 @@ impl Metadata {
         let id = Self::check_id(id)?;
         let d = self.dev(id)?.clone();
         if d.root != d.root_in_tree {
-            self.mapping_root = btree::insert(&mut self.t, self.mapping_root, id as u64, &d.root.to_le_bytes(), Values::Subtrees, Replace::Raw)?.root;
+            self.mapping_root = btree::insert(
+                &mut self.t,
+                self.mapping_root,
+                id as u64,
+                &d.root.to_le_bytes(),
+                Values::Subtrees,
+                Replace::Raw,
+            )?
+            .root;
         }
-        self.mapping_root = btree::remove(&mut self.t, self.mapping_root, id as u64, Values::Subtrees)?.0;
+        self.mapping_root =
+            btree::remove(&mut self.t, self.mapping_root, id as u64, Values::Subtrees)?.0;
         self.details_root = btree::remove(&mut self.t, self.details_root, id as u64, DETAILS)?.0;
         self.devices.remove(&id);
         self.changed = true;
@@ -446,7 +572,10 @@ impl Metadata {
     pub fn set_transaction_id(&mut self, old: u64, new: u64) -> Result<(), PoolError> {
         self.writable()?;
         if old != self.trans_id {
-            return Err(PoolError::TransactionId { current: self.trans_id, given: old });
+            return Err(PoolError::TransactionId {
+                current: self.trans_id,
+                given: old,
+            });
         }
         self.trans_id = new;
         self.changed = true;
@@ -462,24 +591,39 @@ impl Metadata {
     pub fn lookup(&mut self, id: DevId, vblock: u64) -> Result<Option<Mapping>, PoolError> {
         let d = self.dev(id)?;
         let (root, stime) = (d.root, d.details.snapshotted_time);
-        Ok(btree::lookup_u64(&mut self.t, root, vblock, Values::Mapping)?.map(|v| {
-            let (data_block, time) = unpack_block_time(v);
-            Mapping { data_block, time, shared: stime > time }
-        }))
+        Ok(
+            btree::lookup_u64(&mut self.t, root, vblock, Values::Mapping)?.map(|v| {
+                let (data_block, time) = unpack_block_time(v);
+                Mapping {
+                    data_block,
+                    time,
+                    shared: stime > time,
+                }
+            }),
+        )
     }
 
     /// The first mapped virtual block at or after `vblock`, with its data block.
     pub fn next_mapped(&mut self, id: DevId, vblock: u64) -> Result<Option<(u64, u64)>, PoolError> {
         let root = self.dev(id)?.root;
-        Ok(btree::next_at_or_after(&mut self.t, root, vblock, Values::Mapping)?.map(|(k, v)| (k, unpack_block_time(v).0)))
+        Ok(
+            btree::next_at_or_after(&mut self.t, root, vblock, Values::Mapping)?
+                .map(|(k, v)| (k, unpack_block_time(v).0)),
+        )
     }
 
     /// Every mapping of a device with `lo <= vblock < hi`: (vblock, data block, time).
-    pub fn mappings(&mut self, id: DevId, lo: u64, hi: u64) -> Result<Vec<(u64, u64, u32)>, PoolError> {
+    pub fn mappings(
+        &mut self,
+        id: DevId,
+        lo: u64,
+        hi: u64,
+    ) -> Result<Vec<(u64, u64, u32)>, PoolError> {
         let root = self.dev(id)?.root;
         let mut out = Vec::new();
         btree::visit(&mut self.t, root, Values::Mapping, lo, hi, &mut |k, v| {
-            let (b, tm) = unpack_block_time(u64::from_le_bytes(v[..8].try_into().unwrap_or_default()));
+            let (b, tm) =
+                unpack_block_time(u64::from_le_bytes(v[..8].try_into().unwrap_or_default()));
             out.push((k, b, tm));
             Ok(())
         })?;
@@ -490,7 +634,15 @@ impl Metadata {
         let d = self.devices.get(&id).ok_or(PoolError::NoSuchDevice(id))?;
         let root = d.root;
         if !d.touched {
-            self.mapping_root = btree::insert(&mut self.t, self.mapping_root, id as u64, &root.to_le_bytes(), Values::Subtrees, Replace::Raw)?.root;
+            self.mapping_root = btree::insert(
+                &mut self.t,
+                self.mapping_root,
+                id as u64,
+                &root.to_le_bytes(),
+                Values::Subtrees,
+                Replace::Raw,
+            )?
+            .root;
             if let Some(d) = self.devices.get_mut(&id) {
                 d.touched = true;
             }
@@ -520,12 +672,27 @@ impl Metadata {
 
     /// Map `vblock` of device `id` to `data_block` (whose reference the caller hands
     /// over), at the current pool time. The old mapping's block loses a reference.
-    pub fn insert_mapping(&mut self, id: DevId, vblock: u64, data_block: u64) -> Result<(), PoolError> {
+    pub fn insert_mapping(
+        &mut self,
+        id: DevId,
+        vblock: u64,
+        data_block: u64,
+    ) -> Result<(), PoolError> {
         self.writable()?;
         let root = self.touch(id)?;
         let v = pack_block_time(data_block, self.time);
-        let r = btree::insert(&mut self.t, root, vblock, &v.to_le_bytes(), Values::Mapping, Replace::DecOld)?;
-        let d = self.devices.get_mut(&id).ok_or(PoolError::NoSuchDevice(id))?;
+        let r = btree::insert(
+            &mut self.t,
+            root,
+            vblock,
+            &v.to_le_bytes(),
+            Values::Mapping,
+            Replace::DecOld,
+        )?;
+        let d = self
+            .devices
+            .get_mut(&id)
+            .ok_or(PoolError::NoSuchDevice(id))?;
         d.root = r.root;
         if r.old.is_none() {
             d.details.mapped_blocks += 1;
@@ -544,7 +711,10 @@ impl Metadata {
         }
         let root = self.touch(id)?;
         let (r, old) = btree::remove(&mut self.t, root, vblock, Values::Mapping)?;
-        let d = self.devices.get_mut(&id).ok_or(PoolError::NoSuchDevice(id))?;
+        let d = self
+            .devices
+            .get_mut(&id)
+            .ok_or(PoolError::NoSuchDevice(id))?;
         d.root = r;
         if old.is_some() {
             d.details.mapped_blocks = d.details.mapped_blocks.saturating_sub(1);
@@ -556,18 +726,35 @@ impl Metadata {
 
     /// Restore support (`thin_restore`): create device `id` with these details;
     /// `mapped_blocks` counts the mappings added with [`Metadata::restore_mapping`].
-    pub fn restore_device(&mut self, id: u64, transaction_id: u64, creation_time: u32, snapshotted_time: u32) -> Result<(), PoolError> {
+    pub fn restore_device(
+        &mut self,
+        id: u64,
+        transaction_id: u64,
+        creation_time: u32,
+        snapshotted_time: u32,
+    ) -> Result<(), PoolError> {
         self.create_thin(id)?;
         let id = id as DevId;
         if let Some(d) = self.devices.get_mut(&id) {
-            d.details = DeviceDetails { mapped_blocks: 0, transaction_id, creation_time, snapshotted_time };
+            d.details = DeviceDetails {
+                mapped_blocks: 0,
+                transaction_id,
+                creation_time,
+                snapshotted_time,
+            };
         }
         Ok(())
     }
 
     /// Restore support: map `vblock` of `id` to `data_block` with an explicit time,
     /// taking a new reference on the data block.
-    pub fn restore_mapping(&mut self, id: DevId, vblock: u64, data_block: u64, time: u32) -> Result<(), PoolError> {
+    pub fn restore_mapping(
+        &mut self,
+        id: DevId,
+        vblock: u64,
+        data_block: u64,
+        time: u32,
+    ) -> Result<(), PoolError> {
         self.writable()?;
         if data_block >= self.t.data.nr_blocks() {
             return Err(PoolError::invalid(format!(
@@ -576,13 +763,25 @@ impl Metadata {
             )));
         }
         if time > MAX_TIME {
-            return Err(PoolError::invalid(format!("mapping time {time} exceeds 24 bits")));
+            return Err(PoolError::invalid(format!(
+                "mapping time {time} exceeds 24 bits"
+            )));
         }
         let root = self.touch(id)?;
         self.t.data.inc(data_block)?;
         let v = pack_block_time(data_block, time);
-        let r = btree::insert(&mut self.t, root, vblock, &v.to_le_bytes(), Values::Mapping, Replace::DecOld)?;
-        let d = self.devices.get_mut(&id).ok_or(PoolError::NoSuchDevice(id))?;
+        let r = btree::insert(
+            &mut self.t,
+            root,
+            vblock,
+            &v.to_le_bytes(),
+            Values::Mapping,
+            Replace::DecOld,
+        )?;
+        let d = self
+            .devices
+            .get_mut(&id)
+            .ok_or(PoolError::NoSuchDevice(id))?;
         d.root = r.root;
         if r.old.is_none() {
             d.details.mapped_blocks += 1;
@@ -597,7 +796,9 @@ impl Metadata {
     pub fn set_time(&mut self, time: u32) -> Result<(), PoolError> {
         self.writable()?;
         if time > MAX_TIME {
-            return Err(PoolError::invalid(format!("pool time {time} exceeds 24 bits")));
+            return Err(PoolError::invalid(format!(
+                "pool time {time} exceeds 24 bits"
+            )));
         }
         self.time = time;
         self.changed = true;
@@ -615,7 +816,8 @@ impl Metadata {
         }
         if nr_blocks > self.t.data.nr_blocks() {
             self.t.data.extend(nr_blocks);
-            self.data_bitmaps.resize(self.t.data.nr_bitmaps() as usize, 0);
+            self.data_bitmaps
+                .resize(self.t.data.nr_bitmaps() as usize, 0);
             self.changed = true;
         }
         Ok(())
@@ -627,7 +829,8 @@ impl Metadata {
         let n = self.t.device_blocks().min(MAX_METADATA_BLOCKS);
         if n > self.t.meta.nr_blocks() {
             self.t.meta.extend(n);
-            self.meta_bitmaps.resize(self.t.meta.nr_bitmaps() as usize, 0);
+            self.meta_bitmaps
+                .resize(self.t.meta.nr_bitmaps() as usize, 0);
             self.changed = true;
         }
         Ok(())
@@ -642,7 +845,10 @@ impl Metadata {
     /// metadata that points at it), then every new metadata block is written and
     /// synced, then the superblock is written and synced. On error nothing more is
     /// accepted until reopen; the previous commit stays intact on disk.
-    pub fn commit(&mut self, sync_data: &mut dyn FnMut() -> std::io::Result<()>) -> Result<Committed, PoolError> {
+    pub fn commit(
+        &mut self,
+        sync_data: &mut dyn FnMut() -> std::io::Result<()>,
+    ) -> Result<Committed, PoolError> {
         if self.read_only || !self.changed {
             return Ok(Committed::default());
         }
@@ -656,18 +862,39 @@ impl Metadata {
         r
     }
 
-    fn commit_inner(&mut self, sync_data: &mut dyn FnMut() -> std::io::Result<()>) -> Result<Committed, PoolError> {
+    fn commit_inner(
+        &mut self,
+        sync_data: &mut dyn FnMut() -> std::io::Result<()>,
+    ) -> Result<Committed, PoolError> {
         sync_data().map_err(PoolError::DataIo)?;
         self.t.committing = true;
         // Device details and roots into their trees.
         let ids: Vec<DevId> = self.devices.keys().copied().collect();
         for id in ids {
-            let Some(d) = self.devices.get(&id).cloned() else { continue };
+            let Some(d) = self.devices.get(&id).cloned() else {
+                continue;
+            };
             if d.details_dirty {
-                self.details_root = btree::insert(&mut self.t, self.details_root, id as u64, &d.details.encode(), DETAILS, Replace::Raw)?.root;
+                self.details_root = btree::insert(
+                    &mut self.t,
+                    self.details_root,
+                    id as u64,
+                    &d.details.encode(),
+                    DETAILS,
+                    Replace::Raw,
+                )?
+                .root;
             }
             if d.root != d.root_in_tree {
-                self.mapping_root = btree::insert(&mut self.t, self.mapping_root, id as u64, &d.root.to_le_bytes(), Values::Subtrees, Replace::Raw)?.root;
+                self.mapping_root = btree::insert(
+                    &mut self.t,
+                    self.mapping_root,
+                    id as u64,
+                    &d.root.to_le_bytes(),
+                    Values::Subtrees,
+                    Replace::Raw,
+                )?
+                .root;
             }
             if let Some(d) = self.devices.get_mut(&id) {
                 d.details_dirty = false;
@@ -722,7 +949,15 @@ impl Metadata {
                 let blk = fsm::bitmap_encode(self.t.data.bitmap_values(i));
                 self.t.put(loc, blk, BlockKind::Bitmap, 0);
                 let e = self.t.data.index_entry(i, loc);
-                self.data_index_root = btree::insert(&mut self.t, self.data_index_root, i, &e.encode(), SM_INDEX, Replace::Raw)?.root;
+                self.data_index_root = btree::insert(
+                    &mut self.t,
+                    self.data_index_root,
+                    i,
+                    &e.encode(),
+                    SM_INDEX,
+                    Replace::Raw,
+                )?
+                .root;
             }
             for b in self.t.data.take_dirty_overflow() {
                 did = true;
@@ -755,7 +990,10 @@ impl Metadata {
                 return Ok(());
             }
         }
-        Err(MetaError::corrupt(0, sm_err("space maps did not settle while committing".into())))
+        Err(MetaError::corrupt(
+            0,
+            sm_err("space maps did not settle while committing".into()),
+        ))
     }
 
     /// Location for a space-map block now at `old` (0 = none yet): in place when it was
@@ -773,10 +1011,15 @@ impl Metadata {
 
     /// Take a metadata snapshot (`reserve_metadata_snap`): commit, then copy the
     /// superblock to a new block that holds the current trees, and commit again.
-    pub fn reserve_metadata_snap(&mut self, sync_data: &mut dyn FnMut() -> std::io::Result<()>) -> Result<u64, PoolError> {
+    pub fn reserve_metadata_snap(
+        &mut self,
+        sync_data: &mut dyn FnMut() -> std::io::Result<()>,
+    ) -> Result<u64, PoolError> {
         self.writable()?;
         if self.held_root != 0 {
-            return Err(PoolError::MetadataSnapshot("a metadata snapshot is already held; release it first"));
+            return Err(PoolError::MetadataSnapshot(
+                "a metadata snapshot is already held; release it first",
+            ));
         }
         self.changed = true;
         self.commit(sync_data)?;
@@ -797,14 +1040,18 @@ impl Metadata {
     }
 
     /// Release the held metadata snapshot (`release_metadata_snap`).
-    pub fn release_metadata_snap(&mut self, sync_data: &mut dyn FnMut() -> std::io::Result<()>) -> Result<(), PoolError> {
+    pub fn release_metadata_snap(
+        &mut self,
+        sync_data: &mut dyn FnMut() -> std::io::Result<()>,
+    ) -> Result<(), PoolError> {
         self.writable()?;
         let h = self.held_root;
         if h == 0 {
             return Err(PoolError::MetadataSnapshot("no metadata snapshot is held"));
         }
         let raw = self.t.read_uncached(h)?;
-        let held = Superblock::decode(&raw, h).map_err(|e| MetaError::corrupt(h, Corruption::Superblock(e)))?;
+        let held = Superblock::decode(&raw, h)
+            .map_err(|e| MetaError::corrupt(h, Corruption::Superblock(e)))?;
         self.held_root = 0;
         btree::delete_tree(&mut self.t, held.data_mapping_root, Values::Subtrees)?;
         btree::delete_tree(&mut self.t, held.device_details_root, DETAILS)?;
@@ -856,13 +1103,20 @@ impl Metadata {
                 others.insert(b, ());
             }
         }
-        Ok(mine.iter().filter(|(_, b, _)| !others.contains_key(b)).count() as u64)
+        Ok(mine
+            .iter()
+            .filter(|(_, b, _)| !others.contains_key(b))
+            .count() as u64)
     }
 }
 
 /// Write the overflow-tree entry of block `b` from its current count.
 fn sync_overflow(t: &mut Txn, root: u64, b: u64, data: bool) -> Result<u64, MetaError> {
-    let v = if data { t.data.overflow_value(b) } else { t.meta.overflow_value(b) };
+    let v = if data {
+        t.data.overflow_value(b)
+    } else {
+        t.meta.overflow_value(b)
+    };
     match v {
         Some(c) => Ok(btree::insert(t, root, b, &c.to_le_bytes(), REF_COUNTS, Replace::Raw)?.root),
         None => Ok(btree::remove(t, root, b, REF_COUNTS)?.0),
@@ -870,7 +1124,14 @@ fn sync_overflow(t: &mut Txn, root: u64, b: u64, data: bool) -> Result<u64, Meta
 }
 
 /// Read a space map's bitmaps and overflow tree into counts.
-fn load_counts(t: &mut Txn, name: &'static str, nr_blocks: u64, bitmaps: &[u64], ref_root: u64, index_block: u64) -> Result<RefCounts, MetaError> {
+fn load_counts(
+    t: &mut Txn,
+    name: &'static str,
+    nr_blocks: u64,
+    bitmaps: &[u64],
+    ref_root: u64,
+    index_block: u64,
+) -> Result<RefCounts, MetaError> {
     let mut overflow: HashMap<u64, u32> = HashMap::new();
     btree::visit(t, ref_root, REF_COUNTS, 0, u64::MAX, &mut |k, v| {
         overflow.insert(k, u32::from_le_bytes(v[..4].try_into().unwrap_or_default()));
@@ -879,7 +1140,12 @@ fn load_counts(t: &mut Txn, name: &'static str, nr_blocks: u64, bitmaps: &[u64],
     let mut rc = RefCounts::new(name, nr_blocks);
     for (i, &loc) in bitmaps.iter().enumerate() {
         if loc == 0 {
-            return Err(MetaError::corrupt(index_block, sm_err(format!("{name} space-map index entry {i} has no bitmap block"))));
+            return Err(MetaError::corrupt(
+                index_block,
+                sm_err(format!(
+                    "{name} space-map index entry {i} has no bitmap block"
+                )),
+            ));
         }
         let blk = t.bitmap(loc)?;
         let start = i as u64 * ENTRIES_PER_BITMAP;
@@ -897,10 +1163,20 @@ fn load_counts(t: &mut Txn, name: &'static str, nr_blocks: u64, bitmaps: &[u64],
             match overflow.get(&b) {
                 Some(&c) if c >= 3 => rc.load(b, c),
                 Some(&c) => {
-                    return Err(MetaError::corrupt(ref_root, sm_err(format!("{name} ref-count tree holds {c} for block {b} (must be >= 3)"))))
+                    return Err(MetaError::corrupt(
+                        ref_root,
+                        sm_err(format!(
+                            "{name} ref-count tree holds {c} for block {b} (must be >= 3)"
+                        )),
+                    ))
                 }
                 None => {
-                    return Err(MetaError::corrupt(loc, sm_err(format!("{name} block {b} has bitmap count 3 but no ref-count tree entry"))))
+                    return Err(MetaError::corrupt(
+                        loc,
+                        sm_err(format!(
+                            "{name} block {b} has bitmap count 3 but no ref-count tree entry"
+                        )),
+                    ))
                 }
             }
         }

@@ -66,7 +66,11 @@ impl RefCounts {
     }
 
     /// Counts as read from disk: nothing dirty, committed state = these counts.
-    pub fn from_counts(name: &'static str, nr_blocks: u64, counts: impl Fn(u64) -> u32) -> RefCounts {
+    pub fn from_counts(
+        name: &'static str,
+        nr_blocks: u64,
+        counts: impl Fn(u64) -> u32,
+    ) -> RefCounts {
         let mut rc = RefCounts::new(name, nr_blocks);
         for b in 0..nr_blocks {
             let c = counts(b);
@@ -137,7 +141,11 @@ impl RefCounts {
 
     fn check(&self, b: u64) -> Result<(), MetaError> {
         if b >= self.nr_blocks {
-            return Err(MetaError::RefCount { sm: self.name, block: b, what: "block past the end of the space map" });
+            return Err(MetaError::RefCount {
+                sm: self.name,
+                block: b,
+                what: "block past the end of the space map",
+            });
         }
         Ok(())
     }
@@ -168,9 +176,11 @@ impl RefCounts {
     pub fn inc(&mut self, b: u64) -> Result<(), MetaError> {
         self.check(b)?;
         let old = self.get(b);
-        let new = old
-            .checked_add(1)
-            .ok_or(MetaError::RefCount { sm: self.name, block: b, what: "reference count overflow" })?;
+        let new = old.checked_add(1).ok_or(MetaError::RefCount {
+            sm: self.name,
+            block: b,
+            what: "reference count overflow",
+        })?;
         self.set(b, old, new);
         Ok(())
     }
@@ -180,7 +190,11 @@ impl RefCounts {
         self.check(b)?;
         let old = self.get(b);
         if old == 0 {
-            return Err(MetaError::RefCount { sm: self.name, block: b, what: "reference count would go below zero" });
+            return Err(MetaError::RefCount {
+                sm: self.name,
+                block: b,
+                what: "reference count would go below zero",
+            });
         }
         self.set(b, old, old - 1);
         Ok(old - 1)
@@ -210,7 +224,8 @@ impl RefCounts {
         while b < to {
             let bm = (b / ENTRIES_PER_BITMAP) as usize;
             let bm_end = ((bm as u64 + 1) * ENTRIES_PER_BITMAP).min(to);
-            let bm_len = ((bm as u64 + 1) * ENTRIES_PER_BITMAP).min(self.nr_blocks) - bm as u64 * ENTRIES_PER_BITMAP;
+            let bm_len = ((bm as u64 + 1) * ENTRIES_PER_BITMAP).min(self.nr_blocks)
+                - bm as u64 * ENTRIES_PER_BITMAP;
             if u64::from(self.used_per_bitmap[bm]) >= bm_len {
                 b = bm_end;
                 continue;

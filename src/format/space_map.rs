@@ -178,8 +178,16 @@ mod tests {
     #[test]
     fn index_block_round_trips() {
         let entries = vec![
-            IndexEntry { blocknr: 3, nr_free: 16312, none_free_before: 8 },
-            IndexEntry { blocknr: 99, nr_free: 16320, none_free_before: 0 },
+            IndexEntry {
+                blocknr: 3,
+                nr_free: 16312,
+                none_free_before: 8,
+            },
+            IndexEntry {
+                blocknr: 99,
+                nr_free: 16320,
+                none_free_before: 0,
+            },
         ];
         let b = index_encode(&entries, 1);
         let back = index_decode(&b, 1).expect("valid");

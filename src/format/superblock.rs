@@ -106,7 +106,10 @@ impl std::fmt::Display for SuperblockError {
             SuperblockError::MetadataBlockSize(s) => {
                 write!(f, "metadata block size {s} sectors (only 8 is supported)")
             }
-            SuperblockError::Features { incompat, compat_ro } => write!(
+            SuperblockError::Features {
+                incompat,
+                compat_ro,
+            } => write!(
                 f,
                 "unsupported feature flags (incompat {incompat:#x}, compat_ro {compat_ro:#x})"
             ),
@@ -117,7 +120,8 @@ impl std::fmt::Display for SuperblockError {
 impl Superblock {
     /// Decode and validate a superblock found at `location`.
     pub fn decode(block: &Block, location: u64) -> Result<Superblock, SuperblockError> {
-        checksum::verify(block, BlockKind::Superblock, location).map_err(SuperblockError::Prefix)?;
+        checksum::verify(block, BlockKind::Superblock, location)
+            .map_err(SuperblockError::Prefix)?;
         let sb = Self::decode_unchecked(block);
         if sb.magic != MAGIC {
             return Err(SuperblockError::Magic(sb.magic));
@@ -200,8 +204,18 @@ mod tests {
             time: 3,
             trans_id: 4,
             held_root: 5,
-            data_sm_root: SmRoot { nr_blocks: 6, nr_allocated: 7, bitmap_root: 8, ref_count_root: 9 },
-            metadata_sm_root: SmRoot { nr_blocks: 10, nr_allocated: 11, bitmap_root: 12, ref_count_root: 13 },
+            data_sm_root: SmRoot {
+                nr_blocks: 6,
+                nr_allocated: 7,
+                bitmap_root: 8,
+                ref_count_root: 9,
+            },
+            metadata_sm_root: SmRoot {
+                nr_blocks: 10,
+                nr_allocated: 11,
+                bitmap_root: 12,
+                ref_count_root: 13,
+            },
             data_mapping_root: 14,
             device_details_root: 15,
             data_block_size: 128,
@@ -226,7 +240,11 @@ mod tests {
 
     #[test]
     fn a_wrong_magic_is_rejected_even_with_a_good_checksum() {
-        let sb = Superblock { magic: 1, metadata_block_size: 8, ..Default::default() };
+        let sb = Superblock {
+            magic: 1,
+            metadata_block_size: 8,
+            ..Default::default()
+        };
         let b = sb.encode(0);
         assert_eq!(Superblock::decode(&b, 0), Err(SuperblockError::Magic(1)));
     }

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The one test command, for developers and CI alike:
+#   installs the Debian packages the tests need (when missing), then runs
+#   cargo fmt --check, cargo clippy (all targets, warnings are errors) and
+#   cargo test (all targets: unit, integration, property, fuzz-seed, bench smoke).
+# A missing tool makes the tests that need it fail loudly; they never skip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+missing=()
+need() { # need COMMAND PACKAGE...
+  local cmd=$1; shift
+  command -v "$cmd" >/dev/null 2>&1 || missing+=("$@")
+}
+need thin_check thin-provisioning-tools
+need nbdinfo libnbd-bin
+need nbd-client nbd-client
+need fio fio
+need qemu-img qemu-utils
+need xz xz-utils
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "== installing: ${missing[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
+echo "== cargo test --all-targets"
+cargo test --all-targets
