@@ -178,67 +178,74 @@ impl Pool {
         Ok(())
     }
 
-    fn alloc(&mut self) -> Result<u64, PoolError> {
-        if let Some(b) = self.md.alloc_data_block()? {
-            return Ok(b);
-        }
-        // Blocks freed in this transaction become usable once it commits.
-        if self.md.commit_would_free_data() {
-            self.commit()?;
-            if let Some(b) = self.md.alloc_data_block()? {
-                return Ok(b);
+    /// Allocate `n` data blocks, all or none. When the pool is full but the current
+    /// transaction freed blocks, commit (which makes them reusable) and try again.
+    fn alloc_n(&mut self, n: usize) -> Result<Vec<u64>, PoolError> {
+        for attempt in 0..2 {
+            let mut got = Vec::with_capacity(n);
+            while got.len() < n {
+                match self.md.alloc_data_block()? {
+                    Some(b) => got.push(b),
+                    None => break,
+                }
+            }
+            if got.len() == n {
+                return Ok(got);
+            }
+            for b in got {
+                self.md.release_data_block(b)?;
+            }
+            if attempt == 0 && self.md.commit_would_free_data() {
+                self.commit()?;
+            } else {
+                break;
             }
         }
-        Err(PoolError::NoSpace {
-            nr_blocks: self.md.status().data_total_blocks,
-        })
+        Err(PoolError::NoSpace { nr_blocks: self.md.status().data_total_blocks })
     }
 
-    /// Write `data` to device `dev` at byte `offset`.
+    /// Write `data` to device `dev` at byte `offset`. When the pool lacks the data
+    /// blocks the write needs, it fails with [`PoolError::NoSpace`] and changes nothing.
     pub fn write(&mut self, dev: DevId, offset: u64, data: &[u8]) -> Result<(), PoolError> {
         if self.read_only {
             return Err(PoolError::ReadOnly);
         }
         self.check_dev(dev)?;
-        let mut done = 0usize;
+        let mut plan = Vec::new();
         for (vb, within, n) in self.pieces(offset, data.len() as u64).collect::<Vec<_>>() {
-            let src = &data[done..done + n as usize];
-            self.write_block(dev, vb, within, src)?;
-            done += n as usize;
+            plan.push((vb, within, n, self.md.lookup(dev, vb)?));
         }
-        Ok(())
-    }
-
-    fn write_block(
-        &mut self,
-        dev: DevId,
-        vb: u64,
-        within: u64,
-        src: &[u8],
-    ) -> Result<(), PoolError> {
+        let need = plan.iter().filter(|p| p.3.is_none_or(|m| m.shared)).count();
+        let mut fresh = self.alloc_n(need)?.into_iter();
+        let mut done = 0usize;
         let bs = self.block_bytes;
-        let whole = within == 0 && src.len() as u64 == bs;
-        match self.md.lookup(dev, vb)? {
-            Some(m) if !m.shared => {
-                self.data
-                    .write_all_at(src, m.data_block * bs + within)
-                    .map_err(data_err)?;
+        let mut result = Ok(());
+        for (vb, within, n, found) in plan {
+            let src = &data[done..done + n as usize];
+            done += n as usize;
+            if result.is_err() {
+                continue;
             }
-            found => {
-                let nb = self.alloc()?;
-                let r = self.fill_new_block(nb, found.map(|m| m.data_block), whole, within, src);
-                if let Err(e) = r {
-                    self.md.release_data_block(nb)?;
-                    return Err(e);
+            match found {
+                Some(m) if !m.shared => {
+                    result = self.data.write_all_at(src, m.data_block * bs + within).map_err(data_err);
                 }
-                if let Err(e) = self.md.insert_mapping(dev, vb, nb) {
-                    // Not mapped: give the block back so nothing leaks.
-                    let _ = self.md.release_data_block(nb);
-                    return Err(e);
+                _ => {
+                    let Some(nb) = fresh.next() else { continue };
+                    let whole = within == 0 && n == bs;
+                    result = self
+                        .fill_new_block(nb, found.map(|m| m.data_block), whole, within, src)
+                        .and_then(|()| self.md.insert_mapping(dev, vb, nb));
+                    if result.is_err() {
+                        let _ = self.md.release_data_block(nb);
+                    }
                 }
             }
         }
-        Ok(())
+        for nb in fresh {
+            self.md.release_data_block(nb)?;
+        }
+        result
     }
 
     /// Prepare new data block `nb`: a copy of `old` (or zeros), with `src` at `within`.
