@@ -1122,7 +1122,14 @@ struct Recount {
 impl Recount {
     /// Count one reference to node `b`; walk it the first time it is reached.
     /// `roots` replaces top-level leaf values (the live tree's pending roots).
-    fn tree(&mut self, t: &mut Txn, b: u64, vk: Values, roots: Option<&BTreeMap<DevId, Device>>, depth: usize) -> Result<(), String> {
+    fn tree(
+        &mut self,
+        t: &mut Txn,
+        b: u64,
+        vk: Values,
+        roots: Option<&BTreeMap<DevId, Device>>,
+        depth: usize,
+    ) -> Result<(), String> {
         if depth > btree::MAX_DEPTH {
             return Err(format!("tree through block {b} is too deep"));
         }
@@ -1135,7 +1142,13 @@ impl Recount {
         for i in 0..h.nr_entries as usize {
             let key = crate::format::node::key(&blk, i);
             if !h.is_leaf() {
-                self.tree(t, crate::format::node::value_u64(&blk, &h, i), vk, roots, depth + 1)?;
+                self.tree(
+                    t,
+                    crate::format::node::value_u64(&blk, &h, i),
+                    vk,
+                    roots,
+                    depth + 1,
+                )?;
                 continue;
             }
             match vk {
@@ -1169,13 +1182,28 @@ impl Metadata {
         rc.meta.insert(0, 1);
         if self.held_root != 0 {
             *rc.meta.entry(self.held_root).or_default() += 1;
-            let raw = self.t.read_uncached(self.held_root).map_err(|e| e.to_string())?;
+            let raw = self
+                .t
+                .read_uncached(self.held_root)
+                .map_err(|e| e.to_string())?;
             let held = Superblock::decode(&raw, self.held_root).map_err(|e| e.to_string())?;
-            rc.tree(&mut self.t, held.data_mapping_root, Values::Subtrees, None, 0)?;
+            rc.tree(
+                &mut self.t,
+                held.data_mapping_root,
+                Values::Subtrees,
+                None,
+                0,
+            )?;
             rc.tree(&mut self.t, held.device_details_root, DETAILS, None, 0)?;
         }
         let devices = self.devices.clone();
-        rc.tree(&mut self.t, self.mapping_root, Values::Subtrees, Some(&devices), 0)?;
+        rc.tree(
+            &mut self.t,
+            self.mapping_root,
+            Values::Subtrees,
+            Some(&devices),
+            0,
+        )?;
         rc.tree(&mut self.t, self.details_root, DETAILS, None, 0)?;
         rc.tree(&mut self.t, self.data_index_root, SM_INDEX, None, 0)?;
         rc.tree(&mut self.t, self.data_ref_root, REF_COUNTS, None, 0)?;
@@ -1190,16 +1218,29 @@ impl Metadata {
         }
         for (id, d) in &devices {
             if !rc.seen.contains(&d.root) {
-                return Err(format!("device {id}: root {} is not reachable from the top-level tree", d.root));
+                return Err(format!(
+                    "device {id}: root {} is not reachable from the top-level tree",
+                    d.root
+                ));
             }
             let mut n = 0u64;
-            btree::visit(&mut self.t, d.root, Values::Mapping, 0, u64::MAX, &mut |_, _| {
-                n += 1;
-                Ok(())
-            })
+            btree::visit(
+                &mut self.t,
+                d.root,
+                Values::Mapping,
+                0,
+                u64::MAX,
+                &mut |_, _| {
+                    n += 1;
+                    Ok(())
+                },
+            )
             .map_err(|e| e.to_string())?;
             if n != d.details.mapped_blocks {
-                return Err(format!("device {id}: mapped_blocks {} but {n} mappings", d.details.mapped_blocks));
+                return Err(format!(
+                    "device {id}: mapped_blocks {} but {n} mappings",
+                    d.details.mapped_blocks
+                ));
             }
             rc.mappings += n;
         }
@@ -1208,23 +1249,32 @@ impl Metadata {
             let want = rc.meta.get(&b).copied().unwrap_or(0);
             let have = self.t.meta.get(b);
             if want != have {
-                return Err(format!("metadata block {b}: count {have}, referenced {want} times"));
+                return Err(format!(
+                    "metadata block {b}: count {have}, referenced {want} times"
+                ));
             }
             used += u64::from(have != 0);
         }
         if used != self.t.meta.nr_allocated() {
-            return Err(format!("metadata nr_allocated {} but {used} blocks in use", self.t.meta.nr_allocated()));
+            return Err(format!(
+                "metadata nr_allocated {} but {used} blocks in use",
+                self.t.meta.nr_allocated()
+            ));
         }
         let mut used = 0;
         for b in 0..self.t.data.nr_blocks() {
             let want = rc.data.get(&b).copied().unwrap_or(0);
             let have = self.t.data.get(b);
             if want != have {
-                return Err(format!("data block {b}: count {have}, mapped from {want} distinct leaves"));
+                return Err(format!(
+                    "data block {b}: count {have}, mapped from {want} distinct leaves"
+                ));
             }
             used += u64::from(have != 0);
         }
-        if used != self.t.data.nr_allocated() || used + self.t.data.nr_free() != self.t.data.nr_blocks() {
+        if used != self.t.data.nr_allocated()
+            || used + self.t.data.nr_free() != self.t.data.nr_blocks()
+        {
             return Err(format!(
                 "data: {used} blocks in use, nr_allocated {}, free {}, total {}",
                 self.t.data.nr_allocated(),

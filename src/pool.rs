@@ -201,7 +201,9 @@ impl Pool {
                 break;
             }
         }
-        Err(PoolError::NoSpace { nr_blocks: self.md.status().data_total_blocks })
+        Err(PoolError::NoSpace {
+            nr_blocks: self.md.status().data_total_blocks,
+        })
     }
 
     /// Write `data` to device `dev` at byte `offset`. When the pool lacks the data
@@ -228,7 +230,10 @@ impl Pool {
             }
             match found {
                 Some(m) if !m.shared => {
-                    result = self.data.write_all_at(src, m.data_block * bs + within).map_err(data_err);
+                    result = self
+                        .data
+                        .write_all_at(src, m.data_block * bs + within)
+                        .map_err(data_err);
                 }
                 _ => {
                     let Some(nb) = fresh.next() else { continue };

@@ -33,8 +33,17 @@ enum Op {
     Create,
     Snapshot(usize),
     Delete(usize),
-    Write { dev: usize, off: u64, len: u64, seed: u8 },
-    Discard { dev: usize, off: u64, len: u64 },
+    Write {
+        dev: usize,
+        off: u64,
+        len: u64,
+        seed: u8,
+    },
+    Discard {
+        dev: usize,
+        off: u64,
+        len: u64,
+    },
     Commit,
     Reopen,
     Crash,
@@ -68,8 +77,16 @@ fn pattern(seed: u8, off: u64, len: u64) -> Vec<u8> {
 type Model = BTreeMap<u32, Vec<u8>>;
 
 fn open(dir: &Path) -> Pool {
-    let m = OpenOptions::new().read(true).write(true).open(dir.join("metadata")).expect("metadata");
-    let d = OpenOptions::new().read(true).write(true).open(dir.join("data")).expect("data");
+    let m = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("metadata"))
+        .expect("metadata");
+    let d = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("data"))
+        .expect("data");
     Pool::open(m, d, PoolOpen::default()).expect("reopen")
 }
 
@@ -81,7 +98,11 @@ fn thin_check(path: &Path) -> Result<(), String> {
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
     }
 }
 
@@ -95,7 +116,11 @@ fn verify_all(p: &mut Pool, model: &Model) -> Result<(), TestCaseError> {
     let ids: Vec<u32> = p.meta().device_ids();
     prop_assert_eq!(ids, model.keys().copied().collect::<Vec<_>>());
     for (&id, want) in model {
-        prop_assert!(read_dev(p, id) == *want, "device {} differs from the model", id);
+        prop_assert!(
+            read_dev(p, id) == *want,
+            "device {} differs from the model",
+            id
+        );
     }
     p.metadata().audit().map_err(TestCaseError::fail)?;
     Ok(())
@@ -110,9 +135,21 @@ fn pick(model: &Model, i: usize) -> Option<u32> {
 
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().expect("tmp");
-    let m = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("metadata")).expect("m");
+    let m = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.path().join("metadata"))
+        .expect("m");
     m.set_len(2 << 20).expect("len");
-    let d = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("data")).expect("d");
+    let d = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.path().join("data"))
+        .expect("d");
     d.set_len(DATA_BLOCKS * BS).expect("len");
     let mut pool = Pool::create(m, d, (BS / 512) as u32).expect("create");
     let mut model: Model = BTreeMap::new();
@@ -127,7 +164,9 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 next_id += 1;
             }
             Op::Snapshot(i) => {
-                let Some(origin) = pick(&model, i) else { continue };
+                let Some(origin) = pick(&model, i) else {
+                    continue;
+                };
                 pool.create_snap(next_id, origin as u64).expect("snapshot");
                 let content = model[&origin].clone();
                 model.insert(next_id as u32, content);
@@ -138,31 +177,50 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 pool.delete(id as u64).expect("delete");
                 model.remove(&id);
             }
-            Op::Write { dev, off, len, seed } => {
-                let Some(id) = pick(&model, dev) else { continue };
+            Op::Write {
+                dev,
+                off,
+                len,
+                seed,
+            } => {
+                let Some(id) = pick(&model, dev) else {
+                    continue;
+                };
                 let len = len.min(DEV_BYTES - off);
                 let data = pattern(seed, off, len);
                 match pool.write(id, off, &data) {
                     Ok(()) => {
-                        model.get_mut(&id).expect("dev")[off as usize..(off + len) as usize].copy_from_slice(&data);
+                        model.get_mut(&id).expect("dev")[off as usize..(off + len) as usize]
+                            .copy_from_slice(&data);
                         since_commit.push((id, off, data));
                     }
                     Err(PoolError::NoSpace { .. }) => {}
                     Err(e) => return Err(TestCaseError::fail(format!("write: {e}"))),
                 }
-                prop_assert!(read_dev(&mut pool, id) == model[&id], "device {} differs after a write", id);
+                prop_assert!(
+                    read_dev(&mut pool, id) == model[&id],
+                    "device {} differs after a write",
+                    id
+                );
             }
             Op::Discard { dev, off, len } => {
-                let Some(id) = pick(&model, dev) else { continue };
+                let Some(id) = pick(&model, dev) else {
+                    continue;
+                };
                 let len = len.min(DEV_BYTES - off);
                 pool.discard(id, off, len).expect("discard");
                 // Whole blocks inside the range read as zeros; partial blocks keep their bytes.
                 let first = off.div_ceil(BS);
                 let end = (off + len) / BS;
                 if first < end {
-                    model.get_mut(&id).expect("dev")[(first * BS) as usize..(end * BS) as usize].fill(0);
+                    model.get_mut(&id).expect("dev")[(first * BS) as usize..(end * BS) as usize]
+                        .fill(0);
                 }
-                prop_assert!(read_dev(&mut pool, id) == model[&id], "device {} differs after a discard", id);
+                prop_assert!(
+                    read_dev(&mut pool, id) == model[&id],
+                    "device {} differs after a discard",
+                    id
+                );
             }
             Op::Commit => {
                 pool.commit().expect("commit");
@@ -189,9 +247,11 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     let got = read_dev(&mut pool, id);
                     for (i, (&g, &w)) in got.iter().zip(want.iter()).enumerate() {
                         let i = i as u64;
-                        let written_since = since_commit
-                            .iter()
-                            .any(|(d, off, data)| *d == id && (*off..*off + data.len() as u64).contains(&i) && data[(i - off) as usize] == g);
+                        let written_since = since_commit.iter().any(|(d, off, data)| {
+                            *d == id
+                                && (*off..*off + data.len() as u64).contains(&i)
+                                && data[(i - off) as usize] == g
+                        });
                         prop_assert!(g == w || written_since, "device {} byte {} after a crash: {} is neither committed nor written since", id, i, g);
                     }
                     *want = got;
