@@ -510,18 +510,14 @@ fn delete_rec(t: &mut Txn, b: u64, vk: Values, depth: usize) -> Result<(), MetaE
 /// Callback of [`visit`]: key and raw value.
 pub type Visitor<'a> = dyn FnMut(u64, &[u8]) -> Result<(), MetaError> + 'a;
 
-/// Call `f(key, value)` for every entry with `lo <= key < hi`, in key order.
-pub fn visit(
-    t: &mut Txn,
-    root: u64,
-    vk: Values,
-    lo: u64,
-    hi: u64,
-    f: &mut Visitor<'_>,
-) -> Result<(), MetaError> {
-    visit_rec(t, root, vk, lo, hi, f, 0)
+/// Call `f(key, value)` for every entry with `lo <= key < hi`, in key order. A node
+/// reached twice (a cycle or a shared node inside one tree) is reported as corruption.
+pub fn visit(t: &mut Txn, root: u64, vk: Values, lo: u64, hi: u64, f: &mut Visitor<'_>) -> Result<(), MetaError> {
+    let mut seen = std::collections::HashSet::new();
+    visit_rec(t, root, vk, lo, hi, f, 0, &mut seen)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn visit_rec(
     t: &mut Txn,
     b: u64,
@@ -530,21 +526,19 @@ fn visit_rec(
     hi: u64,
     f: &mut Visitor<'_>,
     depth: usize,
+    seen: &mut std::collections::HashSet<u64>,
 ) -> Result<(), MetaError> {
     if depth >= MAX_DEPTH {
         return Err(too_deep(b));
+    }
+    if !seen.insert(b) {
+        return Err(tree_err(b, "btree node reached twice in one tree (cycle)"));
     }
     let blk: Box<Block> = Box::new(*t.node(b, vk.size())?);
     let h = node::header(&blk);
     let n = h.nr_entries as usize;
     if h.is_leaf() {
-        let start = node::lower_bound(&blk, &h, lo).map_or(0, |i| {
-            if node::key(&blk, i) < lo {
-                i + 1
-            } else {
-                i
-            }
-        });
+        let start = node::lower_bound(&blk, &h, lo).map_or(0, |i| if node::key(&blk, i) < lo { i + 1 } else { i });
         for i in start..n {
             let k = node::key(&blk, i);
             if k >= hi {
@@ -559,31 +553,23 @@ fn visit_rec(
         if node::key(&blk, i) >= hi {
             break;
         }
-        visit_rec(t, node::value_u64(&blk, &h, i), vk, lo, hi, f, depth + 1)?;
+        visit_rec(t, node::value_u64(&blk, &h, i), vk, lo, hi, f, depth + 1, seen)?;
     }
     Ok(())
 }
 
 /// The first entry with key >= `k`, for 8-byte-valued trees.
-pub fn next_at_or_after(
-    t: &mut Txn,
-    root: u64,
-    k: u64,
-    vk: Values,
-) -> Result<Option<(u64, u64)>, MetaError> {
-    next_rec(t, root, k, vk, 0)
+pub fn next_at_or_after(t: &mut Txn, root: u64, k: u64, vk: Values) -> Result<Option<(u64, u64)>, MetaError> {
+    // Bounds the walk on corrupt trees whose leaves are all empty.
+    let mut budget = t.meta.nr_blocks().max(1);
+    next_rec(t, root, k, vk, 0, &mut budget)
 }
 
-fn next_rec(
-    t: &mut Txn,
-    b: u64,
-    k: u64,
-    vk: Values,
-    depth: usize,
-) -> Result<Option<(u64, u64)>, MetaError> {
-    if depth >= MAX_DEPTH {
+fn next_rec(t: &mut Txn, b: u64, k: u64, vk: Values, depth: usize, budget: &mut u64) -> Result<Option<(u64, u64)>, MetaError> {
+    if depth >= MAX_DEPTH || *budget == 0 {
         return Err(too_deep(b));
     }
+    *budget -= 1;
     let blk = t.node(b, vk.size())?;
     let h = node::header(blk);
     let n = h.nr_entries as usize;
@@ -595,11 +581,9 @@ fn next_rec(
         };
         return Ok((i < n).then(|| (node::key(blk, i), node::value_u64(blk, &h, i))));
     }
-    let kids: Vec<u64> = (node::lower_bound(blk, &h, k).unwrap_or(0)..n)
-        .map(|i| node::value_u64(blk, &h, i))
-        .collect();
+    let kids: Vec<u64> = (node::lower_bound(blk, &h, k).unwrap_or(0)..n).map(|i| node::value_u64(blk, &h, i)).collect();
     for c in kids {
-        if let Some(found) = next_rec(t, c, k, vk, depth + 1)? {
+        if let Some(found) = next_rec(t, c, k, vk, depth + 1, budget)? {
             return Ok(Some(found));
         }
     }

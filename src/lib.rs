@@ -5,6 +5,7 @@
 pub mod btree;
 pub mod error;
 pub mod format;
+pub mod fuzzing;
 pub mod io;
 pub mod metadata;
 pub mod pool;
