@@ -512,7 +512,14 @@ pub type Visitor<'a> = dyn FnMut(u64, &[u8]) -> Result<(), MetaError> + 'a;
 
 /// Call `f(key, value)` for every entry with `lo <= key < hi`, in key order. A node
 /// reached twice (a cycle or a shared node inside one tree) is reported as corruption.
-pub fn visit(t: &mut Txn, root: u64, vk: Values, lo: u64, hi: u64, f: &mut Visitor<'_>) -> Result<(), MetaError> {
+pub fn visit(
+    t: &mut Txn,
+    root: u64,
+    vk: Values,
+    lo: u64,
+    hi: u64,
+    f: &mut Visitor<'_>,
+) -> Result<(), MetaError> {
     let mut seen = std::collections::HashSet::new();
     visit_rec(t, root, vk, lo, hi, f, 0, &mut seen)
 }
@@ -538,7 +545,13 @@ fn visit_rec(
     let h = node::header(&blk);
     let n = h.nr_entries as usize;
     if h.is_leaf() {
-        let start = node::lower_bound(&blk, &h, lo).map_or(0, |i| if node::key(&blk, i) < lo { i + 1 } else { i });
+        let start = node::lower_bound(&blk, &h, lo).map_or(0, |i| {
+            if node::key(&blk, i) < lo {
+                i + 1
+            } else {
+                i
+            }
+        });
         for i in start..n {
             let k = node::key(&blk, i);
             if k >= hi {
@@ -553,19 +566,40 @@ fn visit_rec(
         if node::key(&blk, i) >= hi {
             break;
         }
-        visit_rec(t, node::value_u64(&blk, &h, i), vk, lo, hi, f, depth + 1, seen)?;
+        visit_rec(
+            t,
+            node::value_u64(&blk, &h, i),
+            vk,
+            lo,
+            hi,
+            f,
+            depth + 1,
+            seen,
+        )?;
     }
     Ok(())
 }
 
 /// The first entry with key >= `k`, for 8-byte-valued trees.
-pub fn next_at_or_after(t: &mut Txn, root: u64, k: u64, vk: Values) -> Result<Option<(u64, u64)>, MetaError> {
+pub fn next_at_or_after(
+    t: &mut Txn,
+    root: u64,
+    k: u64,
+    vk: Values,
+) -> Result<Option<(u64, u64)>, MetaError> {
     // Bounds the walk on corrupt trees whose leaves are all empty.
     let mut budget = t.meta.nr_blocks().max(1);
     next_rec(t, root, k, vk, 0, &mut budget)
 }
 
-fn next_rec(t: &mut Txn, b: u64, k: u64, vk: Values, depth: usize, budget: &mut u64) -> Result<Option<(u64, u64)>, MetaError> {
+fn next_rec(
+    t: &mut Txn,
+    b: u64,
+    k: u64,
+    vk: Values,
+    depth: usize,
+    budget: &mut u64,
+) -> Result<Option<(u64, u64)>, MetaError> {
     if depth >= MAX_DEPTH || *budget == 0 {
         return Err(too_deep(b));
     }
@@ -581,7 +615,9 @@ fn next_rec(t: &mut Txn, b: u64, k: u64, vk: Values, depth: usize, budget: &mut 
         };
         return Ok((i < n).then(|| (node::key(blk, i), node::value_u64(blk, &h, i))));
     }
-    let kids: Vec<u64> = (node::lower_bound(blk, &h, k).unwrap_or(0)..n).map(|i| node::value_u64(blk, &h, i)).collect();
+    let kids: Vec<u64> = (node::lower_bound(blk, &h, k).unwrap_or(0)..n)
+        .map(|i| node::value_u64(blk, &h, i))
+        .collect();
     for c in kids {
         if let Some(found) = next_rec(t, c, k, vk, depth + 1, budget)? {
             return Ok(Some(found));

@@ -32,11 +32,17 @@ pub fn superblock(data: &[u8]) {
 pub fn btree_node(data: &[u8]) {
     let b = block_of(data);
     for vs in [4u32, 8, 16, 24] {
-        let Ok(h) = node::validate_structure(&b, vs) else { continue };
+        let Ok(h) = node::validate_structure(&b, vs) else {
+            continue;
+        };
         for i in 0..h.nr_entries as usize {
             let k = node::key(&b, i);
             let _ = node::value(&b, &h, i);
-            assert_eq!(node::lower_bound(&b, &h, k), Some(i), "lookup of a present key");
+            assert_eq!(
+                node::lower_bound(&b, &h, k),
+                Some(i),
+                "lookup of a present key"
+            );
         }
     }
 }
@@ -107,9 +113,14 @@ pub fn open_pool(data: &[u8]) {
         for blk in touched {
             let range = blk * BLOCK_SIZE..(blk + 1) * BLOCK_SIZE;
             let orig = block_of(&base[range.clone()]);
-            let kind = [BlockKind::Superblock, BlockKind::Node, BlockKind::Bitmap, BlockKind::Index]
-                .into_iter()
-                .find(|k| checksum::verify(&orig, *k, blk as u64).is_ok());
+            let kind = [
+                BlockKind::Superblock,
+                BlockKind::Node,
+                BlockKind::Bitmap,
+                BlockKind::Index,
+            ]
+            .into_iter()
+            .find(|k| checksum::verify(&orig, *k, blk as u64).is_ok());
             if let Some(kind) = kind {
                 let mut b = block_of(&img[range.clone()]);
                 checksum::seal(&mut b, kind, blk as u64);

@@ -849,11 +849,16 @@ impl Metadata {
         &mut self,
         sync_data: &mut dyn FnMut() -> std::io::Result<()>,
     ) -> Result<Committed, PoolError> {
-        if self.read_only || !self.changed {
+        if self.read_only {
             return Ok(Committed::default());
         }
         if self.t.is_poisoned() {
             return Err(MetaError::Poisoned.into());
+        }
+        if !self.changed {
+            // Nothing to commit, but writes in place must still become durable.
+            sync_data().map_err(PoolError::DataIo)?;
+            return Ok(Committed::default());
         }
         let r = self.commit_inner(sync_data);
         if r.is_err() {
