@@ -61,10 +61,7 @@ impl Val {
         let mut bytes = [0u8; 24];
         let len = v.len().min(24);
         bytes[..len].copy_from_slice(&v[..len]);
-        Val {
-            bytes,
-            len: len as u8,
-        }
+        Val { bytes, len: len as u8 }
     }
     /// The bytes.
     pub fn as_bytes(&self) -> &[u8] {
@@ -147,16 +144,12 @@ fn inc_children(t: &mut Txn, b: u64, vk: Values) -> Result<(), MetaError> {
         if let Values::Plain(_) = vk {
             return Ok(());
         }
-        let vals: Vec<u64> = (0..h.nr_entries as usize)
-            .map(|i| node::value_u64(blk, &h, i))
-            .collect();
+        let vals: Vec<u64> = (0..h.nr_entries as usize).map(|i| node::value_u64(blk, &h, i)).collect();
         for v in vals {
             inc_value(t, vk, &v.to_le_bytes())?;
         }
     } else {
-        let kids: Vec<u64> = (0..h.nr_entries as usize)
-            .map(|i| node::value_u64(blk, &h, i))
-            .collect();
+        let kids: Vec<u64> = (0..h.nr_entries as usize).map(|i| node::value_u64(blk, &h, i)).collect();
         for k in kids {
             t.meta.inc(k)?;
         }
@@ -206,11 +199,7 @@ pub enum Replace {
 
 enum Up {
     Done(u64),
-    Split {
-        left: u64,
-        right_key: u64,
-        right: u64,
-    },
+    Split { left: u64, right_key: u64, right: u64 },
 }
 
 /// Insert or overwrite `key`. A new value's reference is handed over by the caller
@@ -227,11 +216,7 @@ pub fn insert(
     let up = insert_rec(t, root, key, value, vk, 0, &mut old)?;
     let root = match up {
         Up::Done(r) => r,
-        Up::Split {
-            left,
-            right_key,
-            right,
-        } => {
+        Up::Split { left, right_key, right } => {
             let left_key = node::key(t.node_mut(left)?, 0);
             let nr = t.alloc_meta()?;
             let mut blk = zeroed_block();
@@ -292,11 +277,7 @@ fn insert_rec(
             node::set_value_u64(t.node_mut(nb)?, &h, i, c);
             Ok(Up::Done(nb))
         }
-        Up::Split {
-            left,
-            right_key,
-            right,
-        } => {
+        Up::Split { left, right_key, right } => {
             node::set_value_u64(t.node_mut(nb)?, &h, i, left);
             insert_entry(t, nb, h, i + 1, right_key, &right.to_le_bytes(), vk)
         }
@@ -335,21 +316,12 @@ fn insert_entry(
     }
     let right_key = node::key(&right, 0);
     t.put(rb, right, BlockKind::Node, vk.size());
-    Ok(Up::Split {
-        left: nb,
-        right_key,
-        right: rb,
-    })
+    Ok(Up::Split { left: nb, right_key, right: rb })
 }
 
 /// Remove `key` (dropping its value's reference). Returns the new root and the old
 /// value; a missing key changes nothing.
-pub fn remove(
-    t: &mut Txn,
-    root: u64,
-    key: u64,
-    vk: Values,
-) -> Result<(u64, Option<Val>), MetaError> {
+pub fn remove(t: &mut Txn, root: u64, key: u64, vk: Values) -> Result<(u64, Option<Val>), MetaError> {
     if lookup(t, root, key, vk)?.is_none() {
         return Ok((root, None));
     }
@@ -372,21 +344,14 @@ pub fn remove(
     Ok((r, Some(old)))
 }
 
-fn remove_rec(
-    t: &mut Txn,
-    b: u64,
-    key: u64,
-    vk: Values,
-    depth: usize,
-) -> Result<(u64, Val), MetaError> {
+fn remove_rec(t: &mut Txn, b: u64, key: u64, vk: Values, depth: usize) -> Result<(u64, Val), MetaError> {
     if depth >= MAX_DEPTH {
         return Err(too_deep(b));
     }
     let nb = shadow(t, b, vk)?;
     let blk = t.node_mut(nb)?;
     let mut h = node::header(blk);
-    let i = node::lower_bound(blk, &h, key)
-        .ok_or_else(|| tree_err(nb, "key vanished during removal"))?;
+    let i = node::lower_bound(blk, &h, key).ok_or_else(|| tree_err(nb, "key vanished during removal"))?;
     if h.is_leaf() {
         if node::key(blk, i) != key {
             return Err(tree_err(nb, "key vanished during removal"));
@@ -437,10 +402,7 @@ fn rebalance(t: &mut Txn, parent: u64, i: usize, vk: Values) -> Result<(), MetaE
     }
     let target_left = total / 2;
     let mut nr_blk = zeroed_block();
-    let mut nrh = NodeHeader {
-        nr_entries: 0,
-        ..rh
-    };
+    let mut nrh = NodeHeader { nr_entries: 0, ..rh };
     node::write_header(&mut nr_blk, &nrh);
     if (lh.nr_entries as usize) > target_left {
         let moved = lh.nr_entries as usize - target_left;
@@ -450,14 +412,7 @@ fn rebalance(t: &mut Txn, parent: u64, i: usize, vk: Values) -> Result<(), MetaE
     } else {
         let moved = target_left - lh.nr_entries as usize;
         node::append_from(&mut lblk, &mut lh, &rblk, &rh, 0, moved);
-        node::append_from(
-            &mut nr_blk,
-            &mut nrh,
-            &rblk,
-            &rh,
-            moved,
-            rh.nr_entries as usize - moved,
-        );
+        node::append_from(&mut nr_blk, &mut nrh, &rblk, &rh, moved, rh.nr_entries as usize - moved);
     }
     let rkey = node::key(&nr_blk, 0);
     t.put(l, lblk, BlockKind::Node, vk.size());
@@ -484,9 +439,7 @@ fn delete_rec(t: &mut Txn, b: u64, vk: Values, depth: usize) -> Result<(), MetaE
     let h = node::header(blk);
     let vals: Vec<u64> = match (h.is_leaf(), vk) {
         (true, Values::Plain(_)) => Vec::new(),
-        _ => (0..h.nr_entries as usize)
-            .map(|i| node::value_u64(blk, &h, i))
-            .collect(),
+        _ => (0..h.nr_entries as usize).map(|i| node::value_u64(blk, &h, i)).collect(),
     };
     if h.is_leaf() {
         for v in vals {
@@ -512,14 +465,7 @@ pub type Visitor<'a> = dyn FnMut(u64, &[u8]) -> Result<(), MetaError> + 'a;
 
 /// Call `f(key, value)` for every entry with `lo <= key < hi`, in key order. A node
 /// reached twice (a cycle or a shared node inside one tree) is reported as corruption.
-pub fn visit(
-    t: &mut Txn,
-    root: u64,
-    vk: Values,
-    lo: u64,
-    hi: u64,
-    f: &mut Visitor<'_>,
-) -> Result<(), MetaError> {
+pub fn visit(t: &mut Txn, root: u64, vk: Values, lo: u64, hi: u64, f: &mut Visitor<'_>) -> Result<(), MetaError> {
     let mut seen = std::collections::HashSet::new();
     visit_rec(t, root, vk, lo, hi, f, 0, &mut seen)
 }
@@ -545,13 +491,7 @@ fn visit_rec(
     let h = node::header(&blk);
     let n = h.nr_entries as usize;
     if h.is_leaf() {
-        let start = node::lower_bound(&blk, &h, lo).map_or(0, |i| {
-            if node::key(&blk, i) < lo {
-                i + 1
-            } else {
-                i
-            }
-        });
+        let start = node::lower_bound(&blk, &h, lo).map_or(0, |i| if node::key(&blk, i) < lo { i + 1 } else { i });
         for i in start..n {
             let k = node::key(&blk, i);
             if k >= hi {
@@ -566,27 +506,13 @@ fn visit_rec(
         if node::key(&blk, i) >= hi {
             break;
         }
-        visit_rec(
-            t,
-            node::value_u64(&blk, &h, i),
-            vk,
-            lo,
-            hi,
-            f,
-            depth + 1,
-            seen,
-        )?;
+        visit_rec(t, node::value_u64(&blk, &h, i), vk, lo, hi, f, depth + 1, seen)?;
     }
     Ok(())
 }
 
 /// The first entry with key >= `k`, for 8-byte-valued trees.
-pub fn next_at_or_after(
-    t: &mut Txn,
-    root: u64,
-    k: u64,
-    vk: Values,
-) -> Result<Option<(u64, u64)>, MetaError> {
+pub fn next_at_or_after(t: &mut Txn, root: u64, k: u64, vk: Values) -> Result<Option<(u64, u64)>, MetaError> {
     // Bounds the walk on corrupt trees whose leaves are all empty.
     let mut budget = t.meta.nr_blocks().max(1);
     next_rec(t, root, k, vk, 0, &mut budget)
@@ -615,9 +541,7 @@ fn next_rec(
         };
         return Ok((i < n).then(|| (node::key(blk, i), node::value_u64(blk, &h, i))));
     }
-    let kids: Vec<u64> = (node::lower_bound(blk, &h, k).unwrap_or(0)..n)
-        .map(|i| node::value_u64(blk, &h, i))
-        .collect();
+    let kids: Vec<u64> = (node::lower_bound(blk, &h, k).unwrap_or(0)..n).map(|i| node::value_u64(blk, &h, i)).collect();
     for c in kids {
         if let Some(found) = next_rec(t, c, k, vk, depth + 1, budget)? {
             return Ok(Some(found));
@@ -637,11 +561,7 @@ mod tests {
     fn txn(meta_blocks: u64) -> Txn {
         let mut meta = RefCounts::new("metadata", meta_blocks);
         meta.inc(0).expect("superblock");
-        Txn::new(
-            Box::new(CrashStorage::new(meta_blocks)),
-            meta,
-            RefCounts::new("data", 1 << 20),
-        )
+        Txn::new(Box::new(CrashStorage::new(meta_blocks)), meta, RefCounts::new("data", 1 << 20))
     }
 
     /// Walk a tree: check shape invariants, count node references (a node reached
@@ -674,10 +594,7 @@ mod tests {
             let h = node::header(&blk);
             assert!(h.max_entries % 3 == 0);
             if !is_root {
-                assert!(
-                    h.nr_entries >= h.max_entries / 3,
-                    "under-full node {b}: {h:?}"
-                );
+                assert!(h.nr_entries >= h.max_entries / 3, "under-full node {b}: {h:?}");
             }
             if h.is_leaf() {
                 match leaf_depth {
@@ -692,23 +609,9 @@ mod tests {
             for i in 0..h.nr_entries as usize {
                 let c = node::value_u64(&blk, &h, i);
                 let before = out.len();
-                rec(
-                    t,
-                    c,
-                    vk,
-                    false,
-                    depth + 1,
-                    count_children,
-                    leaf_depth,
-                    out,
-                    refs,
-                    seen,
-                );
+                rec(t, c, vk, false, depth + 1, count_children, leaf_depth, out, refs, seen);
                 if out.len() > before {
-                    assert!(
-                        node::key(&blk, i) <= out[before].0,
-                        "parent key above child's first key"
-                    );
+                    assert!(node::key(&blk, i) <= out[before].0, "parent key above child's first key");
                 }
             }
         }
@@ -731,11 +634,7 @@ mod tests {
         for (&b, &n) in &refs {
             assert_eq!(t.meta.get(b), n, "count of block {b}");
         }
-        assert_eq!(
-            t.meta.nr_allocated(),
-            refs.len() as u64 + 1,
-            "leaked metadata blocks"
-        );
+        assert_eq!(t.meta.nr_allocated(), refs.len() as u64 + 1, "leaked metadata blocks");
     }
 
     #[test]
@@ -747,13 +646,9 @@ mod tests {
         // Random order so that nodes end up partly full and the tree has three levels.
         let mut x = 12345u64;
         for _ in 0..60_000 {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let k = (x >> 33) % 200_000;
-            a = insert(&mut t, a, k, &k.to_le_bytes(), vk, Replace::DecOld)
-                .expect("ins")
-                .root;
+            a = insert(&mut t, a, k, &k.to_le_bytes(), vk, Replace::DecOld).expect("ins").root;
             ma.insert(k, k);
         }
         t.end_transaction();
@@ -765,9 +660,7 @@ mod tests {
             assert_eq!(old.map(|o| o.as_u64()), mb.remove(&k));
         }
         for k in (0..200_000u64).step_by(13) {
-            a = insert(&mut t, a, k, &(k + 1).to_le_bytes(), vk, Replace::DecOld)
-                .expect("ins")
-                .root;
+            a = insert(&mut t, a, k, &(k + 1).to_le_bytes(), vk, Replace::DecOld).expect("ins").root;
             ma.insert(k, k + 1);
         }
         check_counts(&mut t, &[(a, ma), (b, mb)], vk);
@@ -841,18 +734,10 @@ mod tests {
         let vk = Values::Plain(8);
         let mut r = empty(&mut t, vk).expect("empty");
         for k in (0..2000u64).map(|k| k * 2) {
-            r = insert(&mut t, r, k, &k.to_le_bytes(), vk, Replace::DecOld)
-                .expect("ins")
-                .root;
+            r = insert(&mut t, r, k, &k.to_le_bytes(), vk, Replace::DecOld).expect("ins").root;
         }
-        assert_eq!(
-            next_at_or_after(&mut t, r, 501, vk).expect("next"),
-            Some((502, 502))
-        );
-        assert_eq!(
-            next_at_or_after(&mut t, r, 3998, vk).expect("next"),
-            Some((3998, 3998))
-        );
+        assert_eq!(next_at_or_after(&mut t, r, 501, vk).expect("next"), Some((502, 502)));
+        assert_eq!(next_at_or_after(&mut t, r, 3998, vk).expect("next"), Some((3998, 3998)));
         assert_eq!(next_at_or_after(&mut t, r, 3999, vk).expect("next"), None);
         let mut seen = vec![];
         visit(&mut t, r, vk, 100, 111, &mut |k, _| {

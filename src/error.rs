@@ -37,10 +37,9 @@ impl std::fmt::Display for Corruption {
         match self {
             Corruption::Superblock(e) => write!(f, "{e}"),
             Corruption::Node(e) => write!(f, "{e}"),
-            Corruption::Bitmap(PrefixError::Checksum { stored, computed }) => write!(
-                f,
-                "space-map bitmap checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
-            ),
+            Corruption::Bitmap(PrefixError::Checksum { stored, computed }) => {
+                write!(f, "space-map bitmap checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")
+            }
             Corruption::Bitmap(PrefixError::BlockNr { stored }) => {
                 write!(f, "space-map bitmap blocknr is {stored}, not its own location")
             }
@@ -72,17 +71,11 @@ pub enum MetaError {
     #[error("metadata I/O error: {0}")]
     Io(#[from] io::Error),
     /// No free metadata block.
-    #[error(
-        "out of metadata space ({nr_blocks} metadata blocks, all in use); grow the metadata file"
-    )]
+    #[error("out of metadata space ({nr_blocks} metadata blocks, all in use); grow the metadata file")]
     NoMetadataSpace { nr_blocks: u64 },
     /// A reference count would go below zero or past a limit (corrupt counts).
     #[error("{sm} space map: block {block}: {what}")]
-    RefCount {
-        sm: &'static str,
-        block: u64,
-        what: &'static str,
-    },
+    RefCount { sm: &'static str, block: u64, what: &'static str },
     /// An earlier write or sync failed; nothing more is accepted until reopen.
     #[error("an earlier metadata write failed; reopen the pool (the last commit is intact)")]
     Poisoned,

@@ -38,11 +38,7 @@ pub fn btree_node(data: &[u8]) {
         for i in 0..h.nr_entries as usize {
             let k = node::key(&b, i);
             let _ = node::value(&b, &h, i);
-            assert_eq!(
-                node::lower_bound(&b, &h, k),
-                Some(i),
-                "lookup of a present key"
-            );
+            assert_eq!(node::lower_bound(&b, &h, k), Some(i), "lookup of a present key");
         }
     }
 }
@@ -113,14 +109,9 @@ pub fn open_pool(data: &[u8]) {
         for blk in touched {
             let range = blk * BLOCK_SIZE..(blk + 1) * BLOCK_SIZE;
             let orig = block_of(&base[range.clone()]);
-            let kind = [
-                BlockKind::Superblock,
-                BlockKind::Node,
-                BlockKind::Bitmap,
-                BlockKind::Index,
-            ]
-            .into_iter()
-            .find(|k| checksum::verify(&orig, *k, blk as u64).is_ok());
+            let kind = [BlockKind::Superblock, BlockKind::Node, BlockKind::Bitmap, BlockKind::Index]
+                .into_iter()
+                .find(|k| checksum::verify(&orig, *k, blk as u64).is_ok());
             if let Some(kind) = kind {
                 let mut b = block_of(&img[range.clone()]);
                 checksum::seal(&mut b, kind, blk as u64);

@@ -31,10 +31,7 @@ impl FileStorage {
     /// Use an open file; its length decides the number of blocks.
     pub fn new(file: File) -> io::Result<FileStorage> {
         let len = file.metadata()?.len();
-        Ok(FileStorage {
-            file,
-            nr_blocks: len / BLOCK_SIZE as u64,
-        })
+        Ok(FileStorage { file, nr_blocks: len / BLOCK_SIZE as u64 })
     }
 }
 
@@ -105,40 +102,23 @@ pub struct CrashStorage {
 impl CrashStorage {
     /// A zeroed device of `nr_blocks` blocks.
     pub fn new(nr_blocks: u64) -> CrashStorage {
-        let durable = (0..nr_blocks)
-            .map(|_| Box::new([0u8; BLOCK_SIZE]))
-            .collect();
-        CrashStorage {
-            image: Arc::new(Mutex::new(CrashImage {
-                durable,
-                ..Default::default()
-            })),
-        }
+        let durable = (0..nr_blocks).map(|_| Box::new([0u8; BLOCK_SIZE])).collect();
+        CrashStorage { image: Arc::new(Mutex::new(CrashImage { durable, ..Default::default() })) }
     }
 
     /// A device whose durable content is `blocks`.
     pub fn from_blocks(blocks: Vec<Box<Block>>) -> CrashStorage {
-        CrashStorage {
-            image: Arc::new(Mutex::new(CrashImage {
-                durable: blocks,
-                ..Default::default()
-            })),
-        }
+        CrashStorage { image: Arc::new(Mutex::new(CrashImage { durable: blocks, ..Default::default() })) }
     }
 
     fn lock(&self) -> io::Result<std::sync::MutexGuard<'_, CrashImage>> {
-        self.image
-            .lock()
-            .map_err(|_| io::Error::other("crash storage lock poisoned"))
+        self.image.lock().map_err(|_| io::Error::other("crash storage lock poisoned"))
     }
 }
 
 impl MetaStorage for CrashStorage {
     fn nr_blocks(&self) -> u64 {
-        self.image
-            .lock()
-            .map(|i| i.durable.len() as u64)
-            .unwrap_or(0)
+        self.image.lock().map(|i| i.durable.len() as u64).unwrap_or(0)
     }
     fn read_block(&self, b: u64, buf: &mut Block) -> io::Result<()> {
         let img = self.lock()?;
@@ -149,12 +129,7 @@ impl MetaStorage for CrashStorage {
         if b >= n {
             return Err(out_of_range(b, n));
         }
-        let found = img
-            .pending
-            .iter()
-            .rev()
-            .find(|(pb, _)| *pb == b)
-            .map(|(_, d)| d);
+        let found = img.pending.iter().rev().find(|(pb, _)| *pb == b).map(|(_, d)| d);
         buf.copy_from_slice(&found.unwrap_or(&img.durable[b as usize])[..]);
         Ok(())
     }
@@ -212,10 +187,7 @@ impl MetaStorage for SliceStorage<'_> {
         Ok(())
     }
     fn write_block(&mut self, _b: u64, _buf: &Block) -> io::Result<()> {
-        Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            "read-only metadata image",
-        ))
+        Err(io::Error::new(io::ErrorKind::PermissionDenied, "read-only metadata image"))
     }
     fn sync(&mut self) -> io::Result<()> {
         Ok(())

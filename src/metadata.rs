@@ -129,9 +129,7 @@ impl Metadata {
             )));
         }
         if nr_data_blocks > MAX_DATA_BLOCKS {
-            return Err(PoolError::invalid(format!(
-                "{nr_data_blocks} data blocks: more than 2^40"
-            )));
+            return Err(PoolError::invalid(format!("{nr_data_blocks} data blocks: more than 2^40")));
         }
         let nr_meta = storage.nr_blocks().min(MAX_METADATA_BLOCKS);
         if nr_meta < 64 {
@@ -193,12 +191,9 @@ impl Metadata {
         let mut raw = crate::format::zeroed_block();
         storage.read_block(0, &mut raw).map_err(MetaError::Io)?;
         if raw.iter().all(|&b| b == 0) {
-            return Err(PoolError::invalid(
-                "the metadata device is not formatted (block 0 is all zeros)",
-            ));
+            return Err(PoolError::invalid("the metadata device is not formatted (block 0 is all zeros)"));
         }
-        let sb = Superblock::decode(&raw, 0)
-            .map_err(|e| MetaError::corrupt(0, Corruption::Superblock(e)))?;
+        let sb = Superblock::decode(&raw, 0).map_err(|e| MetaError::corrupt(0, Corruption::Superblock(e)))?;
         if !read_only && sb.flags & superblock::FLAG_NEEDS_CHECK != 0 {
             return Err(PoolError::invalid(
                 "the metadata has the needs_check flag set: check and repair it first (thin_check --clear-needs-check-flag)",
@@ -209,10 +204,7 @@ impl Metadata {
         if msm.nr_blocks > dev_blocks || msm.nr_blocks > MAX_METADATA_BLOCKS || msm.nr_blocks == 0 {
             return Err(MetaError::corrupt(
                 0,
-                sm_err(format!(
-                    "metadata space map has {} blocks but the device holds {dev_blocks}",
-                    msm.nr_blocks
-                )),
+                sm_err(format!("metadata space map has {} blocks but the device holds {dev_blocks}", msm.nr_blocks)),
             )
             .into());
         }
@@ -221,18 +213,10 @@ impl Metadata {
         // bitmaps than there are metadata blocks: this bounds the allocation below.
         let data_bitmaps_n = dsm.nr_blocks.div_ceil(ENTRIES_PER_BITMAP);
         if dsm.nr_blocks > MAX_DATA_BLOCKS || data_bitmaps_n > nr_meta {
-            return Err(MetaError::corrupt(
-                0,
-                sm_err(format!("data space map claims {} blocks", dsm.nr_blocks)),
-            )
-            .into());
+            return Err(MetaError::corrupt(0, sm_err(format!("data space map claims {} blocks", dsm.nr_blocks))).into());
         }
         // A temporary manager to read the trees; its counts are replaced below.
-        let mut t = Txn::new(
-            storage,
-            RefCounts::new("metadata", nr_meta),
-            RefCounts::new("data", 0),
-        );
+        let mut t = Txn::new(storage, RefCounts::new("metadata", nr_meta), RefCounts::new("data", 0));
 
         // Metadata space map: index block, bitmaps, overflow tree.
         let meta_index_loc = msm.bitmap_root;
@@ -242,90 +226,48 @@ impl Metadata {
                 .map_err(|e| MetaError::corrupt(meta_index_loc, Corruption::Index(e)))?
         };
         let meta_bitmaps_n = nr_meta.div_ceil(ENTRIES_PER_BITMAP) as usize;
-        let meta_bitmaps: Vec<u64> = entries[..meta_bitmaps_n]
-            .iter()
-            .map(|e| e.blocknr)
-            .collect();
-        let meta_counts = load_counts(
-            &mut t,
-            "metadata",
-            nr_meta,
-            &meta_bitmaps,
-            msm.ref_count_root,
-            meta_index_loc,
-        )?;
+        let meta_bitmaps: Vec<u64> = entries[..meta_bitmaps_n].iter().map(|e| e.blocknr).collect();
+        let meta_counts = load_counts(&mut t, "metadata", nr_meta, &meta_bitmaps, msm.ref_count_root, meta_index_loc)?;
 
         // Data space map: index tree, bitmaps, overflow tree.
         let mut index: Vec<Option<IndexEntry>> = vec![None; data_bitmaps_n as usize];
         let idx_root = dsm.bitmap_root;
-        btree::visit(
-            &mut t,
-            idx_root,
-            SM_INDEX,
-            0,
-            u64::MAX,
-            &mut |k, v| match index.get_mut(k as usize) {
-                Some(slot) => {
-                    *slot = Some(IndexEntry::decode(v));
-                    Ok(())
-                }
-                None => Err(MetaError::corrupt(
-                    idx_root,
-                    sm_err(format!(
-                        "data space-map index has an entry for bitmap {k} of {data_bitmaps_n}"
-                    )),
-                )),
-            },
-        )?;
+        btree::visit(&mut t, idx_root, SM_INDEX, 0, u64::MAX, &mut |k, v| match index.get_mut(k as usize) {
+            Some(slot) => {
+                *slot = Some(IndexEntry::decode(v));
+                Ok(())
+            }
+            None => Err(MetaError::corrupt(
+                idx_root,
+                sm_err(format!("data space-map index has an entry for bitmap {k} of {data_bitmaps_n}")),
+            )),
+        })?;
         let mut data_bitmaps = Vec::with_capacity(index.len());
         for (i, e) in index.iter().enumerate() {
             match e {
                 Some(e) => data_bitmaps.push(e.blocknr),
                 None => {
-                    return Err(MetaError::corrupt(
-                        idx_root,
-                        sm_err(format!("data space-map index lacks bitmap {i}")),
+                    return Err(
+                        MetaError::corrupt(idx_root, sm_err(format!("data space-map index lacks bitmap {i}"))).into()
                     )
-                    .into())
                 }
             }
         }
-        let data_counts = load_counts(
-            &mut t,
-            "data",
-            dsm.nr_blocks,
-            &data_bitmaps,
-            dsm.ref_count_root,
-            idx_root,
-        )?;
+        let data_counts = load_counts(&mut t, "data", dsm.nr_blocks, &data_bitmaps, dsm.ref_count_root, idx_root)?;
         t.meta = meta_counts;
         t.data = data_counts;
 
         // Devices.
         let mut roots: BTreeMap<u64, u64> = BTreeMap::new();
-        btree::visit(
-            &mut t,
-            sb.data_mapping_root,
-            Values::Subtrees,
-            0,
-            u64::MAX,
-            &mut |k, v| {
-                roots.insert(k, u64::from_le_bytes(v[..8].try_into().unwrap_or_default()));
-                Ok(())
-            },
-        )?;
+        btree::visit(&mut t, sb.data_mapping_root, Values::Subtrees, 0, u64::MAX, &mut |k, v| {
+            roots.insert(k, u64::from_le_bytes(v[..8].try_into().unwrap_or_default()));
+            Ok(())
+        })?;
         let mut details: BTreeMap<u64, DeviceDetails> = BTreeMap::new();
-        btree::visit(
-            &mut t,
-            sb.device_details_root,
-            DETAILS,
-            0,
-            u64::MAX,
-            &mut |k, v| {
-                details.insert(k, DeviceDetails::decode(v));
-                Ok(())
-            },
-        )?;
+        btree::visit(&mut t, sb.device_details_root, DETAILS, 0, u64::MAX, &mut |k, v| {
+            details.insert(k, DeviceDetails::decode(v));
+            Ok(())
+        })?;
         let mut devices = BTreeMap::new();
         for (&id, &root) in &roots {
             let d = details.get(&id).copied().ok_or_else(|| {
@@ -343,13 +285,7 @@ impl Metadata {
             }
             devices.insert(
                 id as DevId,
-                Device {
-                    root,
-                    root_in_tree: root,
-                    details: d,
-                    details_dirty: false,
-                    touched: false,
-                },
+                Device { root, root_in_tree: root, details: d, details_dirty: false, touched: false },
             );
         }
         if let Some((&id, _)) = details.iter().find(|(id, _)| !roots.contains_key(id)) {
@@ -483,16 +419,7 @@ impl Metadata {
             creation_time: self.time,
             snapshotted_time: self.time,
         };
-        self.devices.insert(
-            id,
-            Device {
-                root,
-                root_in_tree: root,
-                details,
-                details_dirty: true,
-                touched: true,
-            },
-        );
+        self.devices.insert(id, Device { root, root_in_tree: root, details, details_dirty: true, touched: true });
         self.changed = true;
         Ok(())
     }
@@ -526,16 +453,8 @@ impl Metadata {
             creation_time: self.time,
             snapshotted_time: self.time,
         };
-        self.devices.insert(
-            id,
-            Device {
-                root: o.root,
-                root_in_tree: o.root,
-                details,
-                details_dirty: true,
-                touched: true,
-            },
-        );
+        self.devices
+            .insert(id, Device { root: o.root, root_in_tree: o.root, details, details_dirty: true, touched: true });
         if let Some(od) = self.devices.get_mut(&origin) {
             od.details.snapshotted_time = self.time;
             od.details_dirty = true;
@@ -560,8 +479,7 @@ impl Metadata {
             )?
             .root;
         }
-        self.mapping_root =
-            btree::remove(&mut self.t, self.mapping_root, id as u64, Values::Subtrees)?.0;
+        self.mapping_root = btree::remove(&mut self.t, self.mapping_root, id as u64, Values::Subtrees)?.0;
         self.details_root = btree::remove(&mut self.t, self.details_root, id as u64, DETAILS)?.0;
         self.devices.remove(&id);
         self.changed = true;
@@ -572,10 +490,7 @@ impl Metadata {
     pub fn set_transaction_id(&mut self, old: u64, new: u64) -> Result<(), PoolError> {
         self.writable()?;
         if old != self.trans_id {
-            return Err(PoolError::TransactionId {
-                current: self.trans_id,
-                given: old,
-            });
+            return Err(PoolError::TransactionId { current: self.trans_id, given: old });
         }
         self.trans_id = new;
         self.changed = true;
@@ -591,39 +506,34 @@ impl Metadata {
     pub fn lookup(&mut self, id: DevId, vblock: u64) -> Result<Option<Mapping>, PoolError> {
         let d = self.dev(id)?;
         let (root, stime) = (d.root, d.details.snapshotted_time);
-        Ok(
-            btree::lookup_u64(&mut self.t, root, vblock, Values::Mapping)?.map(|v| {
-                let (data_block, time) = unpack_block_time(v);
-                Mapping {
-                    data_block,
-                    time,
-                    shared: stime > time,
-                }
-            }),
-        )
+        let Some(v) = btree::lookup_u64(&mut self.t, root, vblock, Values::Mapping)? else { return Ok(None) };
+        let (data_block, time) = unpack_block_time(v);
+        if data_block >= self.t.data.nr_blocks() {
+            return Err(MetaError::corrupt(
+                root,
+                Corruption::Tree(format!(
+                    "device {id} maps virtual block {vblock} to data block {data_block}, past the end of the data device ({} blocks)",
+                    self.t.data.nr_blocks()
+                )),
+            )
+            .into());
+        }
+        Ok(Some(Mapping { data_block, time, shared: stime > time }))
     }
 
     /// The first mapped virtual block at or after `vblock`, with its data block.
     pub fn next_mapped(&mut self, id: DevId, vblock: u64) -> Result<Option<(u64, u64)>, PoolError> {
         let root = self.dev(id)?.root;
-        Ok(
-            btree::next_at_or_after(&mut self.t, root, vblock, Values::Mapping)?
-                .map(|(k, v)| (k, unpack_block_time(v).0)),
-        )
+        Ok(btree::next_at_or_after(&mut self.t, root, vblock, Values::Mapping)?
+            .map(|(k, v)| (k, unpack_block_time(v).0)))
     }
 
     /// Every mapping of a device with `lo <= vblock < hi`: (vblock, data block, time).
-    pub fn mappings(
-        &mut self,
-        id: DevId,
-        lo: u64,
-        hi: u64,
-    ) -> Result<Vec<(u64, u64, u32)>, PoolError> {
+    pub fn mappings(&mut self, id: DevId, lo: u64, hi: u64) -> Result<Vec<(u64, u64, u32)>, PoolError> {
         let root = self.dev(id)?.root;
         let mut out = Vec::new();
         btree::visit(&mut self.t, root, Values::Mapping, lo, hi, &mut |k, v| {
-            let (b, tm) =
-                unpack_block_time(u64::from_le_bytes(v[..8].try_into().unwrap_or_default()));
+            let (b, tm) = unpack_block_time(u64::from_le_bytes(v[..8].try_into().unwrap_or_default()));
             out.push((k, b, tm));
             Ok(())
         })?;
@@ -672,27 +582,12 @@ impl Metadata {
 
     /// Map `vblock` of device `id` to `data_block` (whose reference the caller hands
     /// over), at the current pool time. The old mapping's block loses a reference.
-    pub fn insert_mapping(
-        &mut self,
-        id: DevId,
-        vblock: u64,
-        data_block: u64,
-    ) -> Result<(), PoolError> {
+    pub fn insert_mapping(&mut self, id: DevId, vblock: u64, data_block: u64) -> Result<(), PoolError> {
         self.writable()?;
         let root = self.touch(id)?;
         let v = pack_block_time(data_block, self.time);
-        let r = btree::insert(
-            &mut self.t,
-            root,
-            vblock,
-            &v.to_le_bytes(),
-            Values::Mapping,
-            Replace::DecOld,
-        )?;
-        let d = self
-            .devices
-            .get_mut(&id)
-            .ok_or(PoolError::NoSuchDevice(id))?;
+        let r = btree::insert(&mut self.t, root, vblock, &v.to_le_bytes(), Values::Mapping, Replace::DecOld)?;
+        let d = self.devices.get_mut(&id).ok_or(PoolError::NoSuchDevice(id))?;
         d.root = r.root;
         if r.old.is_none() {
             d.details.mapped_blocks += 1;
@@ -711,10 +606,7 @@ impl Metadata {
         }
         let root = self.touch(id)?;
         let (r, old) = btree::remove(&mut self.t, root, vblock, Values::Mapping)?;
-        let d = self
-            .devices
-            .get_mut(&id)
-            .ok_or(PoolError::NoSuchDevice(id))?;
+        let d = self.devices.get_mut(&id).ok_or(PoolError::NoSuchDevice(id))?;
         d.root = r;
         if old.is_some() {
             d.details.mapped_blocks = d.details.mapped_blocks.saturating_sub(1);
@@ -736,25 +628,14 @@ impl Metadata {
         self.create_thin(id)?;
         let id = id as DevId;
         if let Some(d) = self.devices.get_mut(&id) {
-            d.details = DeviceDetails {
-                mapped_blocks: 0,
-                transaction_id,
-                creation_time,
-                snapshotted_time,
-            };
+            d.details = DeviceDetails { mapped_blocks: 0, transaction_id, creation_time, snapshotted_time };
         }
         Ok(())
     }
 
     /// Restore support: map `vblock` of `id` to `data_block` with an explicit time,
     /// taking a new reference on the data block.
-    pub fn restore_mapping(
-        &mut self,
-        id: DevId,
-        vblock: u64,
-        data_block: u64,
-        time: u32,
-    ) -> Result<(), PoolError> {
+    pub fn restore_mapping(&mut self, id: DevId, vblock: u64, data_block: u64, time: u32) -> Result<(), PoolError> {
         self.writable()?;
         if data_block >= self.t.data.nr_blocks() {
             return Err(PoolError::invalid(format!(
@@ -763,25 +644,13 @@ impl Metadata {
             )));
         }
         if time > MAX_TIME {
-            return Err(PoolError::invalid(format!(
-                "mapping time {time} exceeds 24 bits"
-            )));
+            return Err(PoolError::invalid(format!("mapping time {time} exceeds 24 bits")));
         }
         let root = self.touch(id)?;
         self.t.data.inc(data_block)?;
         let v = pack_block_time(data_block, time);
-        let r = btree::insert(
-            &mut self.t,
-            root,
-            vblock,
-            &v.to_le_bytes(),
-            Values::Mapping,
-            Replace::DecOld,
-        )?;
-        let d = self
-            .devices
-            .get_mut(&id)
-            .ok_or(PoolError::NoSuchDevice(id))?;
+        let r = btree::insert(&mut self.t, root, vblock, &v.to_le_bytes(), Values::Mapping, Replace::DecOld)?;
+        let d = self.devices.get_mut(&id).ok_or(PoolError::NoSuchDevice(id))?;
         d.root = r.root;
         if r.old.is_none() {
             d.details.mapped_blocks += 1;
@@ -796,9 +665,7 @@ impl Metadata {
     pub fn set_time(&mut self, time: u32) -> Result<(), PoolError> {
         self.writable()?;
         if time > MAX_TIME {
-            return Err(PoolError::invalid(format!(
-                "pool time {time} exceeds 24 bits"
-            )));
+            return Err(PoolError::invalid(format!("pool time {time} exceeds 24 bits")));
         }
         self.time = time;
         self.changed = true;
@@ -816,8 +683,7 @@ impl Metadata {
         }
         if nr_blocks > self.t.data.nr_blocks() {
             self.t.data.extend(nr_blocks);
-            self.data_bitmaps
-                .resize(self.t.data.nr_bitmaps() as usize, 0);
+            self.data_bitmaps.resize(self.t.data.nr_bitmaps() as usize, 0);
             self.changed = true;
         }
         Ok(())
@@ -829,8 +695,7 @@ impl Metadata {
         let n = self.t.device_blocks().min(MAX_METADATA_BLOCKS);
         if n > self.t.meta.nr_blocks() {
             self.t.meta.extend(n);
-            self.meta_bitmaps
-                .resize(self.t.meta.nr_bitmaps() as usize, 0);
+            self.meta_bitmaps.resize(self.t.meta.nr_bitmaps() as usize, 0);
             self.changed = true;
         }
         Ok(())
@@ -845,10 +710,7 @@ impl Metadata {
     /// metadata that points at it), then every new metadata block is written and
     /// synced, then the superblock is written and synced. On error nothing more is
     /// accepted until reopen; the previous commit stays intact on disk.
-    pub fn commit(
-        &mut self,
-        sync_data: &mut dyn FnMut() -> std::io::Result<()>,
-    ) -> Result<Committed, PoolError> {
+    pub fn commit(&mut self, sync_data: &mut dyn FnMut() -> std::io::Result<()>) -> Result<Committed, PoolError> {
         if self.read_only {
             return Ok(Committed::default());
         }
@@ -867,10 +729,7 @@ impl Metadata {
         r
     }
 
-    fn commit_inner(
-        &mut self,
-        sync_data: &mut dyn FnMut() -> std::io::Result<()>,
-    ) -> Result<Committed, PoolError> {
+    fn commit_inner(&mut self, sync_data: &mut dyn FnMut() -> std::io::Result<()>) -> Result<Committed, PoolError> {
         sync_data().map_err(PoolError::DataIo)?;
         self.t.committing = true;
         // Device details and roots into their trees.
@@ -954,15 +813,8 @@ impl Metadata {
                 let blk = fsm::bitmap_encode(self.t.data.bitmap_values(i));
                 self.t.put(loc, blk, BlockKind::Bitmap, 0);
                 let e = self.t.data.index_entry(i, loc);
-                self.data_index_root = btree::insert(
-                    &mut self.t,
-                    self.data_index_root,
-                    i,
-                    &e.encode(),
-                    SM_INDEX,
-                    Replace::Raw,
-                )?
-                .root;
+                self.data_index_root =
+                    btree::insert(&mut self.t, self.data_index_root, i, &e.encode(), SM_INDEX, Replace::Raw)?.root;
             }
             for b in self.t.data.take_dirty_overflow() {
                 did = true;
@@ -995,10 +847,7 @@ impl Metadata {
                 return Ok(());
             }
         }
-        Err(MetaError::corrupt(
-            0,
-            sm_err("space maps did not settle while committing".into()),
-        ))
+        Err(MetaError::corrupt(0, sm_err("space maps did not settle while committing".into())))
     }
 
     /// Location for a space-map block now at `old` (0 = none yet): in place when it was
@@ -1022,9 +871,7 @@ impl Metadata {
     ) -> Result<u64, PoolError> {
         self.writable()?;
         if self.held_root != 0 {
-            return Err(PoolError::MetadataSnapshot(
-                "a metadata snapshot is already held; release it first",
-            ));
+            return Err(PoolError::MetadataSnapshot("a metadata snapshot is already held; release it first"));
         }
         self.changed = true;
         self.commit(sync_data)?;
@@ -1055,8 +902,7 @@ impl Metadata {
             return Err(PoolError::MetadataSnapshot("no metadata snapshot is held"));
         }
         let raw = self.t.read_uncached(h)?;
-        let held = Superblock::decode(&raw, h)
-            .map_err(|e| MetaError::corrupt(h, Corruption::Superblock(e)))?;
+        let held = Superblock::decode(&raw, h).map_err(|e| MetaError::corrupt(h, Corruption::Superblock(e)))?;
         self.held_root = 0;
         btree::delete_tree(&mut self.t, held.data_mapping_root, Values::Subtrees)?;
         btree::delete_tree(&mut self.t, held.device_details_root, DETAILS)?;
@@ -1093,25 +939,31 @@ impl Metadata {
         Err(MetaError::corrupt(b, Corruption::TooDeep).into())
     }
 
-    /// Blocks of a device not shared with any other device: the number of its
-    /// mappings whose data block has reference count 1 and whose leaf no other
-    /// device reaches. (Counts data blocks referenced once in the data space map and
-    /// mapped by no other device.)
-    pub fn exclusive_blocks(&mut self, id: DevId) -> Result<u64, PoolError> {
-        let mine = self.mappings(id, 0, u64::MAX)?;
-        let mut others: HashMap<u64, ()> = HashMap::new();
-        for other in self.device_ids() {
-            if other == id {
-                continue;
+    /// Mapped and exclusive block counts of every device: a mapped block is
+    /// exclusive when no other device maps the same data block. Walks every mapping.
+    pub fn usage(&mut self) -> Result<BTreeMap<DevId, (u64, u64)>, PoolError> {
+        let mut owners: HashMap<u64, u32> = HashMap::new();
+        let mut per_dev: Vec<(DevId, Vec<u64>)> = Vec::new();
+        for id in self.device_ids() {
+            let blocks: Vec<u64> = self.mappings(id, 0, u64::MAX)?.into_iter().map(|(_, b, _)| b).collect();
+            for &b in &blocks {
+                *owners.entry(b).or_default() += 1;
             }
-            for (_, b, _) in self.mappings(other, 0, u64::MAX)? {
-                others.insert(b, ());
-            }
+            per_dev.push((id, blocks));
         }
-        Ok(mine
-            .iter()
-            .filter(|(_, b, _)| !others.contains_key(b))
-            .count() as u64)
+        Ok(per_dev
+            .into_iter()
+            .map(|(id, blocks)| {
+                let excl = blocks.iter().filter(|b| owners.get(b) == Some(&1)).count() as u64;
+                (id, (blocks.len() as u64, excl))
+            })
+            .collect())
+    }
+
+    /// Blocks of one device that no other device maps (see [`Metadata::usage`]).
+    pub fn exclusive_blocks(&mut self, id: DevId) -> Result<u64, PoolError> {
+        self.dev(id)?;
+        Ok(self.usage()?.get(&id).map_or(0, |u| u.1))
     }
 }
 
@@ -1147,13 +999,7 @@ impl Recount {
         for i in 0..h.nr_entries as usize {
             let key = crate::format::node::key(&blk, i);
             if !h.is_leaf() {
-                self.tree(
-                    t,
-                    crate::format::node::value_u64(&blk, &h, i),
-                    vk,
-                    roots,
-                    depth + 1,
-                )?;
+                self.tree(t, crate::format::node::value_u64(&blk, &h, i), vk, roots, depth + 1)?;
                 continue;
             }
             match vk {
@@ -1187,28 +1033,13 @@ impl Metadata {
         rc.meta.insert(0, 1);
         if self.held_root != 0 {
             *rc.meta.entry(self.held_root).or_default() += 1;
-            let raw = self
-                .t
-                .read_uncached(self.held_root)
-                .map_err(|e| e.to_string())?;
+            let raw = self.t.read_uncached(self.held_root).map_err(|e| e.to_string())?;
             let held = Superblock::decode(&raw, self.held_root).map_err(|e| e.to_string())?;
-            rc.tree(
-                &mut self.t,
-                held.data_mapping_root,
-                Values::Subtrees,
-                None,
-                0,
-            )?;
+            rc.tree(&mut self.t, held.data_mapping_root, Values::Subtrees, None, 0)?;
             rc.tree(&mut self.t, held.device_details_root, DETAILS, None, 0)?;
         }
         let devices = self.devices.clone();
-        rc.tree(
-            &mut self.t,
-            self.mapping_root,
-            Values::Subtrees,
-            Some(&devices),
-            0,
-        )?;
+        rc.tree(&mut self.t, self.mapping_root, Values::Subtrees, Some(&devices), 0)?;
         rc.tree(&mut self.t, self.details_root, DETAILS, None, 0)?;
         rc.tree(&mut self.t, self.data_index_root, SM_INDEX, None, 0)?;
         rc.tree(&mut self.t, self.data_ref_root, REF_COUNTS, None, 0)?;
@@ -1223,29 +1054,16 @@ impl Metadata {
         }
         for (id, d) in &devices {
             if !rc.seen.contains(&d.root) {
-                return Err(format!(
-                    "device {id}: root {} is not reachable from the top-level tree",
-                    d.root
-                ));
+                return Err(format!("device {id}: root {} is not reachable from the top-level tree", d.root));
             }
             let mut n = 0u64;
-            btree::visit(
-                &mut self.t,
-                d.root,
-                Values::Mapping,
-                0,
-                u64::MAX,
-                &mut |_, _| {
-                    n += 1;
-                    Ok(())
-                },
-            )
+            btree::visit(&mut self.t, d.root, Values::Mapping, 0, u64::MAX, &mut |_, _| {
+                n += 1;
+                Ok(())
+            })
             .map_err(|e| e.to_string())?;
             if n != d.details.mapped_blocks {
-                return Err(format!(
-                    "device {id}: mapped_blocks {} but {n} mappings",
-                    d.details.mapped_blocks
-                ));
+                return Err(format!("device {id}: mapped_blocks {} but {n} mappings", d.details.mapped_blocks));
             }
             rc.mappings += n;
         }
@@ -1254,32 +1072,23 @@ impl Metadata {
             let want = rc.meta.get(&b).copied().unwrap_or(0);
             let have = self.t.meta.get(b);
             if want != have {
-                return Err(format!(
-                    "metadata block {b}: count {have}, referenced {want} times"
-                ));
+                return Err(format!("metadata block {b}: count {have}, referenced {want} times"));
             }
             used += u64::from(have != 0);
         }
         if used != self.t.meta.nr_allocated() {
-            return Err(format!(
-                "metadata nr_allocated {} but {used} blocks in use",
-                self.t.meta.nr_allocated()
-            ));
+            return Err(format!("metadata nr_allocated {} but {used} blocks in use", self.t.meta.nr_allocated()));
         }
         let mut used = 0;
         for b in 0..self.t.data.nr_blocks() {
             let want = rc.data.get(&b).copied().unwrap_or(0);
             let have = self.t.data.get(b);
             if want != have {
-                return Err(format!(
-                    "data block {b}: count {have}, mapped from {want} distinct leaves"
-                ));
+                return Err(format!("data block {b}: count {have}, mapped from {want} distinct leaves"));
             }
             used += u64::from(have != 0);
         }
-        if used != self.t.data.nr_allocated()
-            || used + self.t.data.nr_free() != self.t.data.nr_blocks()
-        {
+        if used != self.t.data.nr_allocated() || used + self.t.data.nr_free() != self.t.data.nr_blocks() {
             return Err(format!(
                 "data: {used} blocks in use, nr_allocated {}, free {}, total {}",
                 self.t.data.nr_allocated(),
@@ -1293,11 +1102,7 @@ impl Metadata {
 
 /// Write the overflow-tree entry of block `b` from its current count.
 fn sync_overflow(t: &mut Txn, root: u64, b: u64, data: bool) -> Result<u64, MetaError> {
-    let v = if data {
-        t.data.overflow_value(b)
-    } else {
-        t.meta.overflow_value(b)
-    };
+    let v = if data { t.data.overflow_value(b) } else { t.meta.overflow_value(b) };
     match v {
         Some(c) => Ok(btree::insert(t, root, b, &c.to_le_bytes(), REF_COUNTS, Replace::Raw)?.root),
         None => Ok(btree::remove(t, root, b, REF_COUNTS)?.0),
@@ -1323,9 +1128,7 @@ fn load_counts(
         if loc == 0 {
             return Err(MetaError::corrupt(
                 index_block,
-                sm_err(format!(
-                    "{name} space-map index entry {i} has no bitmap block"
-                )),
+                sm_err(format!("{name} space-map index entry {i} has no bitmap block")),
             ));
         }
         let blk = t.bitmap(loc)?;
@@ -1346,17 +1149,13 @@ fn load_counts(
                 Some(&c) => {
                     return Err(MetaError::corrupt(
                         ref_root,
-                        sm_err(format!(
-                            "{name} ref-count tree holds {c} for block {b} (must be >= 3)"
-                        )),
+                        sm_err(format!("{name} ref-count tree holds {c} for block {b} (must be >= 3)")),
                     ))
                 }
                 None => {
                     return Err(MetaError::corrupt(
                         loc,
-                        sm_err(format!(
-                            "{name} block {b} has bitmap count 3 but no ref-count tree entry"
-                        )),
+                        sm_err(format!("{name} block {b} has bitmap count 3 but no ref-count tree entry")),
                     ))
                 }
             }

@@ -40,10 +40,7 @@ pub struct Pool {
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool")
-            .field("md", &self.md)
-            .field("block_bytes", &self.block_bytes)
-            .finish()
+        f.debug_struct("Pool").field("md", &self.md).field("block_bytes", &self.block_bytes).finish()
     }
 }
 
@@ -63,52 +60,28 @@ impl Pool {
     }
 
     /// [`Pool::create`] over any metadata storage.
-    pub fn create_with(
-        storage: Box<dyn MetaStorage>,
-        data: File,
-        data_block_sectors: u32,
-    ) -> Result<Pool, PoolError> {
+    pub fn create_with(storage: Box<dyn MetaStorage>, data: File, data_block_sectors: u32) -> Result<Pool, PoolError> {
         let block_bytes = data_block_sectors as u64 * SECTOR;
         let len = data.metadata().map_err(data_err)?.len();
         let nr = len.checked_div(block_bytes).unwrap_or(0);
         let md = Metadata::format(storage, data_block_sectors, nr)?;
-        Ok(Pool {
-            md,
-            data,
-            block_bytes,
-            read_only: false,
-            punch: true,
-        })
+        Ok(Pool { md, data, block_bytes, read_only: false, punch: true })
     }
 
     /// Open an existing pool. A data file longer than the data space map grows the
     /// pool (as a kernel resume does); a shorter one is an error.
     pub fn open(metadata: File, data: File, opts: OpenOptions) -> Result<Pool, PoolError> {
-        Self::open_with(
-            Box::new(FileStorage::new(metadata).map_err(crate::error::MetaError::Io)?),
-            data,
-            opts,
-        )
+        Self::open_with(Box::new(FileStorage::new(metadata).map_err(crate::error::MetaError::Io)?), data, opts)
     }
 
     /// [`Pool::open`] over any metadata storage.
-    pub fn open_with(
-        storage: Box<dyn MetaStorage>,
-        data: File,
-        opts: OpenOptions,
-    ) -> Result<Pool, PoolError> {
+    pub fn open_with(storage: Box<dyn MetaStorage>, data: File, opts: OpenOptions) -> Result<Pool, PoolError> {
         let md = Metadata::open(storage, opts.read_only)?;
         let block_bytes = md.data_block_sectors() as u64 * SECTOR;
         let len = data.metadata().map_err(data_err)?.len();
         let nr = len / block_bytes;
         let have = md.status().data_total_blocks;
-        let mut pool = Pool {
-            md,
-            data,
-            block_bytes,
-            read_only: opts.read_only,
-            punch: true,
-        };
+        let mut pool = Pool { md, data, block_bytes, read_only: opts.read_only, punch: true };
         if nr < have {
             return Err(PoolError::invalid(format!(
                 "the data file holds {nr} blocks of {block_bytes} bytes but the pool has {have}: it is too short"
@@ -168,10 +141,7 @@ impl Pool {
             let out = &mut buf[done..done + n as usize];
             match self.md.lookup(dev, vb)? {
                 None => out.fill(0),
-                Some(m) => self
-                    .data
-                    .read_exact_at(out, m.data_block * self.block_bytes + within)
-                    .map_err(data_err)?,
+                Some(m) => self.data.read_exact_at(out, m.data_block * self.block_bytes + within).map_err(data_err)?,
             }
             done += n as usize;
         }
@@ -201,9 +171,7 @@ impl Pool {
                 break;
             }
         }
-        Err(PoolError::NoSpace {
-            nr_blocks: self.md.status().data_total_blocks,
-        })
+        Err(PoolError::NoSpace { nr_blocks: self.md.status().data_total_blocks })
     }
 
     /// Write `data` to device `dev` at byte `offset`. When the pool lacks the data
@@ -230,10 +198,7 @@ impl Pool {
             }
             match found {
                 Some(m) if !m.shared => {
-                    result = self
-                        .data
-                        .write_all_at(src, m.data_block * bs + within)
-                        .map_err(data_err);
+                    result = self.data.write_all_at(src, m.data_block * bs + within).map_err(data_err);
                 }
                 _ => {
                     let Some(nb) = fresh.next() else { continue };
@@ -279,12 +244,8 @@ impl Pool {
         let mut off = 0u64;
         while off < bs {
             let n = (bs - off).min(buf.len() as u64) as usize;
-            self.data
-                .read_exact_at(&mut buf[..n], from * bs + off)
-                .map_err(data_err)?;
-            self.data
-                .write_all_at(&buf[..n], to * bs + off)
-                .map_err(data_err)?;
+            self.data.read_exact_at(&mut buf[..n], from * bs + off).map_err(data_err)?;
+            self.data.write_all_at(&buf[..n], to * bs + off).map_err(data_err)?;
             off += n as u64;
         }
         Ok(())
@@ -309,9 +270,7 @@ impl Pool {
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(buf.len() as u64) as usize;
-            self.data
-                .write_all_at(&buf[..n], off + done)
-                .map_err(data_err)?;
+            self.data.write_all_at(&buf[..n], off + done).map_err(data_err)?;
             done += n as u64;
         }
         Ok(())

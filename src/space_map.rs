@@ -66,11 +66,7 @@ impl RefCounts {
     }
 
     /// Counts as read from disk: nothing dirty, committed state = these counts.
-    pub fn from_counts(
-        name: &'static str,
-        nr_blocks: u64,
-        counts: impl Fn(u64) -> u32,
-    ) -> RefCounts {
+    pub fn from_counts(name: &'static str, nr_blocks: u64, counts: impl Fn(u64) -> u32) -> RefCounts {
         let mut rc = RefCounts::new(name, nr_blocks);
         for b in 0..nr_blocks {
             let c = counts(b);
@@ -141,11 +137,7 @@ impl RefCounts {
 
     fn check(&self, b: u64) -> Result<(), MetaError> {
         if b >= self.nr_blocks {
-            return Err(MetaError::RefCount {
-                sm: self.name,
-                block: b,
-                what: "block past the end of the space map",
-            });
+            return Err(MetaError::RefCount { sm: self.name, block: b, what: "block past the end of the space map" });
         }
         Ok(())
     }
@@ -190,11 +182,7 @@ impl RefCounts {
         self.check(b)?;
         let old = self.get(b);
         if old == 0 {
-            return Err(MetaError::RefCount {
-                sm: self.name,
-                block: b,
-                what: "reference count would go below zero",
-            });
+            return Err(MetaError::RefCount { sm: self.name, block: b, what: "reference count would go below zero" });
         }
         self.set(b, old, old - 1);
         Ok(old - 1)
@@ -224,8 +212,7 @@ impl RefCounts {
         while b < to {
             let bm = (b / ENTRIES_PER_BITMAP) as usize;
             let bm_end = ((bm as u64 + 1) * ENTRIES_PER_BITMAP).min(to);
-            let bm_len = ((bm as u64 + 1) * ENTRIES_PER_BITMAP).min(self.nr_blocks)
-                - bm as u64 * ENTRIES_PER_BITMAP;
+            let bm_len = ((bm as u64 + 1) * ENTRIES_PER_BITMAP).min(self.nr_blocks) - bm as u64 * ENTRIES_PER_BITMAP;
             if u64::from(self.used_per_bitmap[bm]) >= bm_len {
                 b = bm_end;
                 continue;
@@ -297,9 +284,7 @@ impl RefCounts {
         let start = i * ENTRIES_PER_BITMAP;
         let end = (start + ENTRIES_PER_BITMAP).min(self.nr_blocks);
         let used = self.used_per_bitmap.get(i as usize).copied().unwrap_or(0);
-        let first_free = (start..end)
-            .position(|b| self.counts[b as usize] == 0)
-            .map_or(end - start, |p| p as u64);
+        let first_free = (start..end).position(|b| self.counts[b as usize] == 0).map_or(end - start, |p| p as u64);
         IndexEntry {
             blocknr,
             nr_free: (ENTRIES_PER_BITMAP as u32).saturating_sub(used),

@@ -114,11 +114,7 @@ impl Txn {
                     if c.dirty {
                         return Err(MetaError::corrupt(
                             b,
-                            Corruption::Tree(format!(
-                                "referenced as a {} but holds a {}",
-                                kind.name(),
-                                c.kind.name()
-                            )),
+                            Corruption::Tree(format!("referenced as a {} but holds a {}", kind.name(), c.kind.name())),
                         ));
                     }
                     true
@@ -131,12 +127,10 @@ impl Txn {
             let data = self.read_uncached(b)?;
             match kind {
                 BlockKind::Node => {
-                    node::validate(&data, b, value_size)
-                        .map_err(|e| MetaError::corrupt(b, Corruption::Node(e)))?;
+                    node::validate(&data, b, value_size).map_err(|e| MetaError::corrupt(b, Corruption::Node(e)))?;
                 }
                 BlockKind::Bitmap => {
-                    fsm::bitmap_verify(&data, b)
-                        .map_err(|e| MetaError::corrupt(b, Corruption::Bitmap(e)))?;
+                    fsm::bitmap_verify(&data, b).map_err(|e| MetaError::corrupt(b, Corruption::Bitmap(e)))?;
                 }
                 BlockKind::Index => {
                     checksum::verify(&data, BlockKind::Index, b)
@@ -146,9 +140,7 @@ impl Txn {
                     checksum::verify(&data, BlockKind::Superblock, b).map_err(|e| {
                         MetaError::corrupt(
                             b,
-                            Corruption::Superblock(
-                                crate::format::superblock::SuperblockError::Prefix(e),
-                            ),
+                            Corruption::Superblock(crate::format::superblock::SuperblockError::Prefix(e)),
                         )
                     })?;
                 }
@@ -156,19 +148,7 @@ impl Txn {
             if self.clean >= self.cache_limit {
                 self.trim_cache();
             }
-            if self
-                .cache
-                .insert(
-                    b,
-                    Cached {
-                        data,
-                        kind,
-                        value_size,
-                        dirty: false,
-                    },
-                )
-                .is_none()
-            {
+            if self.cache.insert(b, Cached { data, kind, value_size, dirty: false }).is_none() {
                 self.clean += 1;
             }
         }
@@ -199,24 +179,13 @@ impl Txn {
     pub fn node_mut(&mut self, b: u64) -> Result<&mut Block, MetaError> {
         match self.cache.get_mut(&b) {
             Some(c) if c.dirty => Ok(&mut c.data),
-            _ => Err(MetaError::corrupt(
-                b,
-                Corruption::Tree("internal error: writing a block not shadowed".into()),
-            )),
+            _ => Err(MetaError::corrupt(b, Corruption::Tree("internal error: writing a block not shadowed".into()))),
         }
     }
 
     /// Install `data` as the new content of block `b` (allocated in this transaction).
     pub fn put(&mut self, b: u64, data: Box<Block>, kind: BlockKind, value_size: u32) {
-        if let Some(old) = self.cache.insert(
-            b,
-            Cached {
-                data,
-                kind,
-                value_size,
-                dirty: true,
-            },
-        ) {
+        if let Some(old) = self.cache.insert(b, Cached { data, kind, value_size, dirty: true }) {
             if !old.dirty {
                 self.clean -= 1;
             }
@@ -233,20 +202,13 @@ impl Txn {
         self.ensure_ok()?;
         let usable = self.meta.nr_free();
         if !self.committing && usable <= self.meta_reserve {
-            return Err(MetaError::NoMetadataSpace {
-                nr_blocks: self.meta.nr_blocks(),
-            });
+            return Err(MetaError::NoMetadataSpace { nr_blocks: self.meta.nr_blocks() });
         }
-        let b = self.meta.alloc().ok_or(MetaError::NoMetadataSpace {
-            nr_blocks: self.meta.nr_blocks(),
-        })?;
+        let b = self.meta.alloc().ok_or(MetaError::NoMetadataSpace { nr_blocks: self.meta.nr_blocks() })?;
         // The space map never exceeds the device (checked at open), so this is only a guard.
         let limit = self.storage.nr_blocks();
         if b >= limit {
-            return Err(MetaError::corrupt(
-                b,
-                Corruption::PastEnd { nr_blocks: limit },
-            ));
+            return Err(MetaError::corrupt(b, Corruption::PastEnd { nr_blocks: limit }));
         }
         self.shadowed.insert(b);
         Ok(b)
@@ -269,12 +231,7 @@ impl Txn {
     /// Seal and write every dirty block, then sync. Errors poison the manager.
     pub fn write_dirty(&mut self) -> Result<(), MetaError> {
         self.ensure_ok()?;
-        let mut dirty: Vec<u64> = self
-            .cache
-            .iter()
-            .filter(|(_, c)| c.dirty)
-            .map(|(&b, _)| b)
-            .collect();
+        let mut dirty: Vec<u64> = self.cache.iter().filter(|(_, c)| c.dirty).map(|(&b, _)| b).collect();
         dirty.sort_unstable();
         for b in dirty {
             let Some(c) = self.cache.get_mut(&b) else {

@@ -18,9 +18,7 @@ const META_BLOCKS: u64 = 512;
 type State = Vec<(u32, Vec<u8>)>;
 
 fn fill(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(seed) ^ seed)
-        .collect()
+    (0..len).map(|i| (i as u8).wrapping_mul(seed) ^ seed).collect()
 }
 
 /// The scenario: each step changes the pool and commits. Writes only land on unmapped
@@ -79,13 +77,8 @@ fn a_crash_at_any_sync_leaves_the_previous_or_the_new_commit() {
     let mut states: Vec<State> = Vec::new();
     let mut crashes = 0;
     for fail_at in 0u64.. {
-        let data = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&data_path)
-            .expect("data");
+        let data =
+            OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&data_path).expect("data");
         data.set_len(64 * BS).expect("len");
         let storage = CrashStorage::new(META_BLOCKS);
         let image = storage.image.clone();
@@ -121,30 +114,17 @@ fn a_crash_at_any_sync_leaves_the_previous_or_the_new_commit() {
         }
         let ok = completed.len();
         drop(pool);
-        let candidates = [
-            states[ok - 1].clone(),
-            states.get(ok).cloned().unwrap_or_default(),
-        ];
+        let candidates = [states[ok - 1].clone(), states.get(ok).cloned().unwrap_or_default()];
         check_crash(dir.path(), &image.lock().expect("lock"), &candidates);
         crashes += 1;
     }
 }
 
 fn full_run(data_path: &Path) -> Vec<State> {
-    let data = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(data_path)
-        .expect("data");
+    let data = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(data_path).expect("data");
     data.set_len(64 * BS).expect("len");
-    let mut pool = Pool::create_with(
-        Box::new(CrashStorage::new(META_BLOCKS)),
-        data,
-        (BS / 512) as u32,
-    )
-    .expect("create");
+    let mut pool =
+        Pool::create_with(Box::new(CrashStorage::new(META_BLOCKS)), data, (BS / 512) as u32).expect("create");
     let mut states = vec![snapshot_state(&mut pool)];
     let mut i = 0;
     while step(&mut pool, i).expect("step") {
@@ -167,26 +147,15 @@ fn check_crash(dir: &Path, image: &CrashImage, candidates: &[State]) {
         let bytes: Vec<u8> = blocks.iter().flat_map(|b| b.iter().copied()).collect();
         std::fs::write(&meta_path, &bytes).expect("write image");
         if bytes[..4096].iter().all(|&b| b == 0) {
-            assert!(
-                candidates == [Vec::new()],
-                "a formatted pool lost its superblock"
-            );
+            assert!(candidates == [Vec::new()], "a formatted pool lost its superblock");
             continue;
         }
-        thin_check(&meta_path)
-            .unwrap_or_else(|e| panic!("thin_check after a crash (keep {keep} of {n}): {e}"));
+        thin_check(&meta_path).unwrap_or_else(|e| panic!("thin_check after a crash (keep {keep} of {n}): {e}"));
         let m = OpenOptions::new().read(true).open(&meta_path).expect("m");
-        let d = OpenOptions::new()
-            .read(true)
-            .open(dir.join("data"))
-            .expect("d");
+        let d = OpenOptions::new().read(true).open(dir.join("data")).expect("d");
         let storage = FileStorage::new(m).expect("storage");
-        let mut p = Pool::open_with(Box::new(storage), d, PoolOpen { read_only: true })
-            .expect("crashed image opens");
+        let mut p = Pool::open_with(Box::new(storage), d, PoolOpen { read_only: true }).expect("crashed image opens");
         let got = snapshot_state(&mut p);
-        assert!(
-            candidates.contains(&got),
-            "crash image (keep {keep} of {n}) holds neither the old nor the new commit"
-        );
+        assert!(candidates.contains(&got), "crash image (keep {keep} of {n}) holds neither the old nor the new commit");
     }
 }

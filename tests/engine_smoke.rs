@@ -7,36 +7,17 @@ use std::process::Command;
 use thinpool::pool::{OpenOptions as PoolOpen, Pool};
 
 fn files(dir: &Path, meta_mib: u64, data_mib: u64) -> (std::fs::File, std::fs::File) {
-    let m = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dir.join("metadata"))
-        .expect("meta");
+    let m =
+        OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.join("metadata")).expect("meta");
     m.set_len(meta_mib << 20).expect("len");
-    let d = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dir.join("data"))
-        .expect("data");
+    let d = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.join("data")).expect("data");
     d.set_len(data_mib << 20).expect("len");
     (m, d)
 }
 
 fn reopen(dir: &Path) -> Pool {
-    let m = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(dir.join("metadata"))
-        .expect("meta");
-    let d = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(dir.join("data"))
-        .expect("data");
+    let m = OpenOptions::new().read(true).write(true).open(dir.join("metadata")).expect("meta");
+    let d = OpenOptions::new().read(true).write(true).open(dir.join("data")).expect("data");
     Pool::open(m, d, PoolOpen::default()).expect("open")
 }
 
@@ -44,9 +25,7 @@ fn thin_check(path: &Path) {
     let out = Command::new("thin_check")
         .arg(path)
         .output()
-        .unwrap_or_else(|e| {
-            panic!("thin_check not runnable ({e}): install thin-provisioning-tools")
-        });
+        .unwrap_or_else(|e| panic!("thin_check not runnable ({e}): install thin-provisioning-tools"));
     assert!(
         out.status.success(),
         "thin_check failed:\n{}\n{}",
@@ -56,9 +35,7 @@ fn thin_check(path: &Path) {
 }
 
 fn pattern(dev: u32, off: u64, len: usize) -> Vec<u8> {
-    (0..len as u64)
-        .map(|i| ((off + i) as u8) ^ (dev as u8).wrapping_mul(31) ^ (((off + i) >> 9) as u8))
-        .collect()
+    (0..len as u64).map(|i| ((off + i) as u8) ^ (dev as u8).wrapping_mul(31) ^ (((off + i) >> 9) as u8)).collect()
 }
 
 #[test]

@@ -33,17 +33,8 @@ enum Op {
     Create,
     Snapshot(usize),
     Delete(usize),
-    Write {
-        dev: usize,
-        off: u64,
-        len: u64,
-        seed: u8,
-    },
-    Discard {
-        dev: usize,
-        off: u64,
-        len: u64,
-    },
+    Write { dev: usize, off: u64, len: u64, seed: u8 },
+    Discard { dev: usize, off: u64, len: u64 },
     Commit,
     Reopen,
     Crash,
@@ -77,16 +68,8 @@ fn pattern(seed: u8, off: u64, len: u64) -> Vec<u8> {
 type Model = BTreeMap<u32, Vec<u8>>;
 
 fn open(dir: &Path) -> Pool {
-    let m = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(dir.join("metadata"))
-        .expect("metadata");
-    let d = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(dir.join("data"))
-        .expect("data");
+    let m = OpenOptions::new().read(true).write(true).open(dir.join("metadata")).expect("metadata");
+    let d = OpenOptions::new().read(true).write(true).open(dir.join("data")).expect("data");
     Pool::open(m, d, PoolOpen::default()).expect("reopen")
 }
 
@@ -98,11 +81,7 @@ fn thin_check(path: &Path) -> Result<(), String> {
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
+        Err(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
     }
 }
 
@@ -116,11 +95,7 @@ fn verify_all(p: &mut Pool, model: &Model) -> Result<(), TestCaseError> {
     let ids: Vec<u32> = p.meta().device_ids();
     prop_assert_eq!(ids, model.keys().copied().collect::<Vec<_>>());
     for (&id, want) in model {
-        prop_assert!(
-            read_dev(p, id) == *want,
-            "device {} differs from the model",
-            id
-        );
+        prop_assert!(read_dev(p, id) == *want, "device {} differs from the model", id);
     }
     p.metadata().audit().map_err(TestCaseError::fail)?;
     Ok(())
@@ -143,13 +118,8 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         .open(dir.path().join("metadata"))
         .expect("m");
     m.set_len(2 << 20).expect("len");
-    let d = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dir.path().join("data"))
-        .expect("d");
+    let d =
+        OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("data")).expect("d");
     d.set_len(DATA_BLOCKS * BS).expect("len");
     let mut pool = Pool::create(m, d, (BS / 512) as u32).expect("create");
     let mut model: Model = BTreeMap::new();
@@ -177,12 +147,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 pool.delete(id as u64).expect("delete");
                 model.remove(&id);
             }
-            Op::Write {
-                dev,
-                off,
-                len,
-                seed,
-            } => {
+            Op::Write { dev, off, len, seed } => {
                 let Some(id) = pick(&model, dev) else {
                     continue;
                 };
@@ -190,18 +155,13 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let data = pattern(seed, off, len);
                 match pool.write(id, off, &data) {
                     Ok(()) => {
-                        model.get_mut(&id).expect("dev")[off as usize..(off + len) as usize]
-                            .copy_from_slice(&data);
+                        model.get_mut(&id).expect("dev")[off as usize..(off + len) as usize].copy_from_slice(&data);
                         since_commit.push((id, off, data));
                     }
                     Err(PoolError::NoSpace { .. }) => {}
                     Err(e) => return Err(TestCaseError::fail(format!("write: {e}"))),
                 }
-                prop_assert!(
-                    read_dev(&mut pool, id) == model[&id],
-                    "device {} differs after a write",
-                    id
-                );
+                prop_assert!(read_dev(&mut pool, id) == model[&id], "device {} differs after a write", id);
             }
             Op::Discard { dev, off, len } => {
                 let Some(id) = pick(&model, dev) else {
@@ -213,14 +173,9 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let first = off.div_ceil(BS);
                 let end = (off + len) / BS;
                 if first < end {
-                    model.get_mut(&id).expect("dev")[(first * BS) as usize..(end * BS) as usize]
-                        .fill(0);
+                    model.get_mut(&id).expect("dev")[(first * BS) as usize..(end * BS) as usize].fill(0);
                 }
-                prop_assert!(
-                    read_dev(&mut pool, id) == model[&id],
-                    "device {} differs after a discard",
-                    id
-                );
+                prop_assert!(read_dev(&mut pool, id) == model[&id], "device {} differs after a discard", id);
             }
             Op::Commit => {
                 pool.commit().expect("commit");
@@ -248,11 +203,15 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     for (i, (&g, &w)) in got.iter().zip(want.iter()).enumerate() {
                         let i = i as u64;
                         let written_since = since_commit.iter().any(|(d, off, data)| {
-                            *d == id
-                                && (*off..*off + data.len() as u64).contains(&i)
-                                && data[(i - off) as usize] == g
+                            *d == id && (*off..*off + data.len() as u64).contains(&i) && data[(i - off) as usize] == g
                         });
-                        prop_assert!(g == w || written_since, "device {} byte {} after a crash: {} is neither committed nor written since", id, i, g);
+                        prop_assert!(
+                            g == w || written_since,
+                            "device {} byte {} after a crash: {} is neither committed nor written since",
+                            id,
+                            i,
+                            g
+                        );
                     }
                     *want = got;
                 }

@@ -130,18 +130,9 @@ mod tests {
         b[100] = 7;
         seal(&mut b, BlockKind::Node, 42);
         assert_eq!(verify(&b, BlockKind::Node, 42), Ok(()));
-        assert!(matches!(
-            verify(&b, BlockKind::Bitmap, 42),
-            Err(PrefixError::Checksum { .. })
-        ));
-        assert_eq!(
-            verify(&b, BlockKind::Node, 43),
-            Err(PrefixError::BlockNr { stored: 42 })
-        );
+        assert!(matches!(verify(&b, BlockKind::Bitmap, 42), Err(PrefixError::Checksum { .. })));
+        assert_eq!(verify(&b, BlockKind::Node, 43), Err(PrefixError::BlockNr { stored: 42 }));
         b[4000] ^= 1;
-        assert!(matches!(
-            verify(&b, BlockKind::Node, 42),
-            Err(PrefixError::Checksum { .. })
-        ));
+        assert!(matches!(verify(&b, BlockKind::Node, 42), Err(PrefixError::Checksum { .. })));
     }
 }

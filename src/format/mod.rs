@@ -46,6 +46,5 @@ pub const MAX_DATA_BLOCK_SECTORS: u32 = 2_097_152;
 
 /// Is `sectors` a data block size dm-thin accepts?
 pub fn valid_data_block_sectors(sectors: u32) -> bool {
-    (MIN_DATA_BLOCK_SECTORS..=MAX_DATA_BLOCK_SECTORS).contains(&sectors)
-        && sectors % MIN_DATA_BLOCK_SECTORS == 0
+    (MIN_DATA_BLOCK_SECTORS..=MAX_DATA_BLOCK_SECTORS).contains(&sectors) && sectors % MIN_DATA_BLOCK_SECTORS == 0
 }

@@ -80,10 +80,9 @@ pub enum NodeError {
 impl std::fmt::Display for NodeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            NodeError::Prefix(PrefixError::Checksum { stored, computed }) => write!(
-                f,
-                "btree node checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
-            ),
+            NodeError::Prefix(PrefixError::Checksum { stored, computed }) => {
+                write!(f, "btree node checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")
+            }
             NodeError::Prefix(PrefixError::BlockNr { stored }) => {
                 write!(f, "btree node blocknr is {stored}, not its own location")
             }
@@ -129,23 +128,14 @@ pub fn validate_structure(b: &Block, leaf_value_size: u32) -> Result<NodeHeader,
     }
     let need = HEADER_SIZE as u64 + (8 + h.value_size as u64) * h.max_entries as u64;
     if need > BLOCK_SIZE as u64 || h.value_size == 0 || h.max_entries == 0 {
-        return Err(NodeError::Geometry {
-            max_entries: h.max_entries,
-            value_size: h.value_size,
-        });
+        return Err(NodeError::Geometry { max_entries: h.max_entries, value_size: h.value_size });
     }
     if h.nr_entries > h.max_entries {
-        return Err(NodeError::NrEntries {
-            nr_entries: h.nr_entries,
-            max_entries: h.max_entries,
-        });
+        return Err(NodeError::NrEntries { nr_entries: h.nr_entries, max_entries: h.max_entries });
     }
     let expected = if h.is_leaf() { leaf_value_size } else { 8 };
     if h.value_size != expected {
-        return Err(NodeError::ValueSize {
-            found: h.value_size,
-            expected,
-        });
+        return Err(NodeError::ValueSize { found: h.value_size, expected });
     }
     for i in 1..h.nr_entries as usize {
         if key(b, i) <= key(b, i - 1) {
@@ -174,12 +164,7 @@ pub fn value_u64(b: &Block, h: &NodeHeader, i: usize) -> u64 {
 /// Initialise `b` as an empty node (`max_entries` as the kernel computes it).
 pub fn init(b: &mut Block, flags: u32, value_size: u32) -> NodeHeader {
     b.fill(0);
-    let h = NodeHeader {
-        flags,
-        nr_entries: 0,
-        max_entries: max_entries_for(value_size),
-        value_size,
-    };
+    let h = NodeHeader { flags, nr_entries: 0, max_entries: max_entries_for(value_size), value_size };
     write_header(b, &h);
     h
 }
@@ -260,14 +245,7 @@ pub fn lower_bound(b: &Block, h: &NodeHeader, k: u64) -> Option<usize> {
 
 /// Copy entries `[from, from+n)` of `src` to the end of `dst`. Both nodes must have
 /// the same value size, and `dst` must have room.
-pub fn append_from(
-    dst: &mut Block,
-    dh: &mut NodeHeader,
-    src: &Block,
-    sh: &NodeHeader,
-    from: usize,
-    n: usize,
-) {
+pub fn append_from(dst: &mut Block, dh: &mut NodeHeader, src: &Block, sh: &NodeHeader, from: usize, n: usize) {
     let at = dh.nr_entries as usize;
     debug_assert!(at + n <= dh.max_entries as usize && dh.value_size == sh.value_size);
     dst[HEADER_SIZE + 8 * at..HEADER_SIZE + 8 * (at + n)]
@@ -295,20 +273,12 @@ mod tests {
     fn the_kernel_example_header_decodes() {
         let mut b = zeroed_block();
         let bytes = [
-            0xba, 0x70, 0x54, 0xe4, 2, 0, 0, 0, 0x26, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0xfc, 0, 0,
-            0, 8, 0, 0, 0, 0, 0, 0, 0,
+            0xba, 0x70, 0x54, 0xe4, 2, 0, 0, 0, 0x26, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0xfc, 0, 0, 0, 8, 0, 0, 0, 0, 0,
+            0, 0,
         ];
         b[..32].copy_from_slice(&bytes);
         let h = header(&b);
-        assert_eq!(
-            h,
-            NodeHeader {
-                flags: LEAF,
-                nr_entries: 3,
-                max_entries: 252,
-                value_size: 8
-            }
-        );
+        assert_eq!(h, NodeHeader { flags: LEAF, nr_entries: 3, max_entries: 252, value_size: 8 });
         assert_eq!(checksum::stored_blocknr(&b), 38);
     }
 
@@ -329,13 +299,7 @@ mod tests {
         assert_eq!(lower_bound(&b, &h, 6), Some(1));
         checksum::seal(&mut b, BlockKind::Node, 7);
         assert_eq!(validate(&b, 7, 8).map(|h| h.nr_entries), Ok(3));
-        assert_eq!(
-            validate(&b, 7, 24),
-            Err(NodeError::ValueSize {
-                found: 8,
-                expected: 24
-            })
-        );
+        assert_eq!(validate(&b, 7, 24), Err(NodeError::ValueSize { found: 8, expected: 24 }));
     }
 
     #[test]
@@ -345,9 +309,6 @@ mod tests {
         insert_at(&mut b, &mut h, 0, 1, &[0; 8]);
         insert_at(&mut b, &mut h, 1, 2, &[0; 8]);
         set_key(&mut b, 1, 1);
-        assert_eq!(
-            validate_structure(&b, 8),
-            Err(NodeError::KeyOrder { index: 1 })
-        );
+        assert_eq!(validate_structure(&b, 8), Err(NodeError::KeyOrder { index: 1 }));
     }
 }

@@ -137,9 +137,7 @@ pub fn bitmap_verify(b: &Block, location: u64) -> Result<(), PrefixError> {
 /// Decode the metadata index block: its 255 entries (unused ones are zero).
 pub fn index_decode(b: &Block, location: u64) -> Result<Vec<IndexEntry>, PrefixError> {
     checksum::verify(b, BlockKind::Index, location)?;
-    Ok((0..MAX_METADATA_BITMAPS)
-        .map(|i| IndexEntry::decode(&b[INDEX_HEADER + IndexEntry::SIZE * i..]))
-        .collect())
+    Ok((0..MAX_METADATA_BITMAPS).map(|i| IndexEntry::decode(&b[INDEX_HEADER + IndexEntry::SIZE * i..])).collect())
 }
 
 /// Encode the metadata index block, sealed for `location`.
@@ -178,16 +176,8 @@ mod tests {
     #[test]
     fn index_block_round_trips() {
         let entries = vec![
-            IndexEntry {
-                blocknr: 3,
-                nr_free: 16312,
-                none_free_before: 8,
-            },
-            IndexEntry {
-                blocknr: 99,
-                nr_free: 16320,
-                none_free_before: 0,
-            },
+            IndexEntry { blocknr: 3, nr_free: 16312, none_free_before: 8 },
+            IndexEntry { blocknr: 99, nr_free: 16320, none_free_before: 0 },
         ];
         let b = index_encode(&entries, 1);
         let back = index_decode(&b, 1).expect("valid");

@@ -106,13 +106,9 @@ impl std::fmt::Display for SuperblockError {
             SuperblockError::MetadataBlockSize(s) => {
                 write!(f, "metadata block size {s} sectors (only 8 is supported)")
             }
-            SuperblockError::Features {
-                incompat,
-                compat_ro,
-            } => write!(
-                f,
-                "unsupported feature flags (incompat {incompat:#x}, compat_ro {compat_ro:#x})"
-            ),
+            SuperblockError::Features { incompat, compat_ro } => {
+                write!(f, "unsupported feature flags (incompat {incompat:#x}, compat_ro {compat_ro:#x})")
+            }
         }
     }
 }
@@ -120,8 +116,7 @@ impl std::fmt::Display for SuperblockError {
 impl Superblock {
     /// Decode and validate a superblock found at `location`.
     pub fn decode(block: &Block, location: u64) -> Result<Superblock, SuperblockError> {
-        checksum::verify(block, BlockKind::Superblock, location)
-            .map_err(SuperblockError::Prefix)?;
+        checksum::verify(block, BlockKind::Superblock, location).map_err(SuperblockError::Prefix)?;
         let sb = Self::decode_unchecked(block);
         if sb.magic != MAGIC {
             return Err(SuperblockError::Magic(sb.magic));
@@ -130,10 +125,7 @@ impl Superblock {
             return Err(SuperblockError::MetadataBlockSize(sb.metadata_block_size));
         }
         if sb.incompat_flags != 0 || sb.compat_ro_flags != 0 {
-            return Err(SuperblockError::Features {
-                incompat: sb.incompat_flags,
-                compat_ro: sb.compat_ro_flags,
-            });
+            return Err(SuperblockError::Features { incompat: sb.incompat_flags, compat_ro: sb.compat_ro_flags });
         }
         Ok(sb)
     }
@@ -173,10 +165,8 @@ impl Superblock {
         LE::write_u32(&mut b[TIME..], self.time);
         LE::write_u64(&mut b[TRANS_ID..], self.trans_id);
         LE::write_u64(&mut b[HELD_ROOT..], self.held_root);
-        self.data_sm_root
-            .encode(&mut b[DATA_SM_ROOT..DATA_SM_ROOT + SmRoot::SIZE]);
-        self.metadata_sm_root
-            .encode(&mut b[META_SM_ROOT..META_SM_ROOT + SmRoot::SIZE]);
+        self.data_sm_root.encode(&mut b[DATA_SM_ROOT..DATA_SM_ROOT + SmRoot::SIZE]);
+        self.metadata_sm_root.encode(&mut b[META_SM_ROOT..META_SM_ROOT + SmRoot::SIZE]);
         LE::write_u64(&mut b[DATA_MAPPING_ROOT..], self.data_mapping_root);
         LE::write_u64(&mut b[DEVICE_DETAILS_ROOT..], self.device_details_root);
         LE::write_u32(&mut b[DATA_BLOCK_SIZE..], self.data_block_size);
@@ -204,18 +194,8 @@ mod tests {
             time: 3,
             trans_id: 4,
             held_root: 5,
-            data_sm_root: SmRoot {
-                nr_blocks: 6,
-                nr_allocated: 7,
-                bitmap_root: 8,
-                ref_count_root: 9,
-            },
-            metadata_sm_root: SmRoot {
-                nr_blocks: 10,
-                nr_allocated: 11,
-                bitmap_root: 12,
-                ref_count_root: 13,
-            },
+            data_sm_root: SmRoot { nr_blocks: 6, nr_allocated: 7, bitmap_root: 8, ref_count_root: 9 },
+            metadata_sm_root: SmRoot { nr_blocks: 10, nr_allocated: 11, bitmap_root: 12, ref_count_root: 13 },
             data_mapping_root: 14,
             device_details_root: 15,
             data_block_size: 128,
@@ -240,11 +220,7 @@ mod tests {
 
     #[test]
     fn a_wrong_magic_is_rejected_even_with_a_good_checksum() {
-        let sb = Superblock {
-            magic: 1,
-            metadata_block_size: 8,
-            ..Default::default()
-        };
+        let sb = Superblock { magic: 1, metadata_block_size: 8, ..Default::default() };
         let b = sb.encode(0);
         assert_eq!(Superblock::decode(&b, 0), Err(SuperblockError::Magic(1)));
     }

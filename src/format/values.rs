@@ -73,12 +73,7 @@ mod tests {
 
     #[test]
     fn device_details_match_the_kernel_example() {
-        let d = DeviceDetails {
-            mapped_blocks: 65,
-            transaction_id: 0,
-            creation_time: 0,
-            snapshotted_time: 2,
-        };
+        let d = DeviceDetails { mapped_blocks: 65, transaction_id: 0, creation_time: 0, snapshotted_time: 2 };
         let mut want = [0u8; 24];
         want[0] = 0x41;
         want[20] = 2;
