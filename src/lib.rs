@@ -9,5 +9,6 @@ pub mod fuzzing;
 pub mod io;
 pub mod metadata;
 pub mod pool;
+pub mod service;
 pub mod space_map;
 pub mod transaction;

@@ -302,6 +302,69 @@ impl Pool {
         Ok(n)
     }
 
+    /// Make `[offset, offset+len)` read as zeros. With `unmap`, whole blocks are
+    /// unmapped and the partial blocks at the ends get zeros written only where they
+    /// are mapped (an unmapped block reads as zeros already); without it, zeros are
+    /// written everywhere, so every block in the range ends up mapped.
+    pub fn write_zeroes(&mut self, dev: DevId, offset: u64, len: u64, unmap: bool) -> Result<(), PoolError> {
+        if self.read_only {
+            return Err(PoolError::ReadOnly);
+        }
+        self.check_dev(dev)?;
+        let zeros = vec![0u8; (self.block_bytes as usize).min(CHUNK)];
+        for (vb, within, n) in self.pieces(offset, len).collect::<Vec<_>>() {
+            if unmap {
+                if within == 0 && n == self.block_bytes {
+                    self.md.remove_mapping(dev, vb)?;
+                    continue;
+                }
+                if self.md.lookup(dev, vb)?.is_none() {
+                    continue;
+                }
+            }
+            let mut done = 0u64;
+            while done < n {
+                let k = (n - done).min(zeros.len() as u64);
+                self.write(dev, vb * self.block_bytes + within + done, &zeros[..k as usize])?;
+                done += k;
+            }
+        }
+        Ok(())
+    }
+
+    /// Allocation of `[offset, offset+len)`: runs of (length, mapped), in order,
+    /// covering the range exactly. Unmapped runs read as zeros.
+    pub fn extents(&mut self, dev: DevId, offset: u64, len: u64) -> Result<Vec<(u64, bool)>, PoolError> {
+        self.check_dev(dev)?;
+        let bs = self.block_bytes;
+        let end = offset.saturating_add(len);
+        if end <= offset {
+            return Ok(Vec::new());
+        }
+        let first = offset / bs;
+        let last = (end - 1) / bs;
+        let mapped: Vec<u64> = self.md.mappings(dev, first, last + 1)?.into_iter().map(|m| m.0).collect();
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        let mut push = |n: u64, m: bool| match out.last_mut() {
+            Some(last) if last.1 == m => last.0 += n,
+            _ => out.push((n, m)),
+        };
+        let mut pos = offset;
+        for vb in mapped {
+            let start = (vb * bs).max(offset);
+            if start > pos {
+                push(start - pos, false);
+            }
+            let stop = ((vb + 1) * bs).min(end);
+            push(stop - start, true);
+            pos = stop;
+        }
+        if pos < end {
+            push(end - pos, false);
+        }
+        Ok(out)
+    }
+
     /// Make everything so far durable. Data blocks the commit released are punched
     /// out of the data file afterwards.
     pub fn commit(&mut self) -> Result<(), PoolError> {
