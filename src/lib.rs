@@ -3,6 +3,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod btree;
+pub mod check;
 pub mod error;
 pub mod format;
 pub mod fuzzing;

@@ -151,6 +151,8 @@ fn check_crash(dir: &Path, image: &CrashImage, candidates: &[State]) {
             continue;
         }
         thin_check(&meta_path).unwrap_or_else(|e| panic!("thin_check after a crash (keep {keep} of {n}): {e}"));
+        let report = thinpool::check::check(&thinpool::io::SliceStorage::new(&bytes)).expect("check runs");
+        assert!(report.is_clean(), "strict check after a crash (keep {keep} of {n}): {:?}", report.problems);
         let m = OpenOptions::new().read(true).open(&meta_path).expect("m");
         let d = OpenOptions::new().read(true).open(dir.join("data")).expect("d");
         let storage = FileStorage::new(m).expect("storage");

@@ -85,6 +85,18 @@ fn thin_check(path: &Path) -> Result<(), String> {
     }
 }
 
+/// The strict checker (reference counts of both space maps, leaks included).
+fn strict_check(path: &Path) -> Result<(), String> {
+    let s = thinpool::io::FileStorage::new(std::fs::File::open(path).map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
+    let r = thinpool::check::check(&s).map_err(|e| e.to_string())?;
+    if r.is_clean() {
+        Ok(())
+    } else {
+        Err(r.problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))
+    }
+}
+
 fn read_dev(p: &mut Pool, id: u32) -> Vec<u8> {
     let mut buf = vec![0u8; DEV_BYTES as usize];
     p.read(id, 0, &mut buf).expect("read");
@@ -182,6 +194,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 committed = model.clone();
                 since_commit.clear();
                 thin_check(&dir.path().join("metadata")).map_err(TestCaseError::fail)?;
+                strict_check(&dir.path().join("metadata")).map_err(TestCaseError::fail)?;
                 verify_all(&mut pool, &model)?;
             }
             Op::Reopen => {
@@ -194,6 +207,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
             Op::Crash => {
                 drop(pool);
+                strict_check(&dir.path().join("metadata")).map_err(TestCaseError::fail)?;
                 pool = open(dir.path());
                 model = committed.clone();
                 let ids: Vec<u32> = pool.meta().device_ids();
@@ -225,6 +239,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     }
     pool.commit().expect("commit");
     thin_check(&dir.path().join("metadata")).map_err(TestCaseError::fail)?;
+    strict_check(&dir.path().join("metadata")).map_err(TestCaseError::fail)?;
     verify_all(&mut pool, &model)?;
     // Leak check: deleting every device returns the pool to its empty baseline.
     for id in model.keys() {

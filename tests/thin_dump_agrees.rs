@@ -16,7 +16,8 @@ fn parse_dump(xml: &str) -> (BTreeMap<String, String>, Dump) {
         let end = line[start..].find('"')? + start;
         Some(line[start..end].to_string())
     }
-    let num = |l: &str, n: &str| attr(l, n).and_then(|v| v.parse::<u64>().ok()).unwrap_or_else(|| panic!("no {n} in {l}"));
+    let num =
+        |l: &str, n: &str| attr(l, n).and_then(|v| v.parse::<u64>().ok()).unwrap_or_else(|| panic!("no {n} in {l}"));
     let mut sb = BTreeMap::new();
     let mut devs: Dump = BTreeMap::new();
     let mut cur = None;
@@ -50,7 +51,8 @@ fn thin_dump_lists_exactly_the_mappings_the_engine_made() {
     let mpath = dir.path().join("metadata");
     let m = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&mpath).expect("m");
     m.set_len(16 << 20).expect("len");
-    let d = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("data")).expect("d");
+    let d =
+        OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("data")).expect("d");
     d.set_len(4096 * 65536).expect("len");
     let mut p = Pool::create(m, d, 128).expect("create");
     p.create_thin(3).expect("thin");
