@@ -5,10 +5,12 @@
 pub mod btree;
 pub mod check;
 pub mod error;
+pub mod exports;
 pub mod format;
 pub mod fuzzing;
 pub mod io;
 pub mod metadata;
+pub mod nbd;
 pub mod pool;
 pub mod service;
 pub mod space_map;

@@ -1,0 +1,74 @@
+//! What an NBD export needs from the storage below it.
+
+use std::sync::Arc;
+
+use super::wire;
+
+/// One allocation extent for `base:allocation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub length: u64,
+    pub hole: bool,
+    pub zero: bool,
+}
+
+/// Errors an export reports; [`errno`] maps them to the wire.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExportError {
+    #[error("no space left in the pool")]
+    NoSpace,
+    #[error("export is read-only")]
+    ReadOnly,
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("not supported")]
+    NotSupported,
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The NBD error code for an export error (the one place this mapping lives).
+pub fn errno(e: &ExportError) -> u32 {
+    match e {
+        ExportError::NoSpace => wire::ENOSPC,
+        ExportError::ReadOnly => wire::EPERM,
+        ExportError::Invalid(_) => wire::EINVAL,
+        ExportError::NotSupported => wire::ENOTSUP,
+        ExportError::Io(_) | ExportError::Other(_) => wire::EIO,
+    }
+}
+
+/// One export.
+pub trait Export: Send + Sync {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Preferred I/O size (the pool's data block size).
+    fn preferred_block_size(&self) -> u32;
+    /// Writes are refused.
+    fn read_only(&self) -> bool;
+    /// Read `buf.len()` bytes at `offset`.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExportError>;
+    /// Write `data` at `offset`.
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), ExportError>;
+    /// Make every completed write on every connection and export durable.
+    fn flush(&self) -> Result<(), ExportError>;
+    /// Discard: whole pool blocks in the range are unmapped.
+    fn trim(&self, offset: u64, len: u64) -> Result<(), ExportError>;
+    /// Zero a range; `may_unmap` = !NO_HOLE; `fast` = FAST_ZERO.
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, fast: bool) -> Result<(), ExportError>;
+    /// Extents covering `[offset, offset+len)`, in order (may stop early, at least 1 byte).
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, ExportError>;
+}
+
+/// The exports a server offers.
+pub trait Catalog: Send + Sync {
+    /// (name, description) of every export; the default export has name "".
+    fn list(&self) -> Vec<(String, String)>;
+    /// Open an export for a connection.
+    fn open(&self, name: &str) -> Option<Arc<dyn Export>>;
+    /// A connection to `name` ended.
+    fn close(&self, _name: &str) {}
+}
