@@ -153,3 +153,14 @@ pub fn exercise(img: &[u8]) {
         let _ = md.commit(&mut || Ok(()));
     }
 }
+
+/// Feed arbitrary bytes to the NBD server side (handshake, options, requests) over
+/// an in-memory stream with two in-memory exports.
+pub fn nbd_client_bytes(data: &[u8]) {
+    use crate::nbd::mem::MemCatalog;
+    use crate::nbd::{serve_connection, ServerConfig};
+    let catalog = MemCatalog::new(&[("a", 1 << 20), ("b", 4096)]);
+    let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let mut input = data;
+    let _ = serve_connection(&mut input, out, &catalog, &ServerConfig { read_only: false, workers: 0 });
+}

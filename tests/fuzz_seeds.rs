@@ -87,3 +87,8 @@ fn the_unmutated_base_image_opens_and_audits_clean() {
     assert_eq!(md.device_ids(), vec![0, 1, 7]);
     md.audit().expect("audit");
 }
+
+#[test]
+fn nbd_server_target_survives_the_seed_corpus() {
+    assert!(run("nbd_client_bytes", fuzzing::nbd_client_bytes) > 10);
+}

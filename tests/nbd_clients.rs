@@ -221,6 +221,7 @@ fn fio_random_writes_verify_with_two_jobs() {
             "--verify=crc32c",
             "--do_verify=1",
             "--group_reporting",
+            "--verify_state_save=0",
         ],
     );
     assert!(out.contains("err= 0"), "{out}");

@@ -6,6 +6,7 @@
 //! before it is checked against the limits.
 
 pub mod export;
+pub mod mem;
 pub mod server;
 pub mod wire;
 

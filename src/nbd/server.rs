@@ -690,3 +690,49 @@ fn do_block_status<W: Write>(s: &Session, w: &Mutex<W>, req: &Request) -> io::Re
         ],
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::mem::MemCatalog;
+
+    fn opt(o: u32, data: &[u8]) -> Vec<u8> {
+        let mut v = wire::IHAVEOPT.to_be_bytes().to_vec();
+        v.extend_from_slice(&o.to_be_bytes());
+        v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        v.extend_from_slice(data);
+        v
+    }
+
+    #[test]
+    fn a_scripted_session_over_a_byte_stream_gets_the_expected_replies() {
+        let mut input = 3u32.to_be_bytes().to_vec();
+        let mut go = 1u32.to_be_bytes().to_vec();
+        go.extend_from_slice(b"a");
+        go.extend_from_slice(&0u16.to_be_bytes());
+        input.extend(opt(wire::OPT_GO, &go));
+        let w = wire::Request { flags: wire::CMD_FLAG_FUA, kind: wire::CMD_WRITE, cookie: 1, offset: 100, length: 4 };
+        input.extend_from_slice(&wire::encode_request(&w));
+        input.extend_from_slice(b"abcd");
+        let r = wire::Request { flags: 0, kind: wire::CMD_READ, cookie: 2, offset: 98, length: 8 };
+        input.extend_from_slice(&wire::encode_request(&r));
+        let d = wire::Request { flags: 0, kind: wire::CMD_DISC, cookie: 3, offset: 0, length: 0 };
+        input.extend_from_slice(&wire::encode_request(&d));
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let catalog = MemCatalog::new(&[("a", 1 << 20)]);
+        serve_connection(
+            &mut input.as_slice(),
+            Arc::clone(&out),
+            &catalog,
+            &ServerConfig { read_only: false, workers: 0 },
+        )
+        .expect("session");
+        let out = out.lock().expect("lock").clone();
+        // The last reply is the read: header with cookie 2, then the bytes.
+        let tail = &out[out.len() - 24..];
+        assert_eq!(&tail[..16], &wire::simple_reply(0, 2));
+        assert_eq!(&tail[16..], b"\0\0abcd\0\0");
+        // Before it, the write's reply with cookie 1.
+        assert_eq!(&out[out.len() - 40..out.len() - 24], &wire::simple_reply(0, 1));
+    }
+}
