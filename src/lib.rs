@@ -4,6 +4,7 @@
 
 pub mod btree;
 pub mod check;
+pub mod control;
 pub mod error;
 pub mod exports;
 pub mod format;
@@ -12,6 +13,7 @@ pub mod io;
 pub mod metadata;
 pub mod nbd;
 pub mod pool;
+pub mod serve;
 pub mod service;
 pub mod space_map;
 pub mod transaction;
