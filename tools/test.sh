@@ -26,6 +26,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# The kernel tests boot a qemu guest: install qemu-system and fetch the guest kernel
+# now, before any test runs (installing qemu-system swaps the qemu-utils version).
+echo "== guest for the kernel tests"
+tools/guest/build.sh >/dev/null
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings"

@@ -1,0 +1,307 @@
+//! The real Linux kernel as the peer, in a small qemu guest (tools/guest/):
+//!
+//! 1. The kernel's nbd client attaches a served thin device, makes an ext4 file
+//!    system, writes files; the host snapshots the device while it is mounted (the
+//!    guest freezes the file system around it); the snapshot, attached as a second
+//!    NBD device, holds exactly the files from before; fstrim on the origin gives
+//!    blocks back; both checkers accept the pool afterwards.
+//! 2. The kernel's dm-thin-pool activates a pool thinpool wrote and reads every
+//!    device with the bytes thinpool reads; then it writes and snapshots, and
+//!    thinpool reads what the kernel committed.
+//!
+//! The guest boots under TCG (no KVM needed); tools/guest/build.sh installs qemu and
+//! fetches Debian's cloud kernel when missing, and these tests fail if it cannot.
+
+use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
+use thinpool::exports::{ExportedDevice, PoolCatalog};
+use thinpool::io::FileStorage;
+use thinpool::nbd::{Server, ServerConfig};
+use thinpool::pool::{OpenOptions as PoolOpen, Pool};
+use thinpool::service::Service;
+
+const MIB: u64 = 1 << 20;
+const BS: u64 = 64 * 1024;
+
+fn run_guest(script: &str, disks: &[&Path]) -> String {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("test.sh");
+    std::fs::write(&path, script).expect("script");
+    let runner = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/guest/run.sh");
+    let t = Instant::now();
+    let out = Command::new(&runner)
+        .arg(&path)
+        .args(disks)
+        .env("VM_TIMEOUT", "900")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", runner.display()));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    eprintln!("guest ran for {:.1} s", t.elapsed().as_secs_f64());
+    for line in text.lines().skip_while(|l| !l.contains("== guest script start")) {
+        eprintln!("guest| {line}");
+    }
+    assert!(out.status.success(), "guest failed:\n{text}");
+    text
+}
+
+fn files(dir: &Path, meta: u64, data: u64) -> (PathBuf, PathBuf) {
+    let (m, d) = (dir.join("metadata"), dir.join("data"));
+    let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&m).expect("m");
+    f.set_len(meta).expect("len");
+    let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&d).expect("d");
+    f.set_len(data).expect("len");
+    (m, d)
+}
+
+fn open(m: &Path, d: &Path, read_only: bool) -> Pool {
+    let mf = OpenOptions::new().read(true).write(!read_only).open(m).expect("m");
+    let df = OpenOptions::new().read(true).write(!read_only).open(d).expect("d");
+    Pool::open(mf, df, PoolOpen { read_only }).expect("open pool")
+}
+
+fn checks_pass(m: &Path) {
+    let out =
+        Command::new("thin_check").arg(m).output().expect("thin_check not found: install thin-provisioning-tools");
+    assert!(out.status.success(), "thin_check: {}", String::from_utf8_lossy(&out.stderr));
+    let r =
+        thinpool::check::check(&FileStorage::new(std::fs::File::open(m).expect("m")).expect("storage")).expect("check");
+    assert!(r.is_clean(), "strict check: {:?}", r.problems.iter().map(|p| p.to_string()).collect::<Vec<_>>());
+}
+
+fn sha(p: &mut Pool, id: u32, size: u64) -> String {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; MIB as usize];
+    let mut off = 0;
+    while off < size {
+        let n = (size - off).min(MIB) as usize;
+        p.read(id, off, &mut buf[..n]).expect("read");
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+    format!("{:x}", h.finalize())
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    let mut x = 0x1234_5678u32 ^ seed as u32;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn the_kernel_mounts_a_served_device_and_a_live_snapshot_holds_the_files_from_before() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (m, d) = files(dir.path(), 16 * MIB, 1024 * MIB);
+    {
+        let mf = OpenOptions::new().read(true).write(true).open(&m).expect("m");
+        let df = OpenOptions::new().read(true).write(true).open(&d).expect("d");
+        let mut p = Pool::create(mf, df, 128).expect("create");
+        p.create_thin(0).expect("thin");
+        p.commit().expect("commit");
+    }
+    let service = Service::new(open(&m, &d, false));
+    let origin = ExportedDevice { name: "thin0".into(), id: 0, size: 256 * MIB };
+    let catalog = PoolCatalog::new(Arc::clone(&service), vec![origin.clone()], Some("thin0".into()), false);
+    let server = Server::bind("127.0.0.1:0", catalog.clone(), ServerConfig::default()).expect("bind");
+    let nbd_port = server.local_addr().expect("addr").port();
+    let stop = Arc::new(AtomicBool::new(false));
+    let committer = service.spawn_committer(std::time::Duration::from_secs(1), Arc::clone(&stop));
+    let s2 = Arc::clone(&stop);
+    let server_thread = std::thread::spawn(move || server.serve(s2).expect("serve"));
+
+    // The guest asks the host to act with one line over TCP.
+    let ctl = TcpListener::bind("127.0.0.1:0").expect("bind control");
+    let ctl_port = ctl.local_addr().expect("addr").port();
+    let (svc, cat) = (Arc::clone(&service), Arc::clone(&catalog));
+    let ctl_thread = std::thread::spawn(move || {
+        let mut snapshots = 0;
+        for conn in ctl.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut line = String::new();
+            if BufReader::new(&conn).read_line(&mut line).is_err() {
+                continue;
+            }
+            let reply = match line.trim() {
+                "snapshot" => {
+                    svc.with_pool(|p| {
+                        p.create_snap(1, 0)?;
+                        p.commit()
+                    })
+                    .expect("snapshot");
+                    snapshots += 1;
+                    cat.set_devices(
+                        vec![origin.clone(), ExportedDevice { name: "snap".into(), id: 1, size: 256 * MIB }],
+                        Some("thin0".into()),
+                    );
+                    "ok".to_string()
+                }
+                "mapped" => svc.with_pool(|p| p.meta().device_info(0).expect("info").mapped_blocks * BS).to_string(),
+                "done" => {
+                    let _ = conn.write_all(b"bye\n");
+                    return snapshots;
+                }
+                other => format!("unknown {other}"),
+            };
+            let _ = conn.write_all(format!("{reply}\n").as_bytes());
+        }
+        snapshots
+    });
+
+    let script = format!(
+        r#"
+H=10.0.2.2
+ask() {{ echo "$1" | nc $H {ctl_port}; }}
+/sbin/nbd-client $H {nbd_port} /dev/nbd0 -N thin0
+/sbin/mkfs.ext4 -q -F /dev/nbd0
+mkdir -p /mnt/o /mnt/s
+mount -t ext4 /dev/nbd0 /mnt/o
+dd if=/dev/urandom of=/mnt/o/a bs=1M count=6 2>/dev/null
+dd if=/dev/urandom of=/mnt/o/b bs=64k count=7 2>/dev/null
+echo hello > /mnt/o/small
+(cd /mnt/o && sha256sum a b small) > /tmp/before.sha
+sync
+/sbin/fsfreeze -f /mnt/o
+r=$(ask snapshot); echo "host: $r"; [ "$r" = ok ]
+/sbin/fsfreeze -u /mnt/o
+dd if=/dev/urandom of=/mnt/o/c bs=1M count=3 2>/dev/null
+echo changed > /mnt/o/small
+sync
+/sbin/nbd-client $H {nbd_port} /dev/nbd1 -N snap
+/sbin/e2fsck -fn /dev/nbd1
+mount -t ext4 -o ro /dev/nbd1 /mnt/s
+(cd /mnt/s && sha256sum -c /tmp/before.sha)
+[ ! -e /mnt/s/c ] && echo "snapshot has no c"
+[ -e /mnt/o/c ] && echo "origin has c"
+grep -q changed /mnt/o/small && grep -q hello /mnt/s/small && echo "small differs as expected"
+umount /mnt/s
+/sbin/nbd-client -d /dev/nbd1
+before=$(ask mapped)
+rm /mnt/o/a /mnt/o/c
+sync
+fstrim -v /mnt/o
+sync
+after=$(ask mapped)
+echo "mapped before $before after $after"
+[ "$after" -lt "$before" ]
+umount /mnt/o
+/sbin/nbd-client -d /dev/nbd0
+ask done
+echo GUEST-OK
+"#
+    );
+    let out = run_guest(&script, &[]);
+    assert!(out.contains("GUEST-OK"), "{out}");
+    assert!(out.contains("a: OK") && out.contains("b: OK") && out.contains("small: OK"), "{out}");
+    assert!(out.contains("snapshot has no c") && out.contains("small differs as expected"), "{out}");
+    assert_eq!(ctl_thread.join().expect("control"), 1);
+    stop.store(true, Ordering::Relaxed);
+    server_thread.join().expect("server");
+    committer.join().expect("committer");
+    drop(service);
+    drop(catalog);
+    checks_pass(&m);
+}
+
+#[test]
+fn the_kernel_reads_our_pools_and_we_read_what_the_kernel_wrote() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let data_size = 96 * MIB;
+    let (m, d) = files(dir.path(), 8 * MIB, data_size);
+    let sizes: [(u32, u64); 5] = [(0, 80 * MIB), (1, 80 * MIB), (2, 80 * MIB), (3, 8 * MIB), (5, 4 * MIB)];
+    let mut shas = Vec::new();
+    {
+        let mf = OpenOptions::new().read(true).write(true).open(&m).expect("m");
+        let df = OpenOptions::new().read(true).write(true).open(&d).expect("d");
+        let mut p = Pool::create(mf, df, 128).expect("create");
+        p.create_thin(0).expect("thin");
+        // More than a thousand mapped blocks, written out of order.
+        let data = pattern(1, (1100 * BS) as usize);
+        for i in 0..1100u64 {
+            let b = (i * 7) % 1100;
+            p.write(0, b * BS, &data[(b * BS) as usize..((b + 1) * BS) as usize]).expect("write");
+        }
+        p.commit().expect("commit");
+        p.create_snap(1, 0).expect("snap");
+        p.write(1, 3 * BS + 100, &pattern(2, 200_000)).expect("cow");
+        p.create_snap(2, 1).expect("snapshot of a snapshot");
+        p.discard(2, 10 * BS, 50 * BS).expect("discard");
+        p.write(0, 500 * BS - 7, &pattern(3, 70_000)).expect("write");
+        p.create_thin(3).expect("thin");
+        p.write(3, 12345, &pattern(4, 300_000)).expect("write");
+        p.create_thin(4).expect("thin");
+        p.write(4, 0, &pattern(5, 100_000)).expect("write");
+        p.delete(4).expect("delete");
+        p.create_thin(5).expect("thin");
+        p.metadata().set_transaction_id(0, 17).expect("txid");
+        p.commit().expect("commit");
+        for (id, size) in sizes {
+            shas.push((id, sha(&mut p, id, size)));
+        }
+        assert!(p.meta().device_info(0).expect("info").mapped_blocks > 1000);
+    }
+    checks_pass(&m);
+    let pool_sectors = data_size / 512;
+    let payload_path = dir.path().join("payload");
+    let payload = pattern(9, (2 * MIB) as usize);
+    std::fs::write(&payload_path, &payload).expect("payload");
+    let mut script = format!(
+        "/sbin/dmsetup create pool --table \"0 {pool_sectors} thin-pool /dev/vda /dev/vdb 128 0\"\n/sbin/dmsetup mknodes\n"
+    );
+    for (id, size) in sizes {
+        script += &format!("/sbin/dmsetup create thin{id} --table \"0 {} thin /dev/mapper/pool {id}\"\n", size / 512);
+    }
+    script += "/sbin/dmsetup mknodes\n";
+    for (id, _) in sizes {
+        script += &format!("echo \"SHA {id} $(sha256sum /dev/mapper/thin{id} | cut -d' ' -f1)\"\n");
+    }
+    // The kernel writes 2 MiB into device 3 at 1 MiB, then snapshots it as device 9.
+    script += "dd if=/dev/vdc of=/dev/mapper/thin3 bs=64k seek=16 count=32 oflag=direct 2>/dev/null\n";
+    script +=
+        "/sbin/dmsetup suspend thin3\n/sbin/dmsetup message pool 0 \"create_snap 9 3\"\n/sbin/dmsetup resume thin3\n";
+    script += "dd if=/dev/zero of=/dev/mapper/thin3 bs=64k seek=16 count=1 oflag=direct 2>/dev/null\n";
+    script += "/sbin/dmsetup message pool 0 \"set_transaction_id 17 18\"\n";
+    for (id, _) in sizes {
+        script += &format!("/sbin/dmsetup remove thin{id}\n");
+    }
+    script += "/sbin/dmsetup remove pool\necho KERNEL-DONE\n";
+    let out = run_guest(&script, &[&m, &d, &payload_path]);
+    assert!(out.contains("KERNEL-DONE"), "{out}");
+    for (id, want) in &shas {
+        let line = format!("SHA {id} {want}");
+        assert!(out.contains(&line), "the kernel read device {id} differently; wanted {line}\n{out}");
+    }
+    // Back on the host: the kernel's commit opens and passes both checkers.
+    checks_pass(&m);
+    let mut p = open(&m, &d, true);
+    assert_eq!(p.meta().transaction_id(), 18);
+    assert_eq!(p.meta().device_ids(), vec![0, 1, 2, 3, 5, 9]);
+    let mut want3 = vec![0u8; (8 * MIB) as usize];
+    want3[12345..12345 + 300_000].copy_from_slice(&pattern(4, 300_000));
+    want3[MIB as usize..(3 * MIB) as usize].copy_from_slice(&payload);
+    let mut snap = vec![0u8; (8 * MIB) as usize];
+    p.read(9, 0, &mut snap).expect("read snapshot");
+    assert!(snap == want3, "device 9 (the kernel's snapshot) differs");
+    want3[MIB as usize..(MIB + BS) as usize].fill(0);
+    let mut got3 = vec![0u8; (8 * MIB) as usize];
+    p.read(3, 0, &mut got3).expect("read");
+    assert!(got3 == want3, "device 3 (written by the kernel) differs");
+    for (id, want) in &shas {
+        if *id != 3 {
+            let size = sizes.iter().find(|s| s.0 == *id).expect("size").1;
+            assert_eq!(&sha(&mut p, *id, size), want, "device {id} changed");
+        }
+    }
+}
