@@ -404,15 +404,7 @@ impl Metadata {
             return Err(PoolError::DeviceExists(id));
         }
         let root = btree::empty(&mut self.t, Values::Mapping)?;
-        self.mapping_root = btree::insert(
-            &mut self.t,
-            self.mapping_root,
-            id as u64,
-            &root.to_le_bytes(),
-            Values::Subtrees,
-            Replace::Raw,
-        )?
-        .root;
+        self.set_top_level(id, root)?;
         let details = DeviceDetails {
             mapped_blocks: 0,
             transaction_id: self.trans_id,
@@ -437,15 +429,7 @@ impl Metadata {
             return Err(PoolError::TimeExhausted);
         }
         self.t.meta.inc(o.root)?;
-        self.mapping_root = btree::insert(
-            &mut self.t,
-            self.mapping_root,
-            id as u64,
-            &o.root.to_le_bytes(),
-            Values::Subtrees,
-            Replace::Raw,
-        )?
-        .root;
+        self.set_top_level(id, o.root)?;
         self.time += 1;
         let details = DeviceDetails {
             mapped_blocks: o.details.mapped_blocks,
@@ -469,15 +453,7 @@ impl Metadata {
         let id = Self::check_id(id)?;
         let d = self.dev(id)?.clone();
         if d.root != d.root_in_tree {
-            self.mapping_root = btree::insert(
-                &mut self.t,
-                self.mapping_root,
-                id as u64,
-                &d.root.to_le_bytes(),
-                Values::Subtrees,
-                Replace::Raw,
-            )?
-            .root;
+            self.set_top_level(id, d.root)?;
         }
         self.mapping_root = btree::remove(&mut self.t, self.mapping_root, id as u64, Values::Subtrees)?.0;
         self.details_root = btree::remove(&mut self.t, self.details_root, id as u64, DETAILS)?.0;
@@ -540,19 +516,26 @@ impl Metadata {
         Ok(out)
     }
 
+    /// Point the top-level entry of `id` at `root`, handing over the reference the
+    /// caller holds (no count changes for the old value: it was moved already).
+    fn set_top_level(&mut self, id: DevId, root: u64) -> Result<(), PoolError> {
+        self.mapping_root = btree::insert(
+            &mut self.t,
+            self.mapping_root,
+            id as u64,
+            &root.to_le_bytes(),
+            Values::Subtrees,
+            Replace::Raw,
+        )?
+        .root;
+        Ok(())
+    }
+
     fn touch(&mut self, id: DevId) -> Result<u64, PoolError> {
         let d = self.devices.get(&id).ok_or(PoolError::NoSuchDevice(id))?;
         let root = d.root;
         if !d.touched {
-            self.mapping_root = btree::insert(
-                &mut self.t,
-                self.mapping_root,
-                id as u64,
-                &root.to_le_bytes(),
-                Values::Subtrees,
-                Replace::Raw,
-            )?
-            .root;
+            self.set_top_level(id, root)?;
             if let Some(d) = self.devices.get_mut(&id) {
                 d.touched = true;
             }
@@ -750,15 +733,7 @@ impl Metadata {
                 .root;
             }
             if d.root != d.root_in_tree {
-                self.mapping_root = btree::insert(
-                    &mut self.t,
-                    self.mapping_root,
-                    id as u64,
-                    &d.root.to_le_bytes(),
-                    Values::Subtrees,
-                    Replace::Raw,
-                )?
-                .root;
+                self.set_top_level(id, d.root)?;
             }
             if let Some(d) = self.devices.get_mut(&id) {
                 d.details_dirty = false;

@@ -3,9 +3,10 @@
 //! the previous sync reaching the disk. Every such image must open, pass Debian's
 //! `thin_check`, and hold exactly the last committed state or the one being committed.
 
+mod common;
+
 use std::fs::OpenOptions;
 use std::path::Path;
-use std::process::Command;
 
 use thinpool::error::PoolError;
 use thinpool::io::{CrashImage, CrashStorage, FileStorage};
@@ -55,18 +56,6 @@ fn snapshot_state(p: &mut Pool) -> State {
             (id, buf)
         })
         .collect()
-}
-
-fn thin_check(path: &Path) -> Result<(), String> {
-    let out = Command::new("thin_check")
-        .arg(path)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run thin_check ({e}): install thin-provisioning-tools"));
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
 }
 
 #[test]
@@ -150,9 +139,7 @@ fn check_crash(dir: &Path, image: &CrashImage, candidates: &[State]) {
             assert!(candidates == [Vec::new()], "a formatted pool lost its superblock");
             continue;
         }
-        thin_check(&meta_path).unwrap_or_else(|e| panic!("thin_check after a crash (keep {keep} of {n}): {e}"));
-        let report = thinpool::check::check(&thinpool::io::SliceStorage::new(&bytes)).expect("check runs");
-        assert!(report.is_clean(), "strict check after a crash (keep {keep} of {n}): {:?}", report.problems);
+        common::checks(&meta_path).unwrap_or_else(|e| panic!("after a crash (keep {keep} of {n}): {e}"));
         let m = OpenOptions::new().read(true).open(&meta_path).expect("m");
         let d = OpenOptions::new().read(true).open(dir.join("data")).expect("d");
         let storage = FileStorage::new(m).expect("storage");

@@ -1,37 +1,22 @@
-//! End-to-end engine checks over real files, judged by Debian's thin_check.
+//! End-to-end engine checks over real files, judged by Debian's thin_check and the
+//! strict checker.
 
-use std::fs::OpenOptions;
+mod common;
+
 use std::path::Path;
-use std::process::Command;
 
-use thinpool::pool::{OpenOptions as PoolOpen, Pool};
+use thinpool::pool::Pool;
 
 fn files(dir: &Path, meta_mib: u64, data_mib: u64) -> (std::fs::File, std::fs::File) {
-    let m =
-        OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.join("metadata")).expect("meta");
-    m.set_len(meta_mib << 20).expect("len");
-    let d = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.join("data")).expect("data");
-    d.set_len(data_mib << 20).expect("len");
-    (m, d)
+    common::pool_files(dir, meta_mib << 20, data_mib << 20)
 }
 
 fn reopen(dir: &Path) -> Pool {
-    let m = OpenOptions::new().read(true).write(true).open(dir.join("metadata")).expect("meta");
-    let d = OpenOptions::new().read(true).write(true).open(dir.join("data")).expect("data");
-    Pool::open(m, d, PoolOpen::default()).expect("open")
+    common::open_pool(dir, false)
 }
 
 fn thin_check(path: &Path) {
-    let out = Command::new("thin_check")
-        .arg(path)
-        .output()
-        .unwrap_or_else(|e| panic!("thin_check not runnable ({e}): install thin-provisioning-tools"));
-    assert!(
-        out.status.success(),
-        "thin_check failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_checks_pass(path);
 }
 
 fn pattern(dev: u32, off: u64, len: usize) -> Vec<u8> {

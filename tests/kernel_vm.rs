@@ -12,6 +12,8 @@
 //! The guest boots under TCG (no KVM needed); tools/guest/build.sh installs qemu and
 //! fetches Debian's cloud kernel when missing, and these tests fail if it cannot.
 
+mod common;
+
 use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -23,7 +25,6 @@ use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 use thinpool::exports::{ExportedDevice, PoolCatalog};
-use thinpool::io::FileStorage;
 use thinpool::nbd::{Server, ServerConfig};
 use thinpool::pool::{OpenOptions as PoolOpen, Pool};
 use thinpool::service::Service;
@@ -68,12 +69,7 @@ fn open(m: &Path, d: &Path, read_only: bool) -> Pool {
 }
 
 fn checks_pass(m: &Path) {
-    let out =
-        Command::new("thin_check").arg(m).output().expect("thin_check not found: install thin-provisioning-tools");
-    assert!(out.status.success(), "thin_check: {}", String::from_utf8_lossy(&out.stderr));
-    let r =
-        thinpool::check::check(&FileStorage::new(std::fs::File::open(m).expect("m")).expect("storage")).expect("check");
-    assert!(r.is_clean(), "strict check: {:?}", r.problems.iter().map(|p| p.to_string()).collect::<Vec<_>>());
+    common::assert_checks_pass(m);
 }
 
 fn sha(p: &mut Pool, id: u32, size: u64) -> String {

@@ -17,11 +17,12 @@
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::path::Path;
-use std::process::Command;
+
+mod common;
 
 use proptest::prelude::*;
 use thinpool::error::PoolError;
-use thinpool::pool::{OpenOptions as PoolOpen, Pool};
+use thinpool::pool::Pool;
 
 const BS: u64 = 64 * 1024;
 const DEV_BLOCKS: u64 = 12;
@@ -68,33 +69,7 @@ fn pattern(seed: u8, off: u64, len: u64) -> Vec<u8> {
 type Model = BTreeMap<u32, Vec<u8>>;
 
 fn open(dir: &Path) -> Pool {
-    let m = OpenOptions::new().read(true).write(true).open(dir.join("metadata")).expect("metadata");
-    let d = OpenOptions::new().read(true).write(true).open(dir.join("data")).expect("data");
-    Pool::open(m, d, PoolOpen::default()).expect("reopen")
-}
-
-fn thin_check(path: &Path) -> Result<(), String> {
-    let out = Command::new("thin_check")
-        .arg(path)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run thin_check ({e}): install thin-provisioning-tools"));
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-    }
-}
-
-/// The strict checker (reference counts of both space maps, leaks included).
-fn strict_check(path: &Path) -> Result<(), String> {
-    let s = thinpool::io::FileStorage::new(std::fs::File::open(path).map_err(|e| e.to_string())?)
-        .map_err(|e| e.to_string())?;
-    let r = thinpool::check::check(&s).map_err(|e| e.to_string())?;
-    if r.is_clean() {
-        Ok(())
-    } else {
-        Err(r.problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))
-    }
+    common::open_pool(dir, false)
 }
 
 fn read_dev(p: &mut Pool, id: u32) -> Vec<u8> {
@@ -193,8 +168,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 pool.commit().expect("commit");
                 committed = model.clone();
                 since_commit.clear();
-                thin_check(&dir.path().join("metadata")).map_err(TestCaseError::fail)?;
-                strict_check(&dir.path().join("metadata")).map_err(TestCaseError::fail)?;
+                common::checks(&dir.path().join("metadata")).map_err(TestCaseError::fail)?;
                 verify_all(&mut pool, &model)?;
             }
             Op::Reopen => {
@@ -207,7 +181,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
             Op::Crash => {
                 drop(pool);
-                strict_check(&dir.path().join("metadata")).map_err(TestCaseError::fail)?;
+                common::checks(&dir.path().join("metadata")).map_err(TestCaseError::fail)?;
                 pool = open(dir.path());
                 model = committed.clone();
                 let ids: Vec<u32> = pool.meta().device_ids();
@@ -238,8 +212,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         pool.metadata().audit().map_err(TestCaseError::fail)?;
     }
     pool.commit().expect("commit");
-    thin_check(&dir.path().join("metadata")).map_err(TestCaseError::fail)?;
-    strict_check(&dir.path().join("metadata")).map_err(TestCaseError::fail)?;
+    common::checks(&dir.path().join("metadata")).map_err(TestCaseError::fail)?;
     verify_all(&mut pool, &model)?;
     // Leak check: deleting every device returns the pool to its empty baseline.
     for id in model.keys() {

@@ -1,8 +1,9 @@
 //! Debian's `thin_dump` reads the mappings thinpool wrote, exactly.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
-use std::process::Command;
 
 use thinpool::pool::Pool;
 
@@ -76,12 +77,7 @@ fn thin_dump_lists_exactly_the_mappings_the_engine_made() {
     let status = p.meta().status();
     drop(p);
 
-    let out = Command::new("thin_dump")
-        .arg(&mpath)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run thin_dump ({e}): install thin-provisioning-tools"));
-    assert!(out.status.success(), "thin_dump failed: {}", String::from_utf8_lossy(&out.stderr));
-    let (sb, got) = parse_dump(&String::from_utf8_lossy(&out.stdout));
+    let (sb, got) = parse_dump(&common::thin_dump(&mpath));
     assert_eq!(sb["transaction"], "42");
     assert_eq!(sb["time"], "2");
     assert_eq!(sb["data_block_size"], "128");

@@ -87,3 +87,51 @@ pub fn thin_dump(path: &Path) -> String {
     assert!(out.status.success(), "thin_dump failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Debian's thin_check and the strict checker, both: Ok, or what they reported.
+pub fn checks(path: &Path) -> Result<(), String> {
+    let (ok, out) = thin_check(path);
+    if !ok {
+        return Err(format!("thin_check: {out}"));
+    }
+    let storage =
+        thinpool::io::FileStorage::new(File::open(path).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    let r = thinpool::check::check(&storage).map_err(|e| e.to_string())?;
+    if r.is_clean() {
+        Ok(())
+    } else {
+        Err(format!("strict check: {}", r.problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ")))
+    }
+}
+
+/// Panic unless both checkers accept the metadata file.
+pub fn assert_checks_pass(path: &Path) {
+    if let Err(e) = checks(path) {
+        panic!("{}: {e}", path.display());
+    }
+}
+
+/// Create (truncating) `dir/metadata` and `dir/data` of the given sizes, open read-write.
+pub fn pool_files(dir: &Path, metadata_bytes: u64, data_bytes: u64) -> (File, File) {
+    let open = |name: &str, len: u64| {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join(name))
+            .expect("create pool file");
+        f.set_len(len).expect("set_len");
+        f
+    };
+    (open("metadata", metadata_bytes), open("data", data_bytes))
+}
+
+/// Open the pool in `dir` (files `metadata` and `data`).
+pub fn open_pool(dir: &Path, read_only: bool) -> thinpool::pool::Pool {
+    let open = |name: &str| {
+        std::fs::OpenOptions::new().read(true).write(!read_only).open(dir.join(name)).expect("open pool file")
+    };
+    thinpool::pool::Pool::open(open("metadata"), open("data"), thinpool::pool::OpenOptions { read_only })
+        .expect("open pool")
+}
