@@ -13,6 +13,7 @@ pub mod io;
 pub mod metadata;
 pub mod nbd;
 pub mod pool;
+pub mod pooldir;
 pub mod serve;
 pub mod service;
 pub mod space_map;

@@ -1,0 +1,226 @@
+//! The command tree. The pool directory comes first and may be left out everywhere
+//! (default `./thinpool`), so each command takes its positional arguments as one list
+//! and [`split_dir`] tells the directory from the rest by counting.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::units::{parse_id_size, parse_size};
+
+/// Manage thinpool pools: thin provisioning in userspace with Linux dm-thin metadata.
+///
+/// A pool is a directory (DIR, default ./thinpool) holding the dm-thin `metadata`,
+/// the `data` file and `pool.toml` (device names and sizes). SIZE accepts bytes or a
+/// binary unit: 512, 64k, 64KiB, 1G, 10GiB (k, M, G, T, P are powers of 1024;
+/// `s` is 512-byte sectors). Exit status: 0 done, 1 failed, 2 usage error.
+#[derive(Debug, Parser)]
+#[command(name = "thinctl", version, max_term_width = 100)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Create or adopt a pool.
+    #[command(subcommand)]
+    Pool(PoolCmd),
+    /// Create an empty thin device.
+    #[command(override_usage = "thinctl create [DIR] NAME --size SIZE [--id ID]")]
+    Create {
+        #[arg(value_name = "DIR_NAME", num_args = 1..=2, required = true)]
+        args: Vec<OsString>,
+        /// Virtual size.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// Device id (default: the lowest free id).
+        #[arg(long)]
+        id: Option<u32>,
+    },
+    /// Snapshot a thin device or a snapshot (O(1); shares every block).
+    #[command(override_usage = "thinctl snapshot [DIR] ORIGIN NAME [--id ID]")]
+    Snapshot {
+        #[arg(value_name = "DIR_ORIGIN_NAME", num_args = 2..=3, required = true)]
+        args: Vec<OsString>,
+        /// Device id (default: the lowest free id).
+        #[arg(long)]
+        id: Option<u32>,
+    },
+    /// Delete a device (its snapshots keep their data).
+    #[command(override_usage = "thinctl delete [DIR] NAME")]
+    Delete {
+        #[arg(value_name = "DIR_NAME", num_args = 1..=2, required = true)]
+        args: Vec<OsString>,
+    },
+    /// Unmap the whole blocks of a byte range (the whole device by default).
+    #[command(override_usage = "thinctl discard [DIR] NAME [--offset BYTES] [--length BYTES]")]
+    Discard {
+        #[arg(value_name = "DIR_NAME", num_args = 1..=2, required = true)]
+        args: Vec<OsString>,
+        /// Start of the range (bytes or SIZE).
+        #[arg(long, value_parser = parse_size)]
+        offset: Option<u64>,
+        /// Length of the range (default: to the end of the device).
+        #[arg(long, value_parser = parse_size)]
+        length: Option<u64>,
+    },
+    /// Grow or shrink a device's virtual size (shrinking discards what is cut off).
+    #[command(override_usage = "thinctl resize [DIR] NAME --size SIZE")]
+    Resize {
+        #[arg(value_name = "DIR_NAME", num_args = 1..=2, required = true)]
+        args: Vec<OsString>,
+        /// New virtual size.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// Make a device's content equal to a raw image (all-zero blocks end up unmapped).
+    #[command(override_usage = "thinctl import [DIR] NAME FILE [--create]")]
+    Import {
+        #[arg(value_name = "DIR_NAME_FILE", num_args = 2..=3, required = true)]
+        args: Vec<OsString>,
+        /// Create NAME (sized to the image) when it does not exist.
+        #[arg(long)]
+        create: bool,
+    },
+    /// Write a device's raw bytes to FILE (holes for unmapped blocks) or `-` (stdout).
+    #[command(override_usage = "thinctl export [DIR] NAME FILE|-")]
+    Export {
+        #[arg(value_name = "DIR_NAME_FILE", num_args = 2..=3, required = true)]
+        args: Vec<OsString>,
+    },
+    /// List devices: name, id, size, mapped and exclusive bytes, creation, origin.
+    Ls {
+        /// The pool directory.
+        dir: Option<PathBuf>,
+        /// Print JSON: {"devices": [{"name", "id", "size_bytes", "mapped_bytes",
+        /// "exclusive_bytes", "creation_time", "snapshot_of", ...}]}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pool status, like `dmsetup status` of a thin-pool.
+    Status {
+        /// The pool directory.
+        dir: Option<PathBuf>,
+        /// Print JSON: {"transaction_id", "metadata_used_blocks", "metadata_total_blocks",
+        /// "data_used_blocks", "data_total_blocks", "data_block_size_bytes", "mode",
+        /// "held_root", ...}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the metadata strictly (exit 0 only when it is consistent).
+    Check {
+        /// The pool directory.
+        dir: Option<PathBuf>,
+    },
+    /// Print the metadata as XML in thin_dump's format (thin_restore reads it).
+    Dump {
+        /// The pool directory.
+        dir: Option<PathBuf>,
+    },
+    /// Build fresh metadata from thin_dump XML read from standard input.
+    Restore(RestoreArgs),
+    /// Serve every device over NBD (export name = device name) until SIGINT/SIGTERM;
+    /// changes reach the served pool through DIR/control.sock.
+    Serve {
+        /// The pool directory.
+        dir: Option<PathBuf>,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:10809")]
+        listen: String,
+        /// Refuse writes and changes.
+        #[arg(long)]
+        read_only: bool,
+        /// Commit period for writes no client flushed, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        commit_interval_ms: u64,
+        /// Worker threads per connection.
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The pool directory (new, or holding only a data file; with --force an existing pool).
+    pub dir: Option<PathBuf>,
+    /// Read the XML from FILE instead of standard input.
+    #[arg(short, long, value_name = "FILE")]
+    pub input: Option<PathBuf>,
+    /// Replace the metadata of an existing pool.
+    #[arg(long)]
+    pub force: bool,
+    /// Metadata file size for a new pool (default: 48 bytes per data block, 2 MiB..16 GiB).
+    #[arg(long, value_parser = parse_size)]
+    pub metadata_size: Option<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PoolCmd {
+    /// Create a pool: sparse data file, formatted metadata, pool.toml.
+    Create {
+        /// The pool directory (must not exist or be empty).
+        dir: Option<PathBuf>,
+        /// Data size (a sparse file) [default: 1GiB].
+        #[arg(long, value_parser = parse_size)]
+        data_size: Option<u64>,
+        /// Data block size: a multiple of 64KiB up to 1GiB [default: 64KiB].
+        #[arg(long, value_parser = parse_size)]
+        block_size: Option<u64>,
+        /// Metadata size [default: 48 bytes per data block, at least 2MiB, at most 16GiB].
+        #[arg(long, value_parser = parse_size)]
+        metadata_size: Option<u64>,
+    },
+    /// Take an existing dm-thin metadata/data pair (kernel or LVM) without changing it
+    /// until the first write.
+    Adopt {
+        /// The pool directory to create (holds only pool.toml).
+        dir: Option<PathBuf>,
+        /// The dm-thin metadata file.
+        #[arg(long, value_name = "FILE")]
+        metadata: PathBuf,
+        /// The data file.
+        #[arg(long, value_name = "FILE")]
+        data: PathBuf,
+        /// Virtual size of device ID (repeat for each device; default: up to its
+        /// highest mapped block).
+        #[arg(long = "size", value_name = "ID=SIZE", value_parser = parse_id_size)]
+        sizes: Vec<(u32, u64)>,
+    },
+}
+
+/// The default pool directory.
+pub fn default_dir() -> PathBuf {
+    PathBuf::from(thinpool::pooldir::DEFAULT_DIR)
+}
+
+/// Split positional arguments into the pool directory (present when there are more
+/// than `rest` of them) and the others.
+pub fn split_dir(mut args: Vec<OsString>, rest: usize) -> (PathBuf, Vec<OsString>) {
+    if args.len() > rest {
+        let dir = args.remove(0);
+        (PathBuf::from(dir), args)
+    } else {
+        (default_dir(), args)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_tree_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_pool_directory_is_optional() {
+        let (d, r) = split_dir(vec!["web".into()], 1);
+        assert_eq!((d, r), (default_dir(), vec![OsString::from("web")]));
+        let (d, r) = split_dir(vec!["p".into(), "web".into()], 1);
+        assert_eq!((d, r), (PathBuf::from("p"), vec![OsString::from("web")]));
+    }
+}

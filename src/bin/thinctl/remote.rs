@@ -1,0 +1,181 @@
+//! A served pool: `thinctl serve`, and commands sent to its control socket.
+//!
+//! While `thinctl serve DIR` runs it holds the pool's exclusive lock, so the other
+//! commands cannot open the files. Instead `create`, `snapshot`, `delete`,
+//! `discard`, `resize`, `ls` and `status` find `DIR/control.sock`, send their
+//! command line (without the program name and DIR) to the server, which runs it on
+//! the pool it holds, and print the server's answer. A socket file nobody answers on
+//! (left by a crash) is ignored. The other commands say the pool is busy.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use clap::Parser;
+use thinpool::control::{self, Handler, Reply};
+use thinpool::exports::ExportedDevice;
+use thinpool::pool::Pool;
+use thinpool::pooldir::{Access, PoolChange, PoolDir};
+use thinpool::serve::{self, DeviceList};
+use thinpool::service::Service;
+
+use crate::cli::{Cli, Cmd};
+use crate::commands::{as_change, describe, ls_output, open_pool, outcome_line, status_output};
+use crate::{msg, CliError, CliResult};
+
+/// Name of the control socket inside a pool directory.
+pub const CONTROL_SOCKET: &str = "control.sock";
+
+/// The command line a change is sent as.
+pub fn change_argv(change: &PoolChange) -> Vec<String> {
+    let mut v: Vec<String> = Vec::new();
+    let opt = |v: &mut Vec<String>, name: &str, value: Option<String>| {
+        if let Some(x) = value {
+            v.push(format!("--{name}"));
+            v.push(x);
+        }
+    };
+    match change {
+        PoolChange::Create { name, size_bytes, id } => {
+            v.extend(["create".into(), name.clone()]);
+            opt(&mut v, "size", Some(size_bytes.to_string()));
+            opt(&mut v, "id", id.map(|i| i.to_string()));
+        }
+        PoolChange::Snapshot { origin, name, id } => {
+            v.extend(["snapshot".into(), origin.clone(), name.clone()]);
+            opt(&mut v, "id", id.map(|i| i.to_string()));
+        }
+        PoolChange::Delete { name } => v.extend(["delete".into(), name.clone()]),
+        PoolChange::Discard { name, offset, length } => {
+            v.extend(["discard".into(), name.clone()]);
+            opt(&mut v, "offset", offset.map(|o| o.to_string()));
+            opt(&mut v, "length", length.map(|l| l.to_string()));
+        }
+        PoolChange::Resize { name, size_bytes } => {
+            v.extend(["resize".into(), name.clone()]);
+            opt(&mut v, "size", Some(size_bytes.to_string()));
+        }
+    }
+    v
+}
+
+/// Send `argv` to the server of `dir` when one runs: prints its answer and returns
+/// true (or its failure), or returns false when no server answers.
+pub fn forward(dir: &Path, argv: &[String]) -> CliResult<bool> {
+    let sock = dir.join(CONTROL_SOCKET);
+    if !sock.exists() {
+        return Ok(false);
+    }
+    match control::call(&sock, argv) {
+        Ok(reply) => {
+            print!("{}", reply.stdout);
+            eprint!("{}", reply.stderr);
+            if reply.code == 0 {
+                Ok(true)
+            } else {
+                Err(CliError::Exit(reply.code))
+            }
+        }
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound) => Ok(false),
+        Err(e) => Err(msg(format!("the server of pool {} did not answer on {}: {e}", dir.display(), sock.display()))),
+    }
+}
+
+/// Run a command line received on the control socket against the served pool.
+pub fn handle(service: &Service, pd: &Mutex<PoolDir>, dir: &Path, read_only: bool, argv: Vec<String>) -> Reply {
+    let cli = match Cli::try_parse_from(std::iter::once("thinctl".to_string()).chain(argv)) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let text = e.to_string();
+            return if code == 0 {
+                Reply { code, stdout: text, stderr: String::new() }
+            } else {
+                Reply { code, stdout: String::new(), stderr: text }
+            };
+        }
+    };
+    let mut pd = pd.lock().unwrap_or_else(PoisonError::into_inner);
+    let result: CliResult<String> = match cli.cmd {
+        Cmd::Ls { json, .. } => service.with_pool(|pool| ls_output(dir, &pd, pool, json)),
+        Cmd::Status { json, .. } => service.with_pool(|pool| status_output(dir, &pd, pool, json, true)),
+        cmd => match as_change(cmd) {
+            Ok(Ok((_, change))) => {
+                if read_only {
+                    Err(msg(format!("pool {} is served read-only: it cannot be changed", dir.display())))
+                } else {
+                    apply(service, &mut pd, &change)
+                }
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(msg(format!(
+                "pool {} is busy: a server holds it; only create, snapshot, delete, discard, resize, ls and status go through its control socket (stop the server for the others)",
+                dir.display()
+            ))),
+        },
+    };
+    match result {
+        Ok(stdout) => Reply { code: 0, stdout, stderr: String::new() },
+        Err(CliError::Exit(code)) => Reply { code, stdout: String::new(), stderr: String::new() },
+        Err(e) => Reply { code: 1, stdout: String::new(), stderr: format!("error: {}\n", describe(&e)) },
+    }
+}
+
+fn apply(service: &Service, pd: &mut PoolDir, change: &PoolChange) -> CliResult<String> {
+    if let PoolChange::Delete { name } = change {
+        let id = pd.device(name)?.id;
+        let clients = service.attached(id);
+        if clients > 0 {
+            return Err(msg(format!(
+                "device \"{name}\" is attached by {clients} NBD client(s); disconnect them before deleting it"
+            )));
+        }
+    }
+    service.with_pool(|pool: &mut Pool| {
+        let outcome = pd.apply(pool, change)?;
+        Ok(format!("{}\n", outcome_line(change, outcome, pool.block_bytes())))
+    })
+}
+
+/// `thinctl serve`: serve every device of the pool over NBD (export name = device
+/// name) until SIGINT or SIGTERM, with the control socket at `DIR/control.sock`.
+pub fn serve(dir: &Path, listen: String, read_only: bool, commit_interval_ms: u64, workers: usize) -> CliResult {
+    let (pd, pool) = open_pool(dir, Access::Write)?;
+    let service = Service::new(pool);
+    let pd = Arc::new(Mutex::new(pd));
+    let devices: DeviceList = {
+        let pd = Arc::clone(&pd);
+        Arc::new(move || {
+            let g = pd.lock().unwrap_or_else(PoisonError::into_inner);
+            let list = g
+                .devices()
+                .map(|(n, e)| ExportedDevice { name: n.to_string(), id: e.id, size: e.size_bytes })
+                .collect();
+            (list, None)
+        })
+    };
+    let handler: Handler = {
+        let (service, pd, dir) = (Arc::clone(&service), Arc::clone(&pd), dir.to_path_buf());
+        Arc::new(move |argv| handle(&service, &pd, &dir, read_only, argv))
+    };
+    let opts = serve::Options {
+        listen,
+        read_only,
+        commit_interval: Duration::from_millis(commit_interval_ms.max(1)),
+        workers: workers.max(1),
+    };
+    let sock: PathBuf = dir.join(CONTROL_SOCKET);
+    let stop = Arc::new(AtomicBool::new(false));
+    serve::run(service, devices, &opts, Some((sock.clone(), handler)), stop, |addr| {
+        println!(
+            "serving pool {} on nbd://{addr}/NAME{}; control socket {}",
+            dir.display(),
+            if read_only { " (read-only)" } else { "" },
+            sock.display()
+        );
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    })
+    .map_err(|e| msg(format!("cannot serve pool {}: {e}", dir.display())))
+}
