@@ -1,10 +1,12 @@
 //! The real Linux kernel as the peer, in a small qemu guest (tools/guest/):
 //!
-//! 1. The kernel's nbd client attaches a served thin device, makes an ext4 file
-//!    system, writes files; the host snapshots the device while it is mounted (the
-//!    guest freezes the file system around it); the snapshot, attached as a second
-//!    NBD device, holds exactly the files from before; fstrim on the origin gives
-//!    blocks back; both checkers accept the pool afterwards.
+//! 1. `thinctl serve` serves a pool; the kernel's nbd client attaches a device, makes
+//!    an ext4 file system, writes files; `thinctl snapshot` (through the server's
+//!    control socket) snapshots the device while it is mounted (the guest freezes the
+//!    file system around it); the snapshot, attached as a second NBD device, holds
+//!    exactly the files from before; fstrim on the origin gives blocks back (`thinctl
+//!    ls` shows mapped bytes fall); SIGTERM stops the server cleanly and both
+//!    checkers accept the pool.
 //! 2. The kernel's dm-thin-pool activates a pool thinpool wrote and reads every
 //!    device with the bytes thinpool reads; then it writes and snapshots, and
 //!    thinpool reads what the kernel committed.
@@ -19,15 +21,10 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
 use sha2::{Digest, Sha256};
-use thinpool::exports::{ExportedDevice, PoolCatalog};
-use thinpool::nbd::{Server, ServerConfig};
 use thinpool::pool::{OpenOptions as PoolOpen, Pool};
-use thinpool::service::Service;
 
 const MIB: u64 = 1 << 20;
 const BS: u64 = 64 * 1024;
@@ -97,31 +94,50 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
         .collect()
 }
 
+fn thinctl(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_thinctl")).args(args).output().expect("run thinctl");
+    assert!(
+        out.status.success(),
+        "thinctl {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn mapped_bytes(dir: &str, name: &str) -> u64 {
+    let ls: serde_json::Value = serde_json::from_str(&thinctl(&["ls", dir, "--json"])).expect("ls json");
+    ls["devices"]
+        .as_array()
+        .expect("devices")
+        .iter()
+        .find(|d| d["name"] == name)
+        .and_then(|d| d["mapped_bytes"].as_u64())
+        .expect("mapped_bytes")
+}
+
 #[test]
 fn the_kernel_mounts_a_served_device_and_a_live_snapshot_holds_the_files_from_before() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let (m, d) = files(dir.path(), 16 * MIB, 1024 * MIB);
-    {
-        let mf = OpenOptions::new().read(true).write(true).open(&m).expect("m");
-        let df = OpenOptions::new().read(true).write(true).open(&d).expect("d");
-        let mut p = Pool::create(mf, df, 128).expect("create");
-        p.create_thin(0).expect("thin");
-        p.commit().expect("commit");
-    }
-    let service = Service::new(open(&m, &d, false));
-    let origin = ExportedDevice { name: "thin0".into(), id: 0, size: 256 * MIB };
-    let catalog = PoolCatalog::new(Arc::clone(&service), vec![origin.clone()], Some("thin0".into()), false);
-    let server = Server::bind("127.0.0.1:0", catalog.clone(), ServerConfig::default()).expect("bind");
-    let nbd_port = server.local_addr().expect("addr").port();
-    let stop = Arc::new(AtomicBool::new(false));
-    let committer = service.spawn_committer(std::time::Duration::from_secs(1), Arc::clone(&stop));
-    let s2 = Arc::clone(&stop);
-    let server_thread = std::thread::spawn(move || server.serve(s2).expect("serve"));
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("pool");
+    let d = dir.to_str().expect("utf8 path").to_string();
+    thinctl(&["pool", "create", &d, "--data-size", "1G"]);
+    thinctl(&["create", &d, "thin0", "--size", "256M"]);
+    let nbd_port = TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_thinctl"))
+        .args(["serve", &d, "--listen", &format!("127.0.0.1:{nbd_port}")])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("thinctl serve");
+    let mut first = String::new();
+    BufReader::new(server.stdout.as_mut().expect("stdout")).read_line(&mut first).expect("serve prints its address");
+    assert!(first.contains("serving pool"), "{first}");
 
-    // The guest asks the host to act with one line over TCP.
+    // The guest asks the host to act with one line over TCP; the host uses thinctl,
+    // which reaches the running server through its control socket.
     let ctl = TcpListener::bind("127.0.0.1:0").expect("bind control");
     let ctl_port = ctl.local_addr().expect("addr").port();
-    let (svc, cat) = (Arc::clone(&service), Arc::clone(&catalog));
+    let d2 = d.clone();
     let ctl_thread = std::thread::spawn(move || {
         let mut snapshots = 0;
         for conn in ctl.incoming() {
@@ -132,19 +148,11 @@ fn the_kernel_mounts_a_served_device_and_a_live_snapshot_holds_the_files_from_be
             }
             let reply = match line.trim() {
                 "snapshot" => {
-                    svc.with_pool(|p| {
-                        p.create_snap(1, 0)?;
-                        p.commit()
-                    })
-                    .expect("snapshot");
+                    thinctl(&["snapshot", &d2, "thin0", "snap"]);
                     snapshots += 1;
-                    cat.set_devices(
-                        vec![origin.clone(), ExportedDevice { name: "snap".into(), id: 1, size: 256 * MIB }],
-                        Some("thin0".into()),
-                    );
                     "ok".to_string()
                 }
-                "mapped" => svc.with_pool(|p| p.meta().device_info(0).expect("info").mapped_blocks * BS).to_string(),
+                "mapped" => mapped_bytes(&d2, "thin0").to_string(),
                 "done" => {
                     let _ = conn.write_all(b"bye\n");
                     return snapshots;
@@ -203,12 +211,14 @@ echo GUEST-OK
     assert!(out.contains("a: OK") && out.contains("b: OK") && out.contains("small: OK"), "{out}");
     assert!(out.contains("snapshot has no c") && out.contains("small differs as expected"), "{out}");
     assert_eq!(ctl_thread.join().expect("control"), 1);
-    stop.store(true, Ordering::Relaxed);
-    server_thread.join().expect("server");
-    committer.join().expect("committer");
-    drop(service);
-    drop(catalog);
-    checks_pass(&m);
+    // SIGTERM: the server finishes, commits and exits 0.
+    let killed = Command::new("kill").args(["-TERM", &server.id().to_string()]).status().expect("kill");
+    assert!(killed.success());
+    let status = server.wait().expect("wait");
+    assert!(status.success(), "thinctl serve exited with {status}");
+    checks_pass(&dir.join("metadata"));
+    let ls = thinctl(&["ls", &d]);
+    assert!(ls.contains("snap") && ls.contains("thin0"), "{ls}");
 }
 
 #[test]

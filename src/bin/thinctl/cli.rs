@@ -123,9 +123,16 @@ pub enum Cmd {
     Restore(RestoreArgs),
     /// Serve every device over NBD (export name = device name) until SIGINT/SIGTERM;
     /// changes reach the served pool through DIR/control.sock.
+    ///
+    /// With no DIR it serves ./thinpool, and when that does not exist creates it first
+    /// with an 8 GiB sparse data file and one 1 GiB device, thin0. The first-created
+    /// device is also the default export (empty name).
     Serve {
         /// The pool directory.
         dir: Option<PathBuf>,
+        /// Export only these devices (repeatable; default: every device).
+        #[arg(long = "export", value_name = "NAME")]
+        exports: Vec<String>,
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:10809")]
         listen: String,

@@ -53,8 +53,13 @@ pub fn run(cli: Cli) -> CliResult {
         Cmd::Check { dir } => check(&dir.unwrap_or_else(crate::cli::default_dir)),
         Cmd::Dump { dir } => xml::dump(&dir.unwrap_or_else(crate::cli::default_dir)),
         Cmd::Restore(args) => xml::restore(&args),
-        Cmd::Serve { dir, listen, read_only, commit_interval_ms, workers } => {
-            remote::serve(&dir.unwrap_or_else(crate::cli::default_dir), listen, read_only, commit_interval_ms, workers)
+        Cmd::Serve { dir, exports, listen, read_only, commit_interval_ms, workers } => {
+            let default_pool = dir.is_none();
+            let dir = dir.unwrap_or_else(crate::cli::default_dir);
+            remote::serve(
+                &dir,
+                remote::ServeArgs { exports, listen, read_only, commit_interval_ms, workers, create_default: default_pool },
+            )
         }
         Cmd::Create { .. } | Cmd::Snapshot { .. } | Cmd::Delete { .. } | Cmd::Discard { .. } | Cmd::Resize { .. } => {
             Err(msg("internal error: a change was not dispatched"))

@@ -138,23 +138,71 @@ fn apply(service: &Service, pd: &mut PoolDir, change: &PoolChange) -> CliResult<
     })
 }
 
+/// Options of `thinctl serve`.
+#[derive(Debug, Clone)]
+pub struct ServeArgs {
+    /// Devices to export (empty: all).
+    pub exports: Vec<String>,
+    /// Listen address.
+    pub listen: String,
+    /// Refuse writes and changes.
+    pub read_only: bool,
+    /// Periodic commit, in milliseconds.
+    pub commit_interval_ms: u64,
+    /// Worker threads per connection.
+    pub workers: usize,
+    /// Create the default pool (8 GiB data, device thin0 of 1 GiB) when DIR is missing.
+    pub create_default: bool,
+}
+
+/// Data size of the pool `thinctl serve` creates when run with no pool.
+pub const DEFAULT_SERVE_DATA_BYTES: u64 = 8 << 30;
+/// Size of its one device, `thin0`.
+pub const DEFAULT_SERVE_DEVICE_BYTES: u64 = 1 << 30;
+
+/// The exported devices, and the default export: the first-created device (by
+/// creation time, then id) among them.
+fn export_list(pd: &PoolDir, only: &[String]) -> (Vec<ExportedDevice>, Option<String>) {
+    let list: Vec<ExportedDevice> = pd
+        .devices()
+        .filter(|(n, _)| only.is_empty() || only.iter().any(|o| o == n))
+        .map(|(n, e)| ExportedDevice { name: n.to_string(), id: e.id, size: e.size_bytes })
+        .collect();
+    let first = pd
+        .devices()
+        .filter(|(n, _)| list.iter().any(|d| d.name == *n))
+        .min_by_key(|(_, e)| (e.created.unwrap_or(u64::MAX), e.id))
+        .map(|(n, _)| n.to_string());
+    (list, first)
+}
+
 /// `thinctl serve`: serve every device of the pool over NBD (export name = device
 /// name) until SIGINT or SIGTERM, with the control socket at `DIR/control.sock`.
-pub fn serve(dir: &Path, listen: String, read_only: bool, commit_interval_ms: u64, workers: usize) -> CliResult {
+pub fn serve(dir: &Path, args: ServeArgs) -> CliResult {
+    let ServeArgs { exports, listen, read_only, commit_interval_ms, workers, create_default } = args;
+    if create_default && !dir.exists() {
+        let opts = thinpool::pooldir::CreateOptions { data_bytes: DEFAULT_SERVE_DATA_BYTES, ..Default::default() };
+        let (mut pd, mut pool) = PoolDir::create(dir, &opts).map_err(CliError::Dir)?;
+        pd.create_device(&mut pool, "thin0", DEFAULT_SERVE_DEVICE_BYTES, None).map_err(CliError::Dir)?;
+        println!(
+            "created pool {}: 8 GiB sparse data file, device thin0 of 1 GiB",
+            dir.display()
+        );
+    }
     let (pd, pool) = open_pool(dir, Access::Write)?;
+    for name in &exports {
+        pd.device(name).map_err(CliError::Dir)?;
+    }
     let service = Service::new(pool);
     let pd = Arc::new(Mutex::new(pd));
     let devices: DeviceList = {
         let pd = Arc::clone(&pd);
         Arc::new(move || {
             let g = pd.lock().unwrap_or_else(PoisonError::into_inner);
-            let list = g
-                .devices()
-                .map(|(n, e)| ExportedDevice { name: n.to_string(), id: e.id, size: e.size_bytes })
-                .collect();
-            (list, None)
+            export_list(&g, &exports)
         })
     };
+    let first = devices().1;
     let handler: Handler = {
         let (service, pd, dir) = (Arc::clone(&service), Arc::clone(&pd), dir.to_path_buf());
         Arc::new(move |argv| handle(&service, &pd, &dir, read_only, argv))
@@ -174,6 +222,10 @@ pub fn serve(dir: &Path, listen: String, read_only: bool, commit_interval_ms: u6
             if read_only { " (read-only)" } else { "" },
             sock.display()
         );
+        if let Some(name) = first {
+            println!("attach with:  nbd-client {} {} /dev/nbd0 -N {name}", addr.ip(), addr.port());
+            println!("          or  nbdinfo nbd://{addr}/{name}");
+        }
         use std::io::Write;
         let _ = std::io::stdout().flush();
     })
