@@ -58,7 +58,14 @@ pub fn run(cli: Cli) -> CliResult {
             let dir = dir.unwrap_or_else(crate::cli::default_dir);
             remote::serve(
                 &dir,
-                remote::ServeArgs { exports, listen, read_only, commit_interval_ms, workers, create_default: default_pool },
+                remote::ServeArgs {
+                    exports,
+                    listen,
+                    read_only,
+                    commit_interval_ms,
+                    workers,
+                    create_default: default_pool,
+                },
             )
         }
         Cmd::Create { .. } | Cmd::Snapshot { .. } | Cmd::Delete { .. } | Cmd::Discard { .. } | Cmd::Resize { .. } => {

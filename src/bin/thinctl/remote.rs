@@ -184,10 +184,7 @@ pub fn serve(dir: &Path, args: ServeArgs) -> CliResult {
         let opts = thinpool::pooldir::CreateOptions { data_bytes: DEFAULT_SERVE_DATA_BYTES, ..Default::default() };
         let (mut pd, mut pool) = PoolDir::create(dir, &opts).map_err(CliError::Dir)?;
         pd.create_device(&mut pool, "thin0", DEFAULT_SERVE_DEVICE_BYTES, None).map_err(CliError::Dir)?;
-        println!(
-            "created pool {}: 8 GiB sparse data file, device thin0 of 1 GiB",
-            dir.display()
-        );
+        println!("created pool {}: 8 GiB sparse data file, device thin0 of 1 GiB", dir.display());
     }
     let (pd, pool) = open_pool(dir, Access::Write)?;
     for name in &exports {
