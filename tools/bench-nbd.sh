@@ -58,7 +58,8 @@ run_fio() {
       --iodepth="$depth" --time_based --runtime="$RUNTIME" --output-format=json "$@" >"$WORK/$name-$port.json" 2>/dev/null
   python3 - "$WORK/$name-$port.json" "$rw" <<'PY'
 import json, sys
-j = json.load(open(sys.argv[1]))["jobs"][0]
+text = open(sys.argv[1]).read()
+j = json.loads(text[text.index("{"):])["jobs"][0]  # fio's nbd engine prints a line first
 side = "read" if "read" in sys.argv[2] else "write"
 print(j[side]["iops"], j[side]["bw_bytes"])
 PY
