@@ -380,7 +380,8 @@ impl Metadata {
         self.t.meta.get(b)
     }
 
-    /// Free data blocks that can be allocated right now.
+    /// Data blocks with count 0. Blocks freed by the current transaction are included
+    /// although they become allocatable only once it commits.
     pub fn data_free_now(&self) -> u64 {
         self.t.data.nr_free()
     }

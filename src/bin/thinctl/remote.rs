@@ -184,7 +184,12 @@ pub fn serve(dir: &Path, args: ServeArgs) -> CliResult {
         let opts = thinpool::pooldir::CreateOptions { data_bytes: DEFAULT_SERVE_DATA_BYTES, ..Default::default() };
         let (mut pd, mut pool) = PoolDir::create(dir, &opts).map_err(CliError::Dir)?;
         pd.create_device(&mut pool, "thin0", DEFAULT_SERVE_DEVICE_BYTES, None).map_err(CliError::Dir)?;
-        println!("created pool {}: 8 GiB sparse data file, device thin0 of 1 GiB", dir.display());
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stdout(),
+            "created pool {}: 8 GiB sparse data file, device thin0 of 1 GiB",
+            dir.display()
+        );
     }
     let (pd, pool) = open_pool(dir, Access::Write)?;
     for name in &exports {
@@ -213,18 +218,22 @@ pub fn serve(dir: &Path, args: ServeArgs) -> CliResult {
     let sock: PathBuf = dir.join(CONTROL_SOCKET);
     let stop = Arc::new(AtomicBool::new(false));
     serve::run(service, devices, &opts, Some((sock.clone(), handler)), stop, |addr| {
-        println!(
+        // Whoever started the server may have stopped reading its output: never let a
+        // closed stdout take the server down.
+        use std::io::Write;
+        let mut out = std::io::stdout();
+        let _ = writeln!(
+            out,
             "serving pool {} on nbd://{addr}/NAME{}; control socket {}",
             dir.display(),
             if read_only { " (read-only)" } else { "" },
             sock.display()
         );
         if let Some(name) = first {
-            println!("attach with:  nbd-client {} {} /dev/nbd0 -N {name}", addr.ip(), addr.port());
-            println!("          or  nbdinfo nbd://{addr}/{name}");
+            let _ = writeln!(out, "attach with:  nbd-client {} {} /dev/nbd0 -N {name}", addr.ip(), addr.port());
+            let _ = writeln!(out, "          or  nbdinfo nbd://{addr}/{name}");
         }
-        use std::io::Write;
-        let _ = std::io::stdout().flush();
+        let _ = out.flush();
     })
     .map_err(|e| msg(format!("cannot serve pool {}: {e}", dir.display())))
 }
