@@ -380,6 +380,12 @@ impl Metadata {
         self.t.meta.get(b)
     }
 
+    /// Bumped whenever a data block may become reusable: compare it before and after
+    /// using a data block number outside the pool's lock.
+    pub fn data_reuse_epoch(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        self.t.data.reuse_epoch()
+    }
+
     /// Data blocks with count 0. Blocks freed by the current transaction are included
     /// although they become allocatable only once it commits.
     pub fn data_free_now(&self) -> u64 {

@@ -148,6 +148,23 @@ impl Pool {
         Ok(())
     }
 
+    /// Where the bytes of `[offset, offset+len)` live: per piece, its length and its
+    /// offset in the data file (`None`: unmapped, reads as zeros). Valid until the data
+    /// reuse epoch ([`Metadata::data_reuse_epoch`]) changes.
+    pub fn read_plan(&mut self, dev: DevId, offset: u64, len: u64) -> Result<Vec<(u64, Option<u64>)>, PoolError> {
+        self.check_dev(dev)?;
+        let mut plan: Vec<(u64, Option<u64>)> = Vec::new();
+        for (vb, within, n) in self.pieces(offset, len).collect::<Vec<_>>() {
+            let at = self.md.lookup(dev, vb)?.map(|m| m.data_block * self.block_bytes + within);
+            match (plan.last_mut(), at) {
+                (Some((l, Some(prev))), Some(a)) if *prev + *l == a => *l += n,
+                (Some((l, None)), None) => *l += n,
+                _ => plan.push((n, at)),
+            }
+        }
+        Ok(plan)
+    }
+
     /// Allocate `n` data blocks, all or none. When the pool is full but the current
     /// transaction freed blocks, commit (which makes them reusable) and try again.
     fn alloc_n(&mut self, n: usize) -> Result<Vec<u64>, PoolError> {

@@ -8,7 +8,9 @@
 //! attached device can be refused.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -25,6 +27,10 @@ struct Inner {
 /// A pool shared between threads.
 pub struct Service {
     inner: Mutex<Inner>,
+    /// A second handle on the data file, for reads outside the lock.
+    data: Option<File>,
+    /// The data reuse epoch of the pool (see [`Service::read`]).
+    reuse_epoch: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Service {
@@ -36,7 +42,9 @@ impl std::fmt::Debug for Service {
 impl Service {
     /// Share `pool`.
     pub fn new(pool: Pool) -> Arc<Service> {
-        Arc::new(Service { inner: Mutex::new(Inner { pool, attached: HashMap::new() }) })
+        let data = pool.data_file().try_clone().ok();
+        let reuse_epoch = pool.meta().data_reuse_epoch();
+        Arc::new(Service { inner: Mutex::new(Inner { pool, attached: HashMap::new() }), data, reuse_epoch })
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -50,9 +58,30 @@ impl Service {
         f(&mut self.lock().pool)
     }
 
-    /// Read from a device.
+    /// Read from a device. The mapping is looked up under the lock and the data read
+    /// outside it, so reads overlap each other and writes; a data block can only be
+    /// handed to another device after the reuse epoch moves, so when it moved during
+    /// the read the read is done again under the lock.
     pub fn read(&self, dev: DevId, offset: u64, buf: &mut [u8]) -> Result<(), PoolError> {
-        self.lock().pool.read(dev, offset, buf)
+        let Some(data) = &self.data else { return self.lock().pool.read(dev, offset, buf) };
+        let (plan, before) = {
+            let mut g = self.lock();
+            let plan = g.pool.read_plan(dev, offset, buf.len() as u64)?;
+            (plan, self.reuse_epoch.load(Ordering::SeqCst))
+        };
+        let mut done = 0usize;
+        for (len, at) in plan {
+            let out = &mut buf[done..done + len as usize];
+            match at {
+                None => out.fill(0),
+                Some(pos) => data.read_exact_at(out, pos).map_err(PoolError::DataIo)?,
+            }
+            done += len as usize;
+        }
+        if self.reuse_epoch.load(Ordering::SeqCst) != before {
+            return self.lock().pool.read(dev, offset, buf);
+        }
+        Ok(())
     }
 
     /// Write to a device.
@@ -138,5 +167,102 @@ impl Service {
                 eprintln!("thinpool: final commit failed: {e}");
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_racing_a_discard_never_sees_another_devices_data() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let open = |name: &str, len: u64| {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(dir.path().join(name))
+                .expect("file");
+            f.set_len(len).expect("len");
+            f
+        };
+        // One data block: the block device 0 gives up is the one device 1 gets.
+        let mut pool = Pool::create(open("m", 1 << 20), open("d", 65536), 128).expect("pool");
+        pool.create_thin(0).expect("thin");
+        pool.create_thin(1).expect("thin");
+        pool.commit().expect("commit");
+        let svc = Service::new(pool);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s2, st2) = (Arc::clone(&svc), Arc::clone(&stop));
+        let reader = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            let mut reads = 0u64;
+            while !st2.load(Ordering::Relaxed) {
+                s2.read(0, 0, &mut buf).expect("read");
+                assert!(
+                    buf.iter().all(|&b| b == 0xAA) || buf.iter().all(|&b| b == 0),
+                    "device 0 showed device 1's bytes"
+                );
+                reads += 1;
+            }
+            reads
+        });
+        for i in 0..3000 {
+            svc.write(0, 0, &[0xAA; 65536]).expect("write 0");
+            svc.discard(0, 0, 65536).expect("discard 0");
+            // The block device 0 just gave up is reused for device 1.
+            svc.write(1, (i % 3) * 65536, &[0xBB; 65536]).expect("write 1");
+            svc.discard(1, 0, 3 * 65536).expect("discard 1");
+            if i % 100 == 0 {
+                svc.flush().expect("commit");
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        assert!(reader.join().expect("reader") > 0);
+    }
+}
+
+#[cfg(test)]
+mod epoch_tests {
+    use super::*;
+
+    #[test]
+    fn a_data_block_is_never_handed_to_another_device_without_the_reuse_epoch_moving() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let open = |name: &str, len: u64| {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(dir.path().join(name))
+                .expect("file");
+            f.set_len(len).expect("len");
+            f
+        };
+        let mut p = Pool::create(open("m", 1 << 20), open("d", 65536), 128).expect("pool");
+        p.create_thin(0).expect("thin");
+        p.create_thin(1).expect("thin");
+        let epoch = p.meta().data_reuse_epoch();
+        let mut reused = 0;
+        for round in 0..40u64 {
+            p.write(0, 0, &[1u8; 65536]).expect("write");
+            let plan = p.read_plan(0, 0, 65536).expect("plan");
+            let before = epoch.load(Ordering::SeqCst);
+            p.discard(0, 0, 65536).expect("discard");
+            if round % 7 == 0 {
+                p.commit().expect("commit");
+            }
+            p.write(1, (round % 3) * 65536, &[2u8; 65536]).expect("write");
+            let other = p.read_plan(1, (round % 3) * 65536, 65536).expect("plan");
+            if other[0].1 == plan[0].1 {
+                reused += 1;
+                assert_ne!(epoch.load(Ordering::SeqCst), before, "block reused with no epoch change");
+            }
+            p.discard(1, 0, 3 * 65536).expect("discard");
+        }
+        assert!(reused > 5, "the scenario must actually reuse blocks ({reused} times)");
     }
 }
