@@ -574,8 +574,14 @@ impl Metadata {
     /// over), at the current pool time. The old mapping's block loses a reference.
     pub fn insert_mapping(&mut self, id: DevId, vblock: u64, data_block: u64) -> Result<(), PoolError> {
         self.writable()?;
+        self.map(id, vblock, data_block, self.time)
+    }
+
+    /// Insert (vblock -> data_block @ time) into the device's tree, keeping
+    /// mapped_blocks; the data block's reference is the caller's.
+    fn map(&mut self, id: DevId, vblock: u64, data_block: u64, time: u32) -> Result<(), PoolError> {
         let root = self.touch(id)?;
-        let v = pack_block_time(data_block, self.time);
+        let v = pack_block_time(data_block, time);
         let r = btree::insert(&mut self.t, root, vblock, &v.to_le_bytes(), Values::Mapping, Replace::DecOld)?;
         let d = self.devices.get_mut(&id).ok_or(PoolError::NoSuchDevice(id))?;
         d.root = r.root;
@@ -636,18 +642,9 @@ impl Metadata {
         if time > MAX_TIME {
             return Err(PoolError::invalid(format!("mapping time {time} exceeds 24 bits")));
         }
-        let root = self.touch(id)?;
+        self.dev(id)?;
         self.t.data.inc(data_block)?;
-        let v = pack_block_time(data_block, time);
-        let r = btree::insert(&mut self.t, root, vblock, &v.to_le_bytes(), Values::Mapping, Replace::DecOld)?;
-        let d = self.devices.get_mut(&id).ok_or(PoolError::NoSuchDevice(id))?;
-        d.root = r.root;
-        if r.old.is_none() {
-            d.details.mapped_blocks += 1;
-        }
-        d.details_dirty = true;
-        self.changed = true;
-        Ok(())
+        self.map(id, vblock, data_block, time)
     }
 
     /// Restore support: set the pool time (and transaction id with

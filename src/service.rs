@@ -171,27 +171,33 @@ impl Service {
 }
 
 #[cfg(test)]
+fn tiny_pool(dir: &std::path::Path, data_bytes: u64) -> Pool {
+    let open = |name: &str, len: u64| {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join(name))
+            .expect("file");
+        f.set_len(len).expect("len");
+        f
+    };
+    let mut p = Pool::create(open("m", 1 << 20), open("d", data_bytes), 128).expect("pool");
+    p.create_thin(0).expect("thin");
+    p.create_thin(1).expect("thin");
+    p
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn a_read_racing_a_discard_never_sees_another_devices_data() {
         let dir = tempfile::tempdir().expect("tmp");
-        let open = |name: &str, len: u64| {
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(dir.path().join(name))
-                .expect("file");
-            f.set_len(len).expect("len");
-            f
-        };
         // One data block: the block device 0 gives up is the one device 1 gets.
-        let mut pool = Pool::create(open("m", 1 << 20), open("d", 65536), 128).expect("pool");
-        pool.create_thin(0).expect("thin");
-        pool.create_thin(1).expect("thin");
+        let mut pool = super::tiny_pool(dir.path(), 65536);
         pool.commit().expect("commit");
         let svc = Service::new(pool);
         let stop = Arc::new(AtomicBool::new(false));
@@ -231,20 +237,7 @@ mod epoch_tests {
     #[test]
     fn a_data_block_is_never_handed_to_another_device_without_the_reuse_epoch_moving() {
         let dir = tempfile::tempdir().expect("tmp");
-        let open = |name: &str, len: u64| {
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(dir.path().join(name))
-                .expect("file");
-            f.set_len(len).expect("len");
-            f
-        };
-        let mut p = Pool::create(open("m", 1 << 20), open("d", 65536), 128).expect("pool");
-        p.create_thin(0).expect("thin");
-        p.create_thin(1).expect("thin");
+        let mut p = super::tiny_pool(dir.path(), 65536);
         let epoch = p.meta().data_reuse_epoch();
         let mut reused = 0;
         for round in 0..40u64 {
