@@ -1,6 +1,6 @@
 //! thinpool: a userspace thin-provisioning block engine whose metadata is the Linux
 //! dm-thin format byte for byte.
-#![deny(unsafe_op_in_unsafe_fn)]
+#![forbid(unsafe_code)]
 
 pub mod btree;
 pub mod check;
