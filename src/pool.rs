@@ -68,8 +68,9 @@ impl Pool {
         Ok(Pool { md, data, block_bytes, read_only: false, punch: true })
     }
 
-    /// Open an existing pool. A data file longer than the data space map grows the
-    /// pool (as a kernel resume does); a shorter one is an error.
+    /// Open an existing pool. A data file longer than the data space map, or a
+    /// metadata file longer than the metadata space map, grows that space map (as a
+    /// kernel resume does); a shorter data file is an error.
     pub fn open(metadata: File, data: File, opts: OpenOptions) -> Result<Pool, PoolError> {
         Self::open_with(Box::new(FileStorage::new(metadata).map_err(crate::error::MetaError::Io)?), data, opts)
     }
@@ -87,9 +88,16 @@ impl Pool {
                 "the data file holds {nr} blocks of {block_bytes} bytes but the pool has {have}: it is too short"
             )));
         }
-        if nr > have && !opts.read_only {
-            pool.md.extend_data(nr)?;
-            pool.commit()?;
+        if !opts.read_only {
+            // Like a kernel resume: a longer data or metadata file grows its space map.
+            let meta_before = pool.md.status().metadata_total_blocks;
+            pool.md.extend_metadata()?;
+            if nr > have {
+                pool.md.extend_data(nr)?;
+            }
+            if nr > have || pool.md.status().metadata_total_blocks > meta_before {
+                pool.commit()?;
+            }
         }
         Ok(pool)
     }

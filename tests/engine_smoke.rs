@@ -94,3 +94,35 @@ fn write_zeroes_unmaps_whole_blocks_and_extents_report_the_mapping() {
     drop(p);
     thin_check(&dir.path().join("metadata"));
 }
+
+#[test]
+fn longer_data_and_metadata_files_grow_the_pool_at_open() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (m, d) = files(dir.path(), 1, 16);
+    let mut p = Pool::create(m, d, 128).expect("create");
+    p.create_thin(0).expect("thin");
+    p.write(0, 0, &[5u8; 100_000]).expect("write");
+    p.commit().expect("commit");
+    let before = p.meta().status();
+    assert_eq!((before.metadata_total_blocks, before.data_total_blocks), (256, 256));
+    drop(p);
+    // Grow the metadata file past one bitmap's worth (16320 blocks) and the data file.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("metadata"))
+        .expect("m")
+        .set_len(80 << 20)
+        .expect("len");
+    std::fs::OpenOptions::new().write(true).open(dir.path().join("data")).expect("d").set_len(64 << 20).expect("len");
+    let mut p = reopen(dir.path());
+    let after = p.meta().status();
+    assert_eq!((after.metadata_total_blocks, after.data_total_blocks), (20480, 1024));
+    let mut buf = vec![0u8; 100_000];
+    p.read(0, 0, &mut buf).expect("read");
+    assert!(buf.iter().all(|&b| b == 5));
+    // The new space is usable.
+    p.write(0, 40 << 20, &vec![6u8; 8 << 20]).expect("write into the new data blocks");
+    p.commit().expect("commit");
+    drop(p);
+    thin_check(&dir.path().join("metadata"));
+}
