@@ -415,12 +415,15 @@ impl<'a> Checker<'a> {
         }
     }
 
-    /// Walk a two-level mapping tree; returns dev -> (subtree root, summary).
-    fn mapping_tree(&mut self, root: u64) -> BTreeMap<u64, (u64, Option<Summary>)> {
+    /// Walk a two-level mapping tree; returns dev -> (subtree root, summary), and
+    /// whether the top level was read whole (no problem found in it).
+    fn mapping_tree(&mut self, root: u64) -> (BTreeMap<u64, (u64, Option<Summary>)>, bool) {
         let mut subtrees: Vec<(u64, u64, bool)> = Vec::new();
+        let before = self.problems.len();
         self.tree(root, TreeKind::Top, true, 0, &mut BTreeSet::new(), &mut |_, k, v, first| {
             subtrees.push((k, u64::from_le_bytes(v[..8].try_into().unwrap_or_default()), first));
         });
+        let whole = self.problems.len() == before;
         let mut out = BTreeMap::new();
         for (dev, sub, first) in subtrees {
             if !first {
@@ -442,15 +445,18 @@ impl<'a> Checker<'a> {
             });
             out.insert(dev, (sub, s));
         }
-        out
+        (out, whole)
     }
 
-    fn details_tree(&mut self, root: u64) -> BTreeMap<u64, DeviceDetails> {
+    /// Walk a details tree; also whether it was read whole.
+    fn details_tree(&mut self, root: u64) -> (BTreeMap<u64, DeviceDetails>, bool) {
         let mut details = BTreeMap::new();
+        let before = self.problems.len();
         self.tree(root, TreeKind::Plain(24), true, 0, &mut BTreeSet::new(), &mut |_, k, v, _| {
             details.insert(k, DeviceDetails::decode(v));
         });
-        details
+        let whole = self.problems.len() == before;
+        (details, whole)
     }
 
     /// Read one space map's on-disk counts and compare them with `expected(b)`.
@@ -655,14 +661,20 @@ pub fn check(storage: &dyn MetaStorage) -> Result<CheckReport, CheckError> {
     let data_overflow = c.overflow_tree(dsm.ref_count_root);
 
     // Live trees.
-    let devices = c.mapping_tree(sb.data_mapping_root);
-    let details = c.details_tree(sb.device_details_root);
+    // Key sets are compared only when both trees were read whole: a damaged node
+    // is reported once, not as every device it hid.
+    let (devices, top_whole) = c.mapping_tree(sb.data_mapping_root);
+    let (details, details_whole) = c.details_tree(sb.device_details_root);
+    let compare_sets = top_whole && details_whole;
     for (&dev, (_, summary)) in &devices {
         match details.get(&dev) {
-            None => c.problem(Some(sb.device_details_root), ProblemKind::DeviceSets { dev, in_details: false }),
+            None if compare_sets => {
+                c.problem(Some(sb.device_details_root), ProblemKind::DeviceSets { dev, in_details: false })
+            }
+            None => {}
             Some(d) => {
                 let counted = summary.map_or(0, |s| s.entries);
-                if d.mapped_blocks != counted {
+                if summary.is_some() && d.mapped_blocks != counted {
                     c.problem(
                         Some(sb.device_details_root),
                         ProblemKind::MappedBlocks { dev, recorded: d.mapped_blocks, counted },
@@ -678,7 +690,7 @@ pub fn check(storage: &dyn MetaStorage) -> Result<CheckReport, CheckError> {
         }
     }
     for &dev in details.keys() {
-        if !devices.contains_key(&dev) {
+        if compare_sets && !devices.contains_key(&dev) {
             c.problem(Some(sb.data_mapping_root), ProblemKind::DeviceSets { dev, in_details: true });
         }
     }
@@ -687,10 +699,10 @@ pub fn check(storage: &dyn MetaStorage) -> Result<CheckReport, CheckError> {
     if sb.held_root != 0 && c.reference(sb.held_root) {
         if let Some(blk) = c.read(sb.held_root, BlockKind::Superblock) {
             let held = Superblock::decode_unchecked(&blk);
-            let hdevs = c.mapping_tree(held.data_mapping_root);
-            let hdetails = c.details_tree(held.device_details_root);
+            let (hdevs, htop_whole) = c.mapping_tree(held.data_mapping_root);
+            let (hdetails, hdetails_whole) = c.details_tree(held.device_details_root);
             for &dev in hdevs.keys() {
-                if !hdetails.contains_key(&dev) {
+                if htop_whole && hdetails_whole && !hdetails.contains_key(&dev) {
                     c.problem(Some(sb.held_root), ProblemKind::DeviceSets { dev, in_details: false });
                 }
             }

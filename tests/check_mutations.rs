@@ -257,3 +257,17 @@ fn flipping_any_byte_of_any_block_never_panics_and_is_always_noticed_in_live_blo
         }
     }
 }
+
+#[test]
+fn a_damaged_details_tree_is_one_problem_not_one_per_device() {
+    let mut img = image();
+    let root = sb(&img).device_details_root;
+    img[root as usize * B + 500] ^= 0x01;
+    let r = run(&img);
+    assert!(
+        r.problems.iter().any(|p| p.block == Some(root) && matches!(p.kind, ProblemKind::Checksum { .. })),
+        "{:?}",
+        problems(&r)
+    );
+    assert!(!r.problems.iter().any(|p| matches!(p.kind, ProblemKind::DeviceSets { .. })), "{:?}", problems(&r));
+}
