@@ -99,6 +99,14 @@ impl Server {
     }
 }
 
+/// The preferred block size to advertise: NBD requires a power of two, and a pool's
+/// block size is any multiple of 64 KiB (192 KiB, say), so take the largest power of
+/// two dividing it, kept within 512 B..=32 MiB.
+fn preferred_block_size(block: u32) -> u32 {
+    let pow2 = if block == 0 { 512 } else { 1u32 << block.trailing_zeros() };
+    pow2.clamp(512, MAX_PAYLOAD)
+}
+
 /// What option haggling agreed on.
 struct Session {
     export: Arc<dyn Export>,
@@ -316,7 +324,7 @@ fn negotiate<R: Read, W: Write>(
                 let mut bs = vec![0u8; 14];
                 BE::write_u16(&mut bs[0..], wire::INFO_BLOCK_SIZE);
                 BE::write_u32(&mut bs[2..], 1);
-                BE::write_u32(&mut bs[6..], export.preferred_block_size().clamp(512, MAX_PAYLOAD));
+                BE::write_u32(&mut bs[6..], preferred_block_size(export.preferred_block_size()));
                 BE::write_u32(&mut bs[10..], MAX_PAYLOAD);
                 opt_reply(w, option, wire::REP_INFO, &bs)?;
                 for i in infos {
@@ -702,6 +710,14 @@ mod tests {
         v.extend_from_slice(&(data.len() as u32).to_be_bytes());
         v.extend_from_slice(data);
         v
+    }
+
+    #[test]
+    fn the_preferred_block_size_is_a_power_of_two_dividing_the_pool_block() {
+        assert_eq!(preferred_block_size(65536), 65536);
+        assert_eq!(preferred_block_size(3 * 65536), 65536);
+        assert_eq!(preferred_block_size(1 << 30), MAX_PAYLOAD);
+        assert_eq!(preferred_block_size(0), 512);
     }
 
     #[test]
