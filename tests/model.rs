@@ -15,7 +15,6 @@
 //! takes what the device holds.
 
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
 use std::path::Path;
 
 mod common;
@@ -97,17 +96,7 @@ fn pick(model: &Model, i: usize) -> Option<u32> {
 
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().expect("tmp");
-    let m = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dir.path().join("metadata"))
-        .expect("m");
-    m.set_len(2 << 20).expect("len");
-    let d =
-        OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("data")).expect("d");
-    d.set_len(DATA_BLOCKS * BS).expect("len");
+    let (m, d) = common::pool_files(dir.path(), 2 << 20, DATA_BLOCKS * BS);
     let mut pool = Pool::create(m, d, (BS / 512) as u32).expect("create");
     let mut model: Model = BTreeMap::new();
     let mut committed: Model = BTreeMap::new();

@@ -2,7 +2,8 @@
 //! qemu-img, fio's nbd engine, and raw sockets sending malformed requests. Each
 //! test serves a fresh pool on 127.0.0.1 with an ephemeral port.
 
-use std::fs::OpenOptions;
+mod common;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
@@ -43,17 +44,7 @@ impl Drop for Served {
 /// A pool with devices thin0 (64 MiB) and thin1 (16 MiB), served.
 fn serve() -> Served {
     let dir = tempfile::tempdir().expect("tmp");
-    let m = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dir.path().join("metadata"))
-        .expect("m");
-    m.set_len(16 * MIB).expect("len");
-    let d =
-        OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("data")).expect("d");
-    d.set_len(512 * MIB).expect("len");
+    let (m, d) = common::pool_files(dir.path(), 16 * MIB, 512 * MIB);
     let mut pool = Pool::create(m, d, 128).expect("pool");
     pool.create_thin(0).expect("thin");
     pool.create_thin(1).expect("thin");
