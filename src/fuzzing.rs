@@ -9,7 +9,7 @@ use crate::format::space_map as fsm;
 use crate::format::superblock::Superblock;
 use crate::format::{node, Block, BLOCK_SIZE};
 use crate::io::CrashStorage;
-use crate::metadata::Metadata;
+use crate::thin::Metadata;
 
 fn block_of(data: &[u8]) -> Box<Block> {
     let mut b = crate::format::zeroed_block();

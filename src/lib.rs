@@ -4,17 +4,14 @@
 
 pub mod btree;
 pub mod check;
-pub mod control;
 pub mod error;
-pub mod exports;
 pub mod format;
 pub mod fuzzing;
 pub mod io;
-pub mod metadata;
 pub mod nbd;
 pub mod pool;
-pub mod pooldir;
-pub mod serve;
-pub mod service;
+pub mod server;
 pub mod space_map;
+pub mod thin;
 pub mod transaction;
+pub mod volume;

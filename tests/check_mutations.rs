@@ -7,7 +7,7 @@ use thinpool::format::node;
 use thinpool::format::space_map as fsm;
 use thinpool::format::superblock::Superblock;
 use thinpool::io::{CrashStorage, SliceStorage};
-use thinpool::metadata::Metadata;
+use thinpool::thin::Metadata;
 
 const B: usize = 4096;
 

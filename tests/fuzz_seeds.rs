@@ -82,8 +82,8 @@ fn the_unmutated_base_image_opens_and_audits_clean() {
             b
         })
         .collect();
-    let mut md = thinpool::metadata::Metadata::open(Box::new(thinpool::io::CrashStorage::from_blocks(blocks)), true)
-        .expect("opens");
+    let mut md =
+        thinpool::thin::Metadata::open(Box::new(thinpool::io::CrashStorage::from_blocks(blocks)), true).expect("opens");
     assert_eq!(md.device_ids(), vec![0, 1, 7]);
     md.audit().expect("audit");
 }

@@ -11,10 +11,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use thinpool::exports::{ExportedDevice, PoolCatalog};
 use thinpool::nbd::{wire, Server, ServerConfig};
 use thinpool::pool::Pool;
-use thinpool::service::Service;
+use thinpool::server::exports::{ExportedDevice, PoolCatalog};
+use thinpool::server::service::Service;
 
 const MIB: u64 = 1 << 20;
 

@@ -10,7 +10,7 @@ use thinpool::format::checksum::{self, BlockKind};
 use thinpool::format::node;
 use thinpool::format::superblock::Superblock;
 use thinpool::io::CrashStorage;
-use thinpool::metadata::Metadata;
+use thinpool::thin::Metadata;
 
 const B: usize = 4096;
 

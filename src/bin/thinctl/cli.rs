@@ -199,7 +199,7 @@ pub enum PoolCmd {
 
 /// The default pool directory.
 pub fn default_dir() -> PathBuf {
-    PathBuf::from(thinpool::pooldir::DEFAULT_DIR)
+    PathBuf::from(thinpool::volume::DEFAULT_DIR)
 }
 
 /// Split positional arguments into the pool directory (present when there are more

@@ -10,7 +10,7 @@ use serde::Serialize;
 use thinpool::error::{MetaError, PoolError};
 use thinpool::io::FileStorage;
 use thinpool::pool::Pool;
-use thinpool::pooldir::{
+use thinpool::volume::{
     Access, ChangeOutcome, CreateOptions, PoolChange, PoolDir, PoolDirError, DEFAULT_BLOCK_BYTES, DEFAULT_DATA_BYTES,
 };
 

@@ -16,9 +16,9 @@ use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::Path;
 
 use thinpool::error::PoolError;
-use thinpool::metadata::DevId;
 use thinpool::pool::Pool;
-use thinpool::pooldir::{discard_blocks, Access, PoolDir};
+use thinpool::thin::DevId;
+use thinpool::volume::{discard_blocks, Access, PoolDir};
 
 use crate::commands::open_pool;
 use crate::progress::{Progress, Unit};

@@ -37,7 +37,7 @@ use clap::Parser;
 pub enum CliError {
     /// The pool directory layer.
     #[error(transparent)]
-    Dir(#[from] thinpool::pooldir::PoolDirError),
+    Dir(#[from] thinpool::volume::PoolDirError),
     /// The engine.
     #[error(transparent)]
     Pool(#[from] thinpool::error::PoolError),

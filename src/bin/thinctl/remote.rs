@@ -13,12 +13,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use clap::Parser;
-use thinpool::control::{self, Handler, Reply};
-use thinpool::exports::ExportedDevice;
 use thinpool::pool::Pool;
-use thinpool::pooldir::{Access, PoolChange, PoolDir};
-use thinpool::serve::{self, DeviceList};
-use thinpool::service::Service;
+use thinpool::server::control::{self, Handler, Reply};
+use thinpool::server::exports::ExportedDevice;
+use thinpool::server::run::{self as serve, DeviceList};
+use thinpool::server::service::Service;
+use thinpool::volume::{Access, PoolChange, PoolDir};
 
 use crate::cli::{Cli, Cmd};
 use crate::commands::{as_change, describe, ls_output, open_pool, outcome_line, status_output};
@@ -181,7 +181,7 @@ fn export_list(pd: &PoolDir, only: &[String]) -> (Vec<ExportedDevice>, Option<St
 pub fn serve(dir: &Path, args: ServeArgs) -> CliResult {
     let ServeArgs { exports, listen, read_only, commit_interval_ms, workers, create_default } = args;
     if create_default && !dir.exists() {
-        let opts = thinpool::pooldir::CreateOptions { data_bytes: DEFAULT_SERVE_DATA_BYTES, ..Default::default() };
+        let opts = thinpool::volume::CreateOptions { data_bytes: DEFAULT_SERVE_DATA_BYTES, ..Default::default() };
         let (mut pd, mut pool) = PoolDir::create(dir, &opts).map_err(CliError::Dir)?;
         pd.create_device(&mut pool, "thin0", DEFAULT_SERVE_DEVICE_BYTES, None).map_err(CliError::Dir)?;
         use std::io::Write;

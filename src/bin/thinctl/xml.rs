@@ -24,9 +24,9 @@ use quick_xml::Reader;
 use thinpool::format::superblock::Superblock;
 use thinpool::format::{MAX_DATA_BLOCKS, MAX_DEV_ID};
 use thinpool::io::FileStorage;
-use thinpool::metadata::{DevId, Metadata};
 use thinpool::pool::{OpenOptions as PoolOpenOptions, Pool, SECTOR};
-use thinpool::pooldir::{
+use thinpool::thin::{DevId, Metadata};
+use thinpool::volume::{
     default_metadata_bytes, lock_dir, Access, DirLock, PoolConfig, PoolDir, CONFIG_FILE, DATA_FILE, LOCK_FILE,
     METADATA_FILE, MIN_METADATA_BYTES,
 };

@@ -15,7 +15,7 @@ use nix::fcntl::{fallocate, FallocateFlags};
 
 use crate::error::PoolError;
 use crate::io::{FileStorage, MetaStorage};
-use crate::metadata::{Committed, DevId, Metadata};
+use crate::thin::{Committed, DevId, Metadata};
 
 /// Bytes in a sector.
 pub const SECTOR: u64 = 512;

@@ -2,7 +2,7 @@
 //!
 //! The engine keeps every count in memory (one byte per block, with an overflow map
 //! for counts of 255 and more) and writes the on-disk bitmaps, index and overflow
-//! tree at commit (see `metadata::commit`). This module has no I/O: it only tracks
+//! tree at commit (see `thin::Metadata::commit`). This module has no I/O: it only tracks
 //! counts, which bitmaps and overflow entries changed, and which blocks were in use
 //! at the last commit, because a block in use then must not be handed out again
 //! before the next commit (spec §4.8).

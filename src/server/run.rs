@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::control::{self, Handler, Reply};
-use crate::exports::{ExportedDevice, PoolCatalog};
 use crate::nbd::{Server, ServerConfig};
-use crate::service::Service;
+use crate::server::control::{self, Handler, Reply};
+use crate::server::exports::{ExportedDevice, PoolCatalog};
+use crate::server::service::Service;
 
 /// How to serve.
 #[derive(Debug, Clone)]

@@ -16,8 +16,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::error::PoolError;
-use crate::metadata::DevId;
 use crate::pool::Pool;
+use crate::thin::DevId;
 
 struct Inner {
     pool: Pool,

@@ -3,9 +3,9 @@
 use std::sync::{Arc, RwLock};
 
 use crate::error::PoolError;
-use crate::metadata::DevId;
 use crate::nbd::{Catalog, Export, ExportError, Extent};
-use crate::service::Service;
+use crate::server::service::Service;
+use crate::thin::DevId;
 
 /// One exported thin device.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -57,8 +57,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::PoolError;
 use crate::format::{MAX_DATA_BLOCKS, MAX_DEV_ID};
-use crate::metadata::DevId;
 use crate::pool::{OpenOptions as PoolOpenOptions, Pool, SECTOR};
+use crate::thin::DevId;
 
 /// Name of the description file inside a pool directory.
 pub const CONFIG_FILE: &str = "pool.toml";

@@ -1,0 +1,7 @@
+//! The serving process: a pool shared between threads, thin devices as NBD exports,
+//! the control socket, and [`run`], which puts them together for `thinctl serve`.
+
+pub mod control;
+pub mod exports;
+pub mod run;
+pub mod service;
