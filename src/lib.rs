@@ -14,4 +14,5 @@ pub mod server;
 pub mod space_map;
 pub mod thin;
 pub mod transaction;
+pub mod units;
 pub mod volume;

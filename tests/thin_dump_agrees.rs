@@ -72,7 +72,15 @@ fn thin_dump_lists_exactly_the_mappings_the_engine_made() {
 
     let mut want: Dump = BTreeMap::new();
     for id in p.meta().device_ids() {
-        want.insert(id, p.metadata().mappings(id, 0, u64::MAX).expect("mappings"));
+        want.insert(
+            id,
+            p.metadata()
+                .mappings(id, 0, u64::MAX)
+                .expect("mappings")
+                .into_iter()
+                .map(|m| (m.vblock, m.data_block, m.time))
+                .collect(),
+        );
     }
     let status = p.meta().status();
     drop(p);

@@ -126,19 +126,7 @@ impl Pool {
 
     /// Split `[offset, offset+len)` into per-block pieces: (vblock, offset in block, length).
     fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64, u64)> {
-        let bs = self.block_bytes;
-        let end = offset.saturating_add(len);
-        let mut pos = offset;
-        std::iter::from_fn(move || {
-            if pos >= end {
-                return None;
-            }
-            let vb = pos / bs;
-            let within = pos % bs;
-            let n = (bs - within).min(end - pos);
-            pos += n;
-            Some((vb, within, n))
-        })
+        crate::units::pieces(offset, len, self.block_bytes).map(|p| (p.block, p.within, p.len))
     }
 
     /// Read `buf.len()` bytes of device `dev` at byte `offset`.
@@ -368,7 +356,7 @@ impl Pool {
         }
         let first = offset / bs;
         let last = (end - 1) / bs;
-        let mapped: Vec<u64> = self.md.mappings(dev, first, last + 1)?.into_iter().map(|m| m.0).collect();
+        let mapped: Vec<u64> = self.md.mappings(dev, first, last + 1)?.into_iter().map(|m| m.vblock).collect();
         let mut out: Vec<(u64, bool)> = Vec::new();
         let mut push = |n: u64, m: bool| match out.last_mut() {
             Some(last) if last.1 == m => last.0 += n,

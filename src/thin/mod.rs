@@ -26,8 +26,18 @@ use crate::io::MetaStorage;
 use crate::space_map::RefCounts;
 use crate::transaction::Txn;
 
-/// A thin device id (24 bits).
-pub type DevId = u32;
+pub use crate::units::DevId;
+
+/// A mapped virtual block as stored: where it lives and when it was mapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MappedBlock {
+    /// The virtual block.
+    pub vblock: u64,
+    /// The data block holding it.
+    pub data_block: u64,
+    /// Pool time when the mapping was made.
+    pub time: u32,
+}
 
 /// One mapping of a virtual block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -511,16 +521,34 @@ impl Metadata {
             .map(|(k, v)| (k, unpack_block_time(v).0)))
     }
 
-    /// Every mapping of a device with `lo <= vblock < hi`: (vblock, data block, time).
-    pub fn mappings(&mut self, id: DevId, lo: u64, hi: u64) -> Result<Vec<(u64, u64, u32)>, PoolError> {
+    /// Every mapping of a device with `lo <= vblock < hi`, in order.
+    pub fn mappings(&mut self, id: DevId, lo: u64, hi: u64) -> Result<Vec<MappedBlock>, PoolError> {
         let root = self.dev(id)?.root;
         let mut out = Vec::new();
         btree::visit(&mut self.t, root, Values::Mapping, lo, hi, &mut |k, v| {
             let (b, tm) = unpack_block_time(u64::from_le_bytes(v[..8].try_into().unwrap_or_default()));
-            out.push((k, b, tm));
+            out.push(MappedBlock { vblock: k, data_block: b, time: tm });
             Ok(())
         })?;
         Ok(out)
+    }
+
+    /// The next batch of mappings of a device at or after `from` and below `hi`: the
+    /// mappings of `[k, min(k + window, hi))` where `k` is the first mapped block at
+    /// or after `from`. Holes are skipped at the cost of one descent; an empty batch
+    /// means nothing is mapped in `[from, hi)`. Callers walk a device by calling again
+    /// from the last returned block plus one.
+    pub fn mapping_window(
+        &mut self,
+        id: DevId,
+        from: u64,
+        hi: u64,
+        window: u64,
+    ) -> Result<Vec<MappedBlock>, PoolError> {
+        match self.next_mapped(id, from)? {
+            Some((k, _)) if k < hi => self.mappings(id, k, k.saturating_add(window.max(1)).min(hi)),
+            _ => Ok(Vec::new()),
+        }
     }
 
     /// Point the top-level entry of `id` at `root`, handing over the reference the
@@ -924,7 +952,7 @@ impl Metadata {
         let mut owners: HashMap<u64, u32> = HashMap::new();
         let mut per_dev: Vec<(DevId, Vec<u64>)> = Vec::new();
         for id in self.device_ids() {
-            let blocks: Vec<u64> = self.mappings(id, 0, u64::MAX)?.into_iter().map(|(_, b, _)| b).collect();
+            let blocks: Vec<u64> = self.mappings(id, 0, u64::MAX)?.into_iter().map(|m| m.data_block).collect();
             for &b in &blocks {
                 *owners.entry(b).or_default() += 1;
             }

@@ -51,9 +51,9 @@ fn source_len(f: &mut File, path: &Path) -> CliResult<u64> {
 /// The current mappings of `[lo, hi)`: per block, `Some(shared)` when mapped.
 fn window_mappings(pool: &mut Pool, id: DevId, lo: u64, hi: u64, stime: u32) -> CliResult<Vec<Option<bool>>> {
     let mut out = vec![None; (hi - lo) as usize];
-    for (vb, _, time) in pool.metadata().mappings(id, lo, hi)? {
-        if let Some(slot) = out.get_mut((vb - lo) as usize) {
-            *slot = Some(stime > time);
+    for m in pool.metadata().mappings(id, lo, hi)? {
+        if let Some(slot) = out.get_mut((m.vblock - lo) as usize) {
+            *slot = Some(stime > m.time);
         }
     }
     Ok(out)
@@ -323,17 +323,13 @@ pub fn export(dir: &Path, name: &str, dest: &OsStr) -> CliResult {
     let mut buf = Vec::new();
     let mut vb = 0;
     while vb < nblk {
-        let Some((k, _)) = pool.metadata().next_mapped(id, vb)? else { break };
-        if k >= nblk {
-            break;
-        }
-        let hi = k.saturating_add(w).min(nblk);
-        let maps = pool.metadata().mappings(id, k, hi)?;
+        let maps = pool.metadata().mapping_window(id, vb, nblk, w)?;
+        let Some(hi) = maps.last().map(|m| m.vblock + 1) else { break };
         let mut i = 0;
         while i < maps.len() {
-            let start = maps[i].0;
+            let start = maps[i].vblock;
             let mut n = 1;
-            while i + n < maps.len() && maps[i + n].0 == start + n as u64 {
+            while i + n < maps.len() && maps[i + n].vblock == start + n as u64 {
                 n += 1;
             }
             let off = start * bs;

@@ -116,14 +116,11 @@ fn write_dump(pool: &mut Pool, out: &mut dyn Write) -> Result<(), DumpError> {
         )?;
         let mut run: Option<Run> = None;
         let mut vb = 0u64;
-        while let Some((k, _)) = pool.metadata().next_mapped(id, vb)? {
-            let batch = pool.metadata().mappings(id, k, k.saturating_add(WINDOW))?;
-            let Some(&(last, _, _)) = batch.last() else {
-                return Err(DumpError::Cli(msg(format!(
-                    "device {id}: the mapping of virtual block {k} cannot be listed (the last possible block)"
-                ))));
-            };
-            for (v, d, t) in batch {
+        loop {
+            let batch = pool.metadata().mapping_window(id, vb, u64::MAX, WINDOW)?;
+            let Some(last) = batch.last().map(|m| m.vblock) else { break };
+            for m in batch {
+                let (v, d, t) = (m.vblock, m.data_block, m.time);
                 run = match run {
                     Some(r) if r.origin + r.len == v && r.data + r.len == d && r.time == t => {
                         Some(Run { len: r.len + 1, ..r })
