@@ -64,9 +64,17 @@ impl std::fmt::Display for Corruption {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum MetaError {
-    /// A metadata block is corrupt.
-    #[error("metadata block {block}: {what}")]
-    Corrupt { block: u64, what: Corruption },
+    /// A metadata block is corrupt. `path` lists the tree nodes from the root down to
+    /// the parent of `block` when the block was reached through a B-tree walk.
+    #[error("metadata block {block}: {what}{}", TreePath(path))]
+    Corrupt {
+        /// The block that failed.
+        block: u64,
+        /// What is wrong with it.
+        what: Corruption,
+        /// Tree nodes from the root to the block's parent (empty when not in a tree).
+        path: Vec<u64>,
+    },
     /// I/O on the metadata file failed.
     #[error("metadata I/O error: {0}")]
     Io(#[from] io::Error),
@@ -87,7 +95,35 @@ pub enum MetaError {
 impl MetaError {
     /// Shorthand for a corruption error.
     pub fn corrupt(block: u64, what: Corruption) -> MetaError {
-        MetaError::Corrupt { block, what }
+        MetaError::Corrupt { block, what, path: Vec::new() }
+    }
+
+    /// The same error, noting the tree path it was found under (the root first), if
+    /// it is a corruption that carries no path yet.
+    pub fn under(self, path: &[u64]) -> MetaError {
+        match self {
+            MetaError::Corrupt { block, what, path: p } if p.is_empty() => {
+                MetaError::Corrupt { block, what, path: path.to_vec() }
+            }
+            other => other,
+        }
+    }
+}
+
+/// Displays a tree path as " (reached from root N through ...)", or nothing.
+struct TreePath<'a>(&'a [u64]);
+
+impl std::fmt::Display for TreePath<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Some((root, rest)) = self.0.split_first() else { return Ok(()) };
+        write!(f, " (reached from tree root {root}")?;
+        if !rest.is_empty() {
+            write!(f, " through")?;
+            for b in rest {
+                write!(f, " {b}")?;
+            }
+        }
+        write!(f, ")")
     }
 }
 

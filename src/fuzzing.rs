@@ -135,7 +135,7 @@ pub fn exercise(img: &[u8]) {
             let _ = md.highest_mapped(id);
             let _ = md.lookup(id, 5);
         }
-        let _ = md.audit();
+        let _ = crate::check::audit(&mut md);
     }
     let storage = CrashStorage::from_blocks(blocks);
     if let Ok(mut md) = Metadata::open(Box::new(storage), false) {

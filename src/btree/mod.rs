@@ -1,4 +1,5 @@
-//! Copy-on-write B-trees in the dm-thin node format.
+//! Copy-on-write B-trees in the dm-thin node format: lookup here, changes in
+//! [`mutate`], and the one walker every reader of a tree uses in [`walk`].
 //!
 //! Every change shadows the path it touches (spec §5.1): a block allocated in the
 //! current transaction and not shared is changed in place; any other block is copied
@@ -9,42 +10,81 @@
 //! after a removal), but keep every invariant of spec §3.2: leaves at one depth, keys
 //! strictly ascending, a parent key <= its child's first key, non-root nodes at least a
 //! third full, `max_entries` divisible by 3, internal nodes with value_size 8.
+//!
+//! The tree knows nothing of what its values mean: a [`Values`] says how a value
+//! holds references (on data blocks, on another tree, or none), and the layer that
+//! owns the tree supplies it.
+
+pub mod mutate;
+pub mod walk;
+
+pub use mutate::{delete_tree, empty, insert, remove, Inserted, Replace};
+pub use walk::{next_at_or_after, visit, walk, Node, NodeSource, NodeVisitor, Step, Visitor, Walk};
 
 use crate::error::{Corruption, MetaError};
-use crate::format::checksum::BlockKind;
-use crate::format::node::{self, NodeHeader, INTERNAL, LEAF};
-use crate::format::values::unpack_block_time;
-use crate::format::{zeroed_block, Block};
+use crate::format::node;
 use crate::transaction::Txn;
 
 /// Deepest tree accepted; anything deeper is a cycle.
 pub const MAX_DEPTH: usize = 24;
 
 /// What the values of a tree refer to, which decides reference counting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub enum Values {
-    /// Bottom-level mapping tree: block_time values referencing data blocks.
-    Mapping,
-    /// Top-level mapping tree: values are roots of bottom-level trees.
-    Subtrees,
+    /// 8-byte values each holding a reference on the data block that `data_block`
+    /// extracts from the value.
+    DataRefs {
+        /// The data block a value refers to.
+        data_block: fn(&[u8]) -> u64,
+    },
+    /// 8-byte values that are roots of other trees, whose values are `inner`.
+    Subtrees {
+        /// The values of the trees below.
+        inner: &'static Values,
+    },
     /// Values that reference nothing, of this many bytes.
     Plain(u32),
 }
-
-/// Value size of device-details leaves.
-pub const DETAILS: Values = Values::Plain(24);
-/// Value size of data space-map index leaves.
-pub const SM_INDEX: Values = Values::Plain(16);
-/// Value size of ref-count tree leaves.
-pub const REF_COUNTS: Values = Values::Plain(4);
 
 impl Values {
     /// Leaf value size in bytes.
     pub fn size(self) -> u32 {
         match self {
-            Values::Mapping | Values::Subtrees => 8,
+            Values::DataRefs { .. } | Values::Subtrees { .. } => 8,
             Values::Plain(n) => n,
         }
+    }
+
+    /// Take a reference on what `v` refers to.
+    fn inc(self, t: &mut Txn, v: &[u8]) -> Result<(), MetaError> {
+        match self {
+            Values::DataRefs { data_block } => t.inc_data(data_block(v)),
+            Values::Subtrees { .. } => t.inc_meta(u64_of(v)),
+            Values::Plain(_) => Ok(()),
+        }
+    }
+
+    /// Drop the reference `v` holds (a subtree whose last reference goes is released).
+    fn dec(self, t: &mut Txn, v: &[u8]) -> Result<(), MetaError> {
+        match self {
+            Values::DataRefs { data_block } => t.dec_data(data_block(v)).map(|_| ()),
+            Values::Subtrees { inner } => delete_tree(t, u64_of(v), *inner),
+            Values::Plain(_) => Ok(()),
+        }
+    }
+
+    /// Do `a` and `b` hold the same reference (so replacing one by the other changes
+    /// no count)?
+    fn same_target(self, a: &[u8], b: &[u8]) -> bool {
+        match self {
+            Values::DataRefs { data_block } => data_block(a) == data_block(b),
+            _ => a == b,
+        }
+    }
+
+    /// Do leaf values hold references at all?
+    fn holds_refs(self) -> bool {
+        !matches!(self, Values::Plain(_))
     }
 }
 
@@ -69,9 +109,7 @@ impl Val {
     }
     /// The first 8 bytes as a u64 (for 8-byte values).
     pub fn as_u64(&self) -> u64 {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&self.bytes[..8]);
-        u64::from_le_bytes(b)
+        u64_of(&self.bytes)
     }
 }
 
@@ -83,85 +121,20 @@ fn tree_err(b: u64, s: &str) -> MetaError {
     MetaError::corrupt(b, Corruption::Tree(s.to_string()))
 }
 
-fn u64_of(v: &[u8]) -> u64 {
+/// The first 8 bytes of a value as a little-endian u64 (zero-padded when shorter).
+pub fn u64_of(v: &[u8]) -> u64 {
     let mut b = [0u8; 8];
-    b.copy_from_slice(&v[..8]);
+    let n = v.len().min(8);
+    b[..n].copy_from_slice(&v[..n]);
     u64::from_le_bytes(b)
-}
-
-fn inc_value(t: &mut Txn, vk: Values, v: &[u8]) -> Result<(), MetaError> {
-    match vk {
-        Values::Mapping => t.data.inc(unpack_block_time(u64_of(v)).0),
-        Values::Subtrees => t.meta.inc(u64_of(v)),
-        Values::Plain(_) => Ok(()),
-    }
-}
-
-fn dec_value(t: &mut Txn, vk: Values, v: &[u8]) -> Result<(), MetaError> {
-    match vk {
-        Values::Mapping => t.data.dec(unpack_block_time(u64_of(v)).0).map(|_| ()),
-        Values::Subtrees => delete_tree(t, u64_of(v), Values::Mapping),
-        Values::Plain(_) => Ok(()),
-    }
-}
-
-fn values_equal(vk: Values, a: &[u8], b: &[u8]) -> bool {
-    match vk {
-        Values::Mapping => unpack_block_time(u64_of(a)).0 == unpack_block_time(u64_of(b)).0,
-        _ => a == b,
-    }
-}
-
-/// A new empty leaf (count 1) for a tree of `vk` values.
-pub fn empty(t: &mut Txn, vk: Values) -> Result<u64, MetaError> {
-    let b = t.alloc_meta()?;
-    let mut blk = zeroed_block();
-    node::init(&mut blk, LEAF, vk.size());
-    t.put(b, blk, BlockKind::Node, vk.size());
-    Ok(b)
-}
-
-/// Make `b` writable: itself when it is exclusive to this transaction, otherwise a copy.
-fn shadow(t: &mut Txn, b: u64, vk: Values) -> Result<u64, MetaError> {
-    if t.is_writable(b) {
-        return Ok(b);
-    }
-    let copy = Box::new(*t.node(b, vk.size())?);
-    let shared = t.meta.get(b) > 1;
-    let nb = t.alloc_meta()?;
-    t.dec_meta(b)?;
-    t.put(nb, copy, BlockKind::Node, vk.size());
-    if shared {
-        inc_children(t, nb, vk)?;
-    }
-    Ok(nb)
-}
-
-fn inc_children(t: &mut Txn, b: u64, vk: Values) -> Result<(), MetaError> {
-    let blk = t.node(b, vk.size())?;
-    let h = node::header(blk);
-    if h.is_leaf() {
-        if let Values::Plain(_) = vk {
-            return Ok(());
-        }
-        let vals: Vec<u64> = (0..h.nr_entries as usize).map(|i| node::value_u64(blk, &h, i)).collect();
-        for v in vals {
-            inc_value(t, vk, &v.to_le_bytes())?;
-        }
-    } else {
-        let kids: Vec<u64> = (0..h.nr_entries as usize).map(|i| node::value_u64(blk, &h, i)).collect();
-        for k in kids {
-            t.meta.inc(k)?;
-        }
-    }
-    Ok(())
 }
 
 /// Look `key` up.
 pub fn lookup(t: &mut Txn, root: u64, key: u64, vk: Values) -> Result<Option<Val>, MetaError> {
     let mut b = root;
+    let mut path = Vec::new();
     for _ in 0..MAX_DEPTH {
-        let blk = t.node(b, vk.size())?;
+        let blk = t.node(b, vk.size()).map_err(|e| e.under(&path))?;
         let h = node::header(blk);
         let Some(i) = node::lower_bound(blk, &h, key) else {
             return Ok(None);
@@ -169,385 +142,32 @@ pub fn lookup(t: &mut Txn, root: u64, key: u64, vk: Values) -> Result<Option<Val
         if h.is_leaf() {
             return Ok((node::key(blk, i) == key).then(|| Val::new(node::value(blk, &h, i))));
         }
+        path.push(b);
         b = node::value_u64(blk, &h, i);
     }
-    Err(too_deep(b))
+    Err(too_deep(b).under(&path))
+}
+
+/// The largest key of the tree, found down the rightmost spine.
+pub fn last_key(t: &mut Txn, root: u64, vk: Values) -> Result<Option<u64>, MetaError> {
+    let mut b = root;
+    let mut path = Vec::new();
+    for _ in 0..MAX_DEPTH {
+        let blk = t.node(b, vk.size()).map_err(|e| e.under(&path))?;
+        let h = node::header(blk);
+        let Some(i) = (h.nr_entries as usize).checked_sub(1) else { return Ok(None) };
+        if h.is_leaf() {
+            return Ok(Some(node::key(blk, i)));
+        }
+        path.push(b);
+        b = node::value_u64(blk, &h, i);
+    }
+    Err(too_deep(b).under(&path))
 }
 
 /// Look up an 8-byte value.
 pub fn lookup_u64(t: &mut Txn, root: u64, key: u64, vk: Values) -> Result<Option<u64>, MetaError> {
     Ok(lookup(t, root, key, vk)?.map(|v| v.as_u64()))
-}
-
-/// What [`insert`] did.
-#[derive(Debug, Clone, Copy)]
-pub struct Inserted {
-    /// The tree's root after the insert.
-    pub root: u64,
-    /// The value the key had before, if any.
-    pub old: Option<Val>,
-}
-
-/// How an insert treats the value it replaces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Replace {
-    /// Drop the old value's reference when it differs (the usual insert).
-    DecOld,
-    /// Overwrite without touching references (the caller moved them already).
-    Raw,
-}
-
-enum Up {
-    Done(u64),
-    Split { left: u64, right_key: u64, right: u64 },
-}
-
-/// Insert or overwrite `key`. A new value's reference is handed over by the caller
-/// (insert never increments it).
-pub fn insert(
-    t: &mut Txn,
-    root: u64,
-    key: u64,
-    value: &[u8],
-    vk: Values,
-    replace: Replace,
-) -> Result<Inserted, MetaError> {
-    let mut old = None;
-    let up = insert_rec(t, root, key, value, vk, 0, &mut old)?;
-    let root = match up {
-        Up::Done(r) => r,
-        Up::Split { left, right_key, right } => {
-            let left_key = node::key(t.node_mut(left)?, 0);
-            let nr = t.alloc_meta()?;
-            let mut blk = zeroed_block();
-            let mut h = node::init(&mut blk, INTERNAL, 8);
-            node::insert_at(&mut blk, &mut h, 0, left_key, &left.to_le_bytes());
-            node::insert_at(&mut blk, &mut h, 1, right_key, &right.to_le_bytes());
-            t.put(nr, blk, BlockKind::Node, vk.size());
-            nr
-        }
-    };
-    if let (Some(o), Replace::DecOld) = (old, replace) {
-        if !values_equal(vk, o.as_bytes(), value) {
-            dec_value(t, vk, o.as_bytes())?;
-        }
-    }
-    Ok(Inserted { root, old })
-}
-
-fn insert_rec(
-    t: &mut Txn,
-    b: u64,
-    key: u64,
-    value: &[u8],
-    vk: Values,
-    depth: usize,
-    old: &mut Option<Val>,
-) -> Result<Up, MetaError> {
-    if depth >= MAX_DEPTH {
-        return Err(too_deep(b));
-    }
-    let nb = shadow(t, b, vk)?;
-    let blk = t.node_mut(nb)?;
-    let h = node::header(blk);
-    let lb = node::lower_bound(blk, &h, key);
-    if h.is_leaf() {
-        if let Some(i) = lb {
-            if node::key(blk, i) == key {
-                *old = Some(Val::new(node::value(blk, &h, i)));
-                node::set_value(blk, &h, i, value);
-                return Ok(Up::Done(nb));
-            }
-        }
-        return insert_entry(t, nb, h, lb.map_or(0, |i| i + 1), key, value, vk);
-    }
-    if h.nr_entries == 0 {
-        return Err(tree_err(nb, "internal btree node with no entries"));
-    }
-    let i = match lb {
-        Some(i) => i,
-        None => {
-            node::set_key(blk, 0, key);
-            0
-        }
-    };
-    let child = node::value_u64(blk, &h, i);
-    match insert_rec(t, child, key, value, vk, depth + 1, old)? {
-        Up::Done(c) => {
-            node::set_value_u64(t.node_mut(nb)?, &h, i, c);
-            Ok(Up::Done(nb))
-        }
-        Up::Split { left, right_key, right } => {
-            node::set_value_u64(t.node_mut(nb)?, &h, i, left);
-            insert_entry(t, nb, h, i + 1, right_key, &right.to_le_bytes(), vk)
-        }
-    }
-}
-
-/// Insert an entry at `pos` of writable node `nb`, splitting it when full.
-fn insert_entry(
-    t: &mut Txn,
-    nb: u64,
-    mut h: NodeHeader,
-    pos: usize,
-    key: u64,
-    value: &[u8],
-    vk: Values,
-) -> Result<Up, MetaError> {
-    if h.nr_entries < h.max_entries {
-        node::insert_at(t.node_mut(nb)?, &mut h, pos, key, value);
-        return Ok(Up::Done(nb));
-    }
-    let rb = t.alloc_meta()?;
-    let mut right = zeroed_block();
-    let mut rh = NodeHeader { nr_entries: 0, ..h };
-    node::write_header(&mut right, &rh);
-    let nr = h.nr_entries as usize;
-    let mid = nr / 2;
-    {
-        let left = t.node_mut(nb)?;
-        node::append_from(&mut right, &mut rh, left, &h, mid, nr - mid);
-        node::set_nr_entries(left, &mut h, mid as u32);
-        if pos <= mid {
-            node::insert_at(left, &mut h, pos, key, value);
-        } else {
-            node::insert_at(&mut right, &mut rh, pos - mid, key, value);
-        }
-    }
-    let right_key = node::key(&right, 0);
-    t.put(rb, right, BlockKind::Node, vk.size());
-    Ok(Up::Split { left: nb, right_key, right: rb })
-}
-
-/// Remove `key` (dropping its value's reference). Returns the new root and the old
-/// value; a missing key changes nothing.
-pub fn remove(t: &mut Txn, root: u64, key: u64, vk: Values) -> Result<(u64, Option<Val>), MetaError> {
-    if lookup(t, root, key, vk)?.is_none() {
-        return Ok((root, None));
-    }
-    let (mut r, old) = remove_rec(t, root, key, vk, 0)?;
-    // An internal root with one child is replaced by that child.
-    loop {
-        let blk = t.node(r, vk.size())?;
-        let h = node::header(blk);
-        if h.is_leaf() || h.nr_entries != 1 {
-            break;
-        }
-        let child = node::value_u64(blk, &h, 0);
-        if t.meta.get(r) > 1 {
-            t.meta.inc(child)?;
-        }
-        t.dec_meta(r)?;
-        r = child;
-    }
-    dec_value(t, vk, old.as_bytes())?;
-    Ok((r, Some(old)))
-}
-
-fn remove_rec(t: &mut Txn, b: u64, key: u64, vk: Values, depth: usize) -> Result<(u64, Val), MetaError> {
-    if depth >= MAX_DEPTH {
-        return Err(too_deep(b));
-    }
-    let nb = shadow(t, b, vk)?;
-    let blk = t.node_mut(nb)?;
-    let mut h = node::header(blk);
-    let i = node::lower_bound(blk, &h, key).ok_or_else(|| tree_err(nb, "key vanished during removal"))?;
-    if h.is_leaf() {
-        if node::key(blk, i) != key {
-            return Err(tree_err(nb, "key vanished during removal"));
-        }
-        let old = Val::new(node::value(blk, &h, i));
-        node::remove_at(blk, &mut h, i);
-        return Ok((nb, old));
-    }
-    let child = node::value_u64(blk, &h, i);
-    let (nc, old) = remove_rec(t, child, key, vk, depth + 1)?;
-    node::set_value_u64(t.node_mut(nb)?, &h, i, nc);
-    let ch = node::header(t.node_mut(nc)?);
-    if ch.nr_entries < ch.max_entries / 3 && h.nr_entries > 1 {
-        rebalance(t, nb, i, vk)?;
-    }
-    Ok((nb, old))
-}
-
-/// Child `i` of writable node `parent` is under-full: merge it with a sibling or
-/// share entries with it.
-fn rebalance(t: &mut Txn, parent: u64, i: usize, vk: Values) -> Result<(), MetaError> {
-    let ph = node::header(t.node_mut(parent)?);
-    let n = ph.nr_entries as usize;
-    let (li, ri) = if i + 1 < n { (i, i + 1) } else { (i - 1, i) };
-    let lold = node::value_u64(t.node_mut(parent)?, &ph, li);
-    let l = shadow(t, lold, vk)?;
-    node::set_value_u64(t.node_mut(parent)?, &ph, li, l);
-    let rold = node::value_u64(t.node_mut(parent)?, &ph, ri);
-    let r = shadow(t, rold, vk)?;
-    node::set_value_u64(t.node_mut(parent)?, &ph, ri, r);
-
-    let mut lblk = Box::new(*t.node_mut(l)?);
-    let rblk = Box::new(*t.node_mut(r)?);
-    let mut lh = node::header(&lblk);
-    let rh = node::header(&rblk);
-    if lh.value_size != rh.value_size || lh.flags != rh.flags {
-        return Err(tree_err(r, "sibling btree nodes of different kinds"));
-    }
-    let total = (lh.nr_entries + rh.nr_entries) as usize;
-    let cap = lh.max_entries.min(rh.max_entries) as usize;
-    if total <= cap {
-        node::append_from(&mut lblk, &mut lh, &rblk, &rh, 0, rh.nr_entries as usize);
-        t.put(l, lblk, BlockKind::Node, vk.size());
-        let mut ph = ph;
-        node::remove_at(t.node_mut(parent)?, &mut ph, ri);
-        t.dec_meta(r)?;
-        return Ok(());
-    }
-    let target_left = total / 2;
-    let mut nr_blk = zeroed_block();
-    let mut nrh = NodeHeader { nr_entries: 0, ..rh };
-    node::write_header(&mut nr_blk, &nrh);
-    if (lh.nr_entries as usize) > target_left {
-        let moved = lh.nr_entries as usize - target_left;
-        node::append_from(&mut nr_blk, &mut nrh, &lblk, &lh, target_left, moved);
-        node::append_from(&mut nr_blk, &mut nrh, &rblk, &rh, 0, rh.nr_entries as usize);
-        node::set_nr_entries(&mut lblk, &mut lh, target_left as u32);
-    } else {
-        let moved = target_left - lh.nr_entries as usize;
-        node::append_from(&mut lblk, &mut lh, &rblk, &rh, 0, moved);
-        node::append_from(&mut nr_blk, &mut nrh, &rblk, &rh, moved, rh.nr_entries as usize - moved);
-    }
-    let rkey = node::key(&nr_blk, 0);
-    t.put(l, lblk, BlockKind::Node, vk.size());
-    t.put(r, nr_blk, BlockKind::Node, vk.size());
-    node::set_key(t.node_mut(parent)?, ri, rkey);
-    Ok(())
-}
-
-/// Release a whole tree (spec §3.8): shared nodes are only decremented; exclusive
-/// ones release their children or values and are freed.
-pub fn delete_tree(t: &mut Txn, root: u64, vk: Values) -> Result<(), MetaError> {
-    delete_rec(t, root, vk, 0)
-}
-
-fn delete_rec(t: &mut Txn, b: u64, vk: Values, depth: usize) -> Result<(), MetaError> {
-    if depth >= MAX_DEPTH {
-        return Err(too_deep(b));
-    }
-    if t.meta.get(b) > 1 {
-        t.dec_meta(b)?;
-        return Ok(());
-    }
-    let blk = t.node(b, vk.size())?;
-    let h = node::header(blk);
-    let vals: Vec<u64> = match (h.is_leaf(), vk) {
-        (true, Values::Plain(_)) => Vec::new(),
-        _ => (0..h.nr_entries as usize).map(|i| node::value_u64(blk, &h, i)).collect(),
-    };
-    if h.is_leaf() {
-        for v in vals {
-            match vk {
-                Values::Mapping => {
-                    t.data.dec(unpack_block_time(v).0)?;
-                }
-                Values::Subtrees => delete_rec(t, v, Values::Mapping, 0)?,
-                Values::Plain(_) => {}
-            }
-        }
-    } else {
-        for c in vals {
-            delete_rec(t, c, vk, depth + 1)?;
-        }
-    }
-    t.dec_meta(b)?;
-    Ok(())
-}
-
-/// Callback of [`visit`]: key and raw value.
-pub type Visitor<'a> = dyn FnMut(u64, &[u8]) -> Result<(), MetaError> + 'a;
-
-/// Call `f(key, value)` for every entry with `lo <= key < hi`, in key order. A node
-/// reached twice (a cycle or a shared node inside one tree) is reported as corruption.
-pub fn visit(t: &mut Txn, root: u64, vk: Values, lo: u64, hi: u64, f: &mut Visitor<'_>) -> Result<(), MetaError> {
-    let mut seen = std::collections::HashSet::new();
-    visit_rec(t, root, vk, lo, hi, f, 0, &mut seen)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn visit_rec(
-    t: &mut Txn,
-    b: u64,
-    vk: Values,
-    lo: u64,
-    hi: u64,
-    f: &mut Visitor<'_>,
-    depth: usize,
-    seen: &mut std::collections::HashSet<u64>,
-) -> Result<(), MetaError> {
-    if depth >= MAX_DEPTH {
-        return Err(too_deep(b));
-    }
-    if !seen.insert(b) {
-        return Err(tree_err(b, "btree node reached twice in one tree (cycle)"));
-    }
-    let blk: Box<Block> = Box::new(*t.node(b, vk.size())?);
-    let h = node::header(&blk);
-    let n = h.nr_entries as usize;
-    if h.is_leaf() {
-        let start = node::lower_bound(&blk, &h, lo).map_or(0, |i| if node::key(&blk, i) < lo { i + 1 } else { i });
-        for i in start..n {
-            let k = node::key(&blk, i);
-            if k >= hi {
-                break;
-            }
-            f(k, node::value(&blk, &h, i))?;
-        }
-        return Ok(());
-    }
-    let start = node::lower_bound(&blk, &h, lo).unwrap_or(0);
-    for i in start..n {
-        if node::key(&blk, i) >= hi {
-            break;
-        }
-        visit_rec(t, node::value_u64(&blk, &h, i), vk, lo, hi, f, depth + 1, seen)?;
-    }
-    Ok(())
-}
-
-/// The first entry with key >= `k`, for 8-byte-valued trees.
-pub fn next_at_or_after(t: &mut Txn, root: u64, k: u64, vk: Values) -> Result<Option<(u64, u64)>, MetaError> {
-    // Bounds the walk on corrupt trees whose leaves are all empty.
-    let mut budget = t.meta.nr_blocks().max(1);
-    next_rec(t, root, k, vk, 0, &mut budget)
-}
-
-fn next_rec(
-    t: &mut Txn,
-    b: u64,
-    k: u64,
-    vk: Values,
-    depth: usize,
-    budget: &mut u64,
-) -> Result<Option<(u64, u64)>, MetaError> {
-    if depth >= MAX_DEPTH || *budget == 0 {
-        return Err(too_deep(b));
-    }
-    *budget -= 1;
-    let blk = t.node(b, vk.size())?;
-    let h = node::header(blk);
-    let n = h.nr_entries as usize;
-    if h.is_leaf() {
-        let i = match node::lower_bound(blk, &h, k) {
-            Some(i) if node::key(blk, i) == k => i,
-            Some(i) => i + 1,
-            None => 0,
-        };
-        return Ok((i < n).then(|| (node::key(blk, i), node::value_u64(blk, &h, i))));
-    }
-    let kids: Vec<u64> = (node::lower_bound(blk, &h, k).unwrap_or(0)..n).map(|i| node::value_u64(blk, &h, i)).collect();
-    for c in kids {
-        if let Some(found) = next_rec(t, c, k, vk, depth + 1, budget)? {
-            return Ok(Some(found));
-        }
-    }
-    Ok(None)
 }
 
 #[cfg(test)]
@@ -632,9 +252,9 @@ mod tests {
             assert_eq!(got, want);
         }
         for (&b, &n) in &refs {
-            assert_eq!(t.meta.get(b), n, "count of block {b}");
+            assert_eq!(t.meta_count(b), n, "count of block {b}");
         }
-        assert_eq!(t.meta.nr_allocated(), refs.len() as u64 + 1, "leaked metadata blocks");
+        assert_eq!(t.meta_counts().nr_allocated(), refs.len() as u64 + 1, "leaked metadata blocks");
     }
 
     #[test]
@@ -652,7 +272,7 @@ mod tests {
             ma.insert(k, k);
         }
         t.end_transaction();
-        t.meta.inc(a).expect("share");
+        t.inc_meta(a).expect("share");
         let (mut b, mut mb) = (a, ma.clone());
         for k in (0..200_000u64).step_by(7) {
             let (r, old) = remove(&mut t, b, k, vk).expect("rm");
@@ -666,7 +286,7 @@ mod tests {
         check_counts(&mut t, &[(a, ma), (b, mb)], vk);
         delete_tree(&mut t, a, vk).expect("del");
         delete_tree(&mut t, b, vk).expect("del");
-        assert_eq!(t.meta.nr_allocated(), 1);
+        assert_eq!(t.meta_counts().nr_allocated(), 1);
     }
 
     #[derive(Debug, Clone)]
@@ -697,7 +317,7 @@ mod tests {
                 roots[0] = insert(&mut t, roots[0], k * 3, &k.to_le_bytes(), vk, Replace::DecOld).expect("ins").root;
                 models[0].insert(k * 3, k);
             }
-            t.meta.inc(roots[0]).expect("share");
+            t.inc_meta(roots[0]).expect("share");
             roots[1] = roots[0];
             models[1] = models[0].clone();
             for (which, op) in ops {
@@ -724,7 +344,7 @@ mod tests {
             // Deleting both trees frees everything but the superblock.
             delete_tree(&mut t, roots[0], vk).expect("del");
             delete_tree(&mut t, roots[1], vk).expect("del");
-            prop_assert_eq!(t.meta.nr_allocated(), 1);
+            prop_assert_eq!(t.meta_counts().nr_allocated(), 1);
         }
     }
 

@@ -13,6 +13,10 @@
 //! Every walk is bounded (depth limit, each node walked once), memory is bounded by
 //! the metadata size, and nothing on disk can make it panic.
 
+pub mod recount;
+
+pub use recount::audit;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::format::checksum::{self, BlockKind, PrefixError};

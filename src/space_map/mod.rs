@@ -14,6 +14,7 @@ use std::sync::Arc;
 use bitvec::vec::BitVec;
 
 use crate::error::MetaError;
+pub mod disk;
 use crate::format::space_map::{IndexEntry, ENTRIES_PER_BITMAP};
 
 const OVERFLOW: u8 = u8::MAX;

@@ -15,18 +15,26 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::btree::{self, Replace, Values, DETAILS, REF_COUNTS, SM_INDEX};
+use crate::btree::{self, Replace, Values};
 use crate::error::{Corruption, MetaError, PoolError};
 use crate::format::checksum::BlockKind;
-use crate::format::space_map::{self as fsm, IndexEntry, SmRoot, ENTRIES_PER_BITMAP};
+use crate::format::space_map::{SmRoot, ENTRIES_PER_BITMAP};
 use crate::format::superblock::{self, Superblock};
 use crate::format::values::{pack_block_time, unpack_block_time, DeviceDetails, MAX_TIME};
 use crate::format::{MAX_DATA_BLOCKS, MAX_DEV_ID, MAX_METADATA_BLOCKS};
 use crate::io::MetaStorage;
+use crate::space_map::disk::{SpaceMaps, REF_COUNTS, SM_INDEX};
 use crate::space_map::RefCounts;
 use crate::transaction::Txn;
 
 pub use crate::units::DevId;
+
+/// Bottom-level mapping trees: `block_time` values, each a reference on a data block.
+pub const MAPPING: Values = Values::DataRefs { data_block: |v| unpack_block_time(btree::u64_of(v)).0 };
+/// The top-level mapping tree: device id -> root of the device's mapping tree.
+pub const TOP_LEVEL: Values = Values::Subtrees { inner: &MAPPING };
+/// The device-details tree: 24-byte `DeviceDetails` values.
+pub const DETAILS: Values = Values::Plain(24);
 
 /// A mapped virtual block as stored: where it lives and when it was mapped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,13 +108,7 @@ pub struct Metadata {
     held_root: u64,
     mapping_root: u64,
     details_root: u64,
-    data_index_root: u64,
-    data_ref_root: u64,
-    data_bitmaps: Vec<u64>,
-    meta_bitmaps: Vec<u64>,
-    meta_ref_root: u64,
-    meta_index_loc: u64,
-    index_shadowed: bool,
+    sms: SpaceMaps,
     devices: BTreeMap<DevId, Device>,
     changed: bool,
 }
@@ -153,13 +155,11 @@ impl Metadata {
         let mut data = RefCounts::new("data", nr_data_blocks);
         data.mark_all_dirty();
         let mut t = Txn::new(storage, meta, data);
-        t.committing = true;
-        let mapping_root = btree::empty(&mut t, Values::Subtrees)?;
+        t.set_committing(true);
+        let mapping_root = btree::empty(&mut t, TOP_LEVEL)?;
         let details_root = btree::empty(&mut t, DETAILS)?;
-        let data_index_root = btree::empty(&mut t, SM_INDEX)?;
-        let data_ref_root = btree::empty(&mut t, REF_COUNTS)?;
-        let meta_ref_root = btree::empty(&mut t, REF_COUNTS)?;
-        t.committing = false;
+        let sms = SpaceMaps::format(&mut t)?;
+        t.set_committing(false);
         let sb = Superblock {
             magic: superblock::MAGIC,
             version: superblock::VERSION,
@@ -169,8 +169,6 @@ impl Metadata {
             ..Default::default()
         };
         let mut md = Metadata {
-            data_bitmaps: vec![0; t.data.nr_bitmaps() as usize],
-            meta_bitmaps: vec![0; t.meta.nr_bitmaps() as usize],
             t,
             read_only: false,
             sb,
@@ -179,11 +177,7 @@ impl Metadata {
             held_root: 0,
             mapping_root,
             details_root,
-            data_index_root,
-            data_ref_root,
-            meta_ref_root,
-            meta_index_loc: 0,
-            index_shadowed: false,
+            sms,
             devices: BTreeMap::new(),
             changed: true,
         };
@@ -228,48 +222,10 @@ impl Metadata {
         // A temporary manager to read the trees; its counts are replaced below.
         let mut t = Txn::new(storage, RefCounts::new("metadata", nr_meta), RefCounts::new("data", 0));
 
-        // Metadata space map: index block, bitmaps, overflow tree.
-        let meta_index_loc = msm.bitmap_root;
-        let entries = {
-            let blk = t.index_block(meta_index_loc)?;
-            fsm::index_decode(blk, meta_index_loc)
-                .map_err(|e| MetaError::corrupt(meta_index_loc, Corruption::Index(e)))?
-        };
-        let meta_bitmaps_n = nr_meta.div_ceil(ENTRIES_PER_BITMAP) as usize;
-        let meta_bitmaps: Vec<u64> = entries[..meta_bitmaps_n].iter().map(|e| e.blocknr).collect();
-        let meta_counts = load_counts(&mut t, "metadata", nr_meta, &meta_bitmaps, msm.ref_count_root, meta_index_loc)?;
-
-        // Data space map: index tree, bitmaps, overflow tree.
-        let mut index: Vec<Option<IndexEntry>> = vec![None; data_bitmaps_n as usize];
-        let idx_root = dsm.bitmap_root;
-        btree::visit(&mut t, idx_root, SM_INDEX, 0, u64::MAX, &mut |k, v| match index.get_mut(k as usize) {
-            Some(slot) => {
-                *slot = Some(IndexEntry::decode(v));
-                Ok(())
-            }
-            None => Err(MetaError::corrupt(
-                idx_root,
-                sm_err(format!("data space-map index has an entry for bitmap {k} of {data_bitmaps_n}")),
-            )),
-        })?;
-        let mut data_bitmaps = Vec::with_capacity(index.len());
-        for (i, e) in index.iter().enumerate() {
-            match e {
-                Some(e) => data_bitmaps.push(e.blocknr),
-                None => {
-                    return Err(
-                        MetaError::corrupt(idx_root, sm_err(format!("data space-map index lacks bitmap {i}"))).into()
-                    )
-                }
-            }
-        }
-        let data_counts = load_counts(&mut t, "data", dsm.nr_blocks, &data_bitmaps, dsm.ref_count_root, idx_root)?;
-        t.meta = meta_counts;
-        t.data = data_counts;
-
+        let sms = SpaceMaps::load(&mut t, &sb)?;
         // Devices.
         let mut roots: BTreeMap<u64, u64> = BTreeMap::new();
-        btree::visit(&mut t, sb.data_mapping_root, Values::Subtrees, 0, u64::MAX, &mut |k, v| {
+        btree::visit(&mut t, sb.data_mapping_root, TOP_LEVEL, 0, u64::MAX, &mut |k, v| {
             roots.insert(k, u64::from_le_bytes(v[..8].try_into().unwrap_or_default()));
             Ok(())
         })?;
@@ -313,13 +269,7 @@ impl Metadata {
             held_root: sb.held_root,
             mapping_root: sb.data_mapping_root,
             details_root: sb.device_details_root,
-            data_index_root: idx_root,
-            data_ref_root: dsm.ref_count_root,
-            data_bitmaps,
-            meta_bitmaps,
-            meta_ref_root: msm.ref_count_root,
-            meta_index_loc,
-            index_shadowed: false,
+            sms,
             devices,
             changed: false,
             sb,
@@ -371,10 +321,10 @@ impl Metadata {
             transaction_id: self.trans_id,
             time: self.time,
             data_block_sectors: self.sb.data_block_size,
-            data_total_blocks: self.t.data.nr_blocks(),
-            data_used_blocks: self.t.data.nr_allocated(),
-            metadata_total_blocks: self.t.meta.nr_blocks(),
-            metadata_used_blocks: self.t.meta.nr_allocated(),
+            data_total_blocks: self.t.data_counts().nr_blocks(),
+            data_used_blocks: self.t.data_counts().nr_allocated(),
+            metadata_total_blocks: self.t.meta_counts().nr_blocks(),
+            metadata_used_blocks: self.t.meta_counts().nr_allocated(),
             held_root: self.held_root,
             needs_check: self.sb.flags & superblock::FLAG_NEEDS_CHECK != 0,
         }
@@ -382,24 +332,24 @@ impl Metadata {
 
     /// Reference count of a data block (tests and tools).
     pub fn data_ref_count(&self, b: u64) -> u32 {
-        self.t.data.get(b)
+        self.t.data_counts().get(b)
     }
 
     /// Reference count of a metadata block (tests and tools).
     pub fn meta_ref_count(&self, b: u64) -> u32 {
-        self.t.meta.get(b)
+        self.t.meta_counts().get(b)
     }
 
     /// Bumped whenever a data block may become reusable: compare it before and after
     /// using a data block number outside the pool's lock.
     pub fn data_reuse_epoch(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
-        self.t.data.reuse_epoch()
+        self.t.data_counts().reuse_epoch()
     }
 
     /// Data blocks with count 0. Blocks freed by the current transaction are included
     /// although they become allocatable only once it commits.
     pub fn data_free_now(&self) -> u64 {
-        self.t.data.nr_free()
+        self.t.data_counts().nr_free()
     }
 
     fn dev(&self, id: DevId) -> Result<&Device, PoolError> {
@@ -420,7 +370,7 @@ impl Metadata {
         if self.devices.contains_key(&id) {
             return Err(PoolError::DeviceExists(id));
         }
-        let root = btree::empty(&mut self.t, Values::Mapping)?;
+        let root = btree::empty(&mut self.t, MAPPING)?;
         self.set_top_level(id, root)?;
         let details = DeviceDetails {
             mapped_blocks: 0,
@@ -445,7 +395,7 @@ impl Metadata {
         if self.time >= MAX_TIME {
             return Err(PoolError::TimeExhausted);
         }
-        self.t.meta.inc(o.root)?;
+        self.t.meta_counts_mut().inc(o.root)?;
         self.set_top_level(id, o.root)?;
         self.time += 1;
         let details = DeviceDetails {
@@ -472,7 +422,7 @@ impl Metadata {
         if d.root != d.root_in_tree {
             self.set_top_level(id, d.root)?;
         }
-        self.mapping_root = btree::remove(&mut self.t, self.mapping_root, id as u64, Values::Subtrees)?.0;
+        self.mapping_root = btree::remove(&mut self.t, self.mapping_root, id as u64, TOP_LEVEL)?.0;
         self.details_root = btree::remove(&mut self.t, self.details_root, id as u64, DETAILS)?.0;
         self.devices.remove(&id);
         self.changed = true;
@@ -499,14 +449,14 @@ impl Metadata {
     pub fn lookup(&mut self, id: DevId, vblock: u64) -> Result<Option<Mapping>, PoolError> {
         let d = self.dev(id)?;
         let (root, stime) = (d.root, d.details.snapshotted_time);
-        let Some(v) = btree::lookup_u64(&mut self.t, root, vblock, Values::Mapping)? else { return Ok(None) };
+        let Some(v) = btree::lookup_u64(&mut self.t, root, vblock, MAPPING)? else { return Ok(None) };
         let (data_block, time) = unpack_block_time(v);
-        if data_block >= self.t.data.nr_blocks() {
+        if data_block >= self.t.data_counts().nr_blocks() {
             return Err(MetaError::corrupt(
                 root,
                 Corruption::Tree(format!(
                     "device {id} maps virtual block {vblock} to data block {data_block}, past the end of the data device ({} blocks)",
-                    self.t.data.nr_blocks()
+                    self.t.data_counts().nr_blocks()
                 )),
             )
             .into());
@@ -517,15 +467,14 @@ impl Metadata {
     /// The first mapped virtual block at or after `vblock`, with its data block.
     pub fn next_mapped(&mut self, id: DevId, vblock: u64) -> Result<Option<(u64, u64)>, PoolError> {
         let root = self.dev(id)?.root;
-        Ok(btree::next_at_or_after(&mut self.t, root, vblock, Values::Mapping)?
-            .map(|(k, v)| (k, unpack_block_time(v).0)))
+        Ok(btree::next_at_or_after(&mut self.t, root, vblock, MAPPING)?.map(|(k, v)| (k, unpack_block_time(v).0)))
     }
 
     /// Every mapping of a device with `lo <= vblock < hi`, in order.
     pub fn mappings(&mut self, id: DevId, lo: u64, hi: u64) -> Result<Vec<MappedBlock>, PoolError> {
         let root = self.dev(id)?.root;
         let mut out = Vec::new();
-        btree::visit(&mut self.t, root, Values::Mapping, lo, hi, &mut |k, v| {
+        btree::visit(&mut self.t, root, MAPPING, lo, hi, &mut |k, v| {
             let (b, tm) = unpack_block_time(u64::from_le_bytes(v[..8].try_into().unwrap_or_default()));
             out.push(MappedBlock { vblock: k, data_block: b, time: tm });
             Ok(())
@@ -554,15 +503,9 @@ impl Metadata {
     /// Point the top-level entry of `id` at `root`, handing over the reference the
     /// caller holds (no count changes for the old value: it was moved already).
     fn set_top_level(&mut self, id: DevId, root: u64) -> Result<(), PoolError> {
-        self.mapping_root = btree::insert(
-            &mut self.t,
-            self.mapping_root,
-            id as u64,
-            &root.to_le_bytes(),
-            Values::Subtrees,
-            Replace::Raw,
-        )?
-        .root;
+        self.mapping_root =
+            btree::insert(&mut self.t, self.mapping_root, id as u64, &root.to_le_bytes(), TOP_LEVEL, Replace::Raw)?
+                .root;
         Ok(())
     }
 
@@ -583,19 +526,19 @@ impl Metadata {
     pub fn alloc_data_block(&mut self) -> Result<Option<u64>, PoolError> {
         self.writable()?;
         self.changed = true;
-        Ok(self.t.data.alloc())
+        Ok(self.t.data_counts_mut().alloc())
     }
 
     /// Drop a reference to a data block obtained from [`Metadata::alloc_data_block`]
     /// that was not used.
     pub fn release_data_block(&mut self, b: u64) -> Result<(), PoolError> {
-        self.t.data.dec(b)?;
+        self.t.data_counts_mut().dec(b)?;
         Ok(())
     }
 
     /// Are there free data blocks that only a commit would make allocatable?
     pub fn commit_would_free_data(&self) -> bool {
-        self.t.data.nr_free() > 0
+        self.t.data_counts().nr_free() > 0
     }
 
     /// Map `vblock` of device `id` to `data_block` (whose reference the caller hands
@@ -610,7 +553,7 @@ impl Metadata {
     fn map(&mut self, id: DevId, vblock: u64, data_block: u64, time: u32) -> Result<(), PoolError> {
         let root = self.touch(id)?;
         let v = pack_block_time(data_block, time);
-        let r = btree::insert(&mut self.t, root, vblock, &v.to_le_bytes(), Values::Mapping, Replace::DecOld)?;
+        let r = btree::insert(&mut self.t, root, vblock, &v.to_le_bytes(), MAPPING, Replace::DecOld)?;
         let d = self.devices.get_mut(&id).ok_or(PoolError::NoSuchDevice(id))?;
         d.root = r.root;
         if r.old.is_none() {
@@ -625,11 +568,11 @@ impl Metadata {
     pub fn remove_mapping(&mut self, id: DevId, vblock: u64) -> Result<bool, PoolError> {
         self.writable()?;
         let root = self.dev(id)?.root;
-        if btree::lookup(&mut self.t, root, vblock, Values::Mapping)?.is_none() {
+        if btree::lookup(&mut self.t, root, vblock, MAPPING)?.is_none() {
             return Ok(false);
         }
         let root = self.touch(id)?;
-        let (r, old) = btree::remove(&mut self.t, root, vblock, Values::Mapping)?;
+        let (r, old) = btree::remove(&mut self.t, root, vblock, MAPPING)?;
         let d = self.devices.get_mut(&id).ok_or(PoolError::NoSuchDevice(id))?;
         d.root = r;
         if old.is_some() {
@@ -661,17 +604,17 @@ impl Metadata {
     /// taking a new reference on the data block.
     pub fn restore_mapping(&mut self, id: DevId, vblock: u64, data_block: u64, time: u32) -> Result<(), PoolError> {
         self.writable()?;
-        if data_block >= self.t.data.nr_blocks() {
+        if data_block >= self.t.data_counts().nr_blocks() {
             return Err(PoolError::invalid(format!(
                 "data block {data_block} is past the end of the pool ({} blocks)",
-                self.t.data.nr_blocks()
+                self.t.data_counts().nr_blocks()
             )));
         }
         if time > MAX_TIME {
             return Err(PoolError::invalid(format!("mapping time {time} exceeds 24 bits")));
         }
         self.dev(id)?;
-        self.t.data.inc(data_block)?;
+        self.t.data_counts_mut().inc(data_block)?;
         self.map(id, vblock, data_block, time)
     }
 
@@ -690,15 +633,15 @@ impl Metadata {
     /// Grow the data space map to `nr_blocks` (the data device grew).
     pub fn extend_data(&mut self, nr_blocks: u64) -> Result<(), PoolError> {
         self.writable()?;
-        if nr_blocks < self.t.data.nr_blocks() {
+        if nr_blocks < self.t.data_counts().nr_blocks() {
             return Err(PoolError::invalid("the data space map cannot shrink"));
         }
         if nr_blocks > MAX_DATA_BLOCKS {
             return Err(PoolError::invalid("more than 2^40 data blocks"));
         }
-        if nr_blocks > self.t.data.nr_blocks() {
-            self.t.data.extend(nr_blocks);
-            self.data_bitmaps.resize(self.t.data.nr_bitmaps() as usize, 0);
+        if nr_blocks > self.t.data_counts().nr_blocks() {
+            self.t.data_counts_mut().extend(nr_blocks);
+            self.sms.fit(&self.t);
             self.changed = true;
         }
         Ok(())
@@ -708,9 +651,9 @@ impl Metadata {
     pub fn extend_metadata(&mut self) -> Result<(), PoolError> {
         self.writable()?;
         let n = self.t.device_blocks().min(MAX_METADATA_BLOCKS);
-        if n > self.t.meta.nr_blocks() {
-            self.t.meta.extend(n);
-            self.meta_bitmaps.resize(self.t.meta.nr_bitmaps() as usize, 0);
+        if n > self.t.meta_counts().nr_blocks() {
+            self.t.meta_counts_mut().extend(n);
+            self.sms.fit(&self.t);
             self.changed = true;
         }
         Ok(())
@@ -746,7 +689,7 @@ impl Metadata {
 
     fn commit_inner(&mut self, sync_data: &mut dyn FnMut() -> std::io::Result<()>) -> Result<Committed, PoolError> {
         sync_data().map_err(PoolError::DataIo)?;
-        self.t.committing = true;
+        self.t.set_committing(true);
         // Device details and roots into their trees.
         let ids: Vec<DevId> = self.devices.keys().copied().collect();
         for id in ids {
@@ -773,24 +716,15 @@ impl Metadata {
                 d.touched = false;
             }
         }
-        self.write_space_maps()?;
+        self.sms.write(&mut self.t)?;
         self.t.write_dirty()?;
+        let (data_sm_root, metadata_sm_root) = self.sms.roots(&self.t);
         let sb = Superblock {
             time: self.time,
             trans_id: self.trans_id,
             held_root: self.held_root,
-            data_sm_root: SmRoot {
-                nr_blocks: self.t.data.nr_blocks(),
-                nr_allocated: self.t.data.nr_allocated(),
-                bitmap_root: self.data_index_root,
-                ref_count_root: self.data_ref_root,
-            },
-            metadata_sm_root: SmRoot {
-                nr_blocks: self.t.meta.nr_blocks(),
-                nr_allocated: self.t.meta.nr_allocated(),
-                bitmap_root: self.meta_index_loc,
-                ref_count_root: self.meta_ref_root,
-            },
+            data_sm_root,
+            metadata_sm_root,
             data_mapping_root: self.mapping_root,
             device_details_root: self.details_root,
             ..self.sb.clone()
@@ -799,75 +733,13 @@ impl Metadata {
         self.t.write_through(0, &blk)?;
         self.t.sync()?;
         self.sb = sb;
-        self.t.committing = false;
+        self.t.set_committing(false);
         self.t.end_transaction();
-        self.index_shadowed = false;
-        let released_data = self.t.data.commit().released;
-        self.t.meta.commit();
+        self.sms.end_transaction();
+        let released_data = self.t.data_counts_mut().commit().released;
+        self.t.meta_counts_mut().commit();
         self.changed = false;
         Ok(Committed { released_data })
-    }
-
-    /// Write bitmaps, index entries and overflow trees of both space maps until
-    /// writing them changes no count.
-    fn write_space_maps(&mut self) -> Result<(), MetaError> {
-        for _round in 0..64 {
-            let mut did = false;
-            for i in self.t.data.take_dirty_bitmaps() {
-                did = true;
-                let loc = self.place_bitmap(self.data_bitmaps[i as usize])?;
-                self.data_bitmaps[i as usize] = loc;
-                let blk = fsm::bitmap_encode(self.t.data.bitmap_values(i));
-                self.t.put(loc, blk, BlockKind::Bitmap, 0);
-                let e = self.t.data.index_entry(i, loc);
-                self.data_index_root =
-                    btree::insert(&mut self.t, self.data_index_root, i, &e.encode(), SM_INDEX, Replace::Raw)?.root;
-            }
-            for b in self.t.data.take_dirty_overflow() {
-                did = true;
-                self.data_ref_root = sync_overflow(&mut self.t, self.data_ref_root, b, true)?;
-            }
-            for i in self.t.meta.take_dirty_bitmaps() {
-                did = true;
-                let loc = self.place_bitmap(self.meta_bitmaps[i as usize])?;
-                self.meta_bitmaps[i as usize] = loc;
-                let blk = fsm::bitmap_encode(self.t.meta.bitmap_values(i));
-                self.t.put(loc, blk, BlockKind::Bitmap, 0);
-            }
-            for b in self.t.meta.take_dirty_overflow() {
-                did = true;
-                self.meta_ref_root = sync_overflow(&mut self.t, self.meta_ref_root, b, false)?;
-            }
-            if !self.index_shadowed {
-                did = true;
-                let old = self.meta_index_loc;
-                self.meta_index_loc = self.place_bitmap(old)?;
-                self.index_shadowed = true;
-            }
-            // Bitmaps written earlier in this round may have changed again.
-            if !did && !self.t.meta.is_dirty() && !self.t.data.is_dirty() {
-                let entries: Vec<IndexEntry> = (0..self.t.meta.nr_bitmaps())
-                    .map(|i| self.t.meta.index_entry(i, self.meta_bitmaps[i as usize]))
-                    .collect();
-                let blk = fsm::index_encode(&entries, self.meta_index_loc);
-                self.t.put(self.meta_index_loc, blk, BlockKind::Index, 0);
-                return Ok(());
-            }
-        }
-        Err(MetaError::corrupt(0, sm_err("space maps did not settle while committing".into())))
-    }
-
-    /// Location for a space-map block now at `old` (0 = none yet): in place when it was
-    /// already written in this transaction, else a new block (the old one is released).
-    fn place_bitmap(&mut self, old: u64) -> Result<u64, MetaError> {
-        if old != 0 && self.t.is_writable(old) {
-            return Ok(old);
-        }
-        let loc = self.t.alloc_meta()?;
-        if old != 0 {
-            self.t.dec_meta(old)?;
-        }
-        Ok(loc)
     }
 
     /// Take a metadata snapshot (`reserve_metadata_snap`): commit, then copy the
@@ -890,8 +762,8 @@ impl Metadata {
             ..self.sb.clone()
         };
         self.t.put(h, copy.encode(h), BlockKind::Superblock, 0);
-        self.t.meta.inc(self.sb.data_mapping_root)?;
-        self.t.meta.inc(self.sb.device_details_root)?;
+        self.t.meta_counts_mut().inc(self.sb.data_mapping_root)?;
+        self.t.meta_counts_mut().inc(self.sb.device_details_root)?;
         self.held_root = h;
         self.changed = true;
         self.commit(sync_data)?;
@@ -911,7 +783,7 @@ impl Metadata {
         let raw = self.t.read_uncached(h)?;
         let held = Superblock::decode(&raw, h).map_err(|e| MetaError::corrupt(h, Corruption::Superblock(e)))?;
         self.held_root = 0;
-        btree::delete_tree(&mut self.t, held.data_mapping_root, Values::Subtrees)?;
+        btree::delete_tree(&mut self.t, held.data_mapping_root, TOP_LEVEL)?;
         btree::delete_tree(&mut self.t, held.device_details_root, DETAILS)?;
         self.t.dec_meta(h)?;
         self.changed = true;
@@ -927,23 +799,7 @@ impl Metadata {
     /// Highest mapped virtual block of a device.
     pub fn highest_mapped(&mut self, id: DevId) -> Result<Option<u64>, PoolError> {
         let root = self.dev(id)?.root;
-        let mut last = None;
-        // Walk down the rightmost spine.
-        let mut b = root;
-        for _ in 0..btree::MAX_DEPTH {
-            let blk = self.t.node(b, 8)?;
-            let h = crate::format::node::header(blk);
-            if h.nr_entries == 0 {
-                return Ok(last);
-            }
-            let i = h.nr_entries as usize - 1;
-            if h.is_leaf() {
-                last = Some(crate::format::node::key(blk, i));
-                return Ok(last);
-            }
-            b = crate::format::node::value_u64(blk, &h, i);
-        }
-        Err(MetaError::corrupt(b, Corruption::TooDeep).into())
+        Ok(btree::last_key(&mut self.t, root, MAPPING)?)
     }
 
     /// Mapped and exclusive block counts of every device: a mapped block is
@@ -974,199 +830,40 @@ impl Metadata {
     }
 }
 
-/// Reference counts recomputed by walking trees.
-#[derive(Debug, Default)]
-struct Recount {
-    meta: HashMap<u64, u32>,
-    data: HashMap<u64, u32>,
-    seen: std::collections::HashSet<u64>,
-    mappings: u64,
-}
-
-impl Recount {
-    /// Count one reference to node `b`; walk it the first time it is reached.
-    /// `roots` replaces top-level leaf values (the live tree's pending roots).
-    fn tree(
-        &mut self,
-        t: &mut Txn,
-        b: u64,
-        vk: Values,
-        roots: Option<&BTreeMap<DevId, Device>>,
-        depth: usize,
-    ) -> Result<(), String> {
-        if depth > btree::MAX_DEPTH {
-            return Err(format!("tree through block {b} is too deep"));
-        }
-        *self.meta.entry(b).or_default() += 1;
-        if !self.seen.insert(b) {
-            return Ok(());
-        }
-        let blk = Box::new(*t.node(b, vk.size()).map_err(|e| e.to_string())?);
-        let h = crate::format::node::header(&blk);
-        for i in 0..h.nr_entries as usize {
-            let key = crate::format::node::key(&blk, i);
-            if !h.is_leaf() {
-                self.tree(t, crate::format::node::value_u64(&blk, &h, i), vk, roots, depth + 1)?;
-                continue;
-            }
-            match vk {
-                Values::Mapping => {
-                    let (d, _) = unpack_block_time(crate::format::node::value_u64(&blk, &h, i));
-                    *self.data.entry(d).or_default() += 1;
-                }
-                Values::Subtrees => {
-                    let stored = crate::format::node::value_u64(&blk, &h, i);
-                    let sub = match roots {
-                        Some(r) => r.get(&(key as DevId)).map(|d| d.root).unwrap_or(stored),
-                        None => stored,
-                    };
-                    self.tree(t, sub, Values::Mapping, None, 0)?;
-                }
-                Values::Plain(_) => {}
-            }
-        }
-        Ok(())
-    }
-}
-
 impl Metadata {
-    /// Recount every reference from the current (possibly uncommitted) trees and
-    /// compare with the in-memory space maps: each metadata block's count with the
-    /// references to it, each data block's count with the number of distinct
-    /// bottom-level leaves mapping it, and each device's mapped_blocks with its
-    /// mappings. For tests and `--paranoid` runs; it walks all metadata.
-    pub fn audit(&mut self) -> Result<(), String> {
-        let mut rc = Recount::default();
-        rc.meta.insert(0, 1);
-        if self.held_root != 0 {
-            *rc.meta.entry(self.held_root).or_default() += 1;
-            let raw = self.t.read_uncached(self.held_root).map_err(|e| e.to_string())?;
-            let held = Superblock::decode(&raw, self.held_root).map_err(|e| e.to_string())?;
-            rc.tree(&mut self.t, held.data_mapping_root, Values::Subtrees, None, 0)?;
-            rc.tree(&mut self.t, held.device_details_root, DETAILS, None, 0)?;
-        }
-        let devices = self.devices.clone();
-        rc.tree(&mut self.t, self.mapping_root, Values::Subtrees, Some(&devices), 0)?;
-        rc.tree(&mut self.t, self.details_root, DETAILS, None, 0)?;
-        rc.tree(&mut self.t, self.data_index_root, SM_INDEX, None, 0)?;
-        rc.tree(&mut self.t, self.data_ref_root, REF_COUNTS, None, 0)?;
-        rc.tree(&mut self.t, self.meta_ref_root, REF_COUNTS, None, 0)?;
-        for &b in self.data_bitmaps.iter().chain(self.meta_bitmaps.iter()) {
-            if b != 0 {
-                *rc.meta.entry(b).or_default() += 1;
-            }
-        }
-        if self.meta_index_loc != 0 {
-            *rc.meta.entry(self.meta_index_loc).or_default() += 1;
-        }
-        for (id, d) in &devices {
-            if !rc.seen.contains(&d.root) {
-                return Err(format!("device {id}: root {} is not reachable from the top-level tree", d.root));
-            }
-            let mut n = 0u64;
-            btree::visit(&mut self.t, d.root, Values::Mapping, 0, u64::MAX, &mut |_, _| {
-                n += 1;
-                Ok(())
-            })
-            .map_err(|e| e.to_string())?;
-            if n != d.details.mapped_blocks {
-                return Err(format!("device {id}: mapped_blocks {} but {n} mappings", d.details.mapped_blocks));
-            }
-            rc.mappings += n;
-        }
-        let mut used = 0;
-        for b in 0..self.t.meta.nr_blocks() {
-            let want = rc.meta.get(&b).copied().unwrap_or(0);
-            let have = self.t.meta.get(b);
-            if want != have {
-                return Err(format!("metadata block {b}: count {have}, referenced {want} times"));
-            }
-            used += u64::from(have != 0);
-        }
-        if used != self.t.meta.nr_allocated() {
-            return Err(format!("metadata nr_allocated {} but {used} blocks in use", self.t.meta.nr_allocated()));
-        }
-        let mut used = 0;
-        for b in 0..self.t.data.nr_blocks() {
-            let want = rc.data.get(&b).copied().unwrap_or(0);
-            let have = self.t.data.get(b);
-            if want != have {
-                return Err(format!("data block {b}: count {have}, mapped from {want} distinct leaves"));
-            }
-            used += u64::from(have != 0);
-        }
-        if used != self.t.data.nr_allocated() || used + self.t.data.nr_free() != self.t.data.nr_blocks() {
-            return Err(format!(
-                "data: {used} blocks in use, nr_allocated {}, free {}, total {}",
-                self.t.data.nr_allocated(),
-                self.t.data.nr_free(),
-                self.t.data.nr_blocks()
-            ));
-        }
-        Ok(())
+    /// What a recount of every reference needs: the transaction manager and the
+    /// roots it must start from (see [`crate::check::audit`]).
+    pub fn recount_view(&mut self) -> (&mut Txn, RecountRoots) {
+        let roots = RecountRoots {
+            held_root: self.held_root,
+            mapping_root: self.mapping_root,
+            details_root: self.details_root,
+            device_roots: self.devices.iter().map(|(&id, d)| (id, (d.root, d.details.mapped_blocks))).collect(),
+            space_map_trees: vec![
+                (self.sms.data_index_root, SM_INDEX),
+                (self.sms.data_ref_root, REF_COUNTS),
+                (self.sms.meta_ref_root, REF_COUNTS),
+            ],
+            space_map_blocks: self.sms.own_blocks().collect(),
+        };
+        (&mut self.t, roots)
     }
 }
 
-/// Write the overflow-tree entry of block `b` from its current count.
-fn sync_overflow(t: &mut Txn, root: u64, b: u64, data: bool) -> Result<u64, MetaError> {
-    let v = if data { t.data.overflow_value(b) } else { t.meta.overflow_value(b) };
-    match v {
-        Some(c) => Ok(btree::insert(t, root, b, &c.to_le_bytes(), REF_COUNTS, Replace::Raw)?.root),
-        None => Ok(btree::remove(t, root, b, REF_COUNTS)?.0),
-    }
-}
-
-/// Read a space map's bitmaps and overflow tree into counts.
-fn load_counts(
-    t: &mut Txn,
-    name: &'static str,
-    nr_blocks: u64,
-    bitmaps: &[u64],
-    ref_root: u64,
-    index_block: u64,
-) -> Result<RefCounts, MetaError> {
-    let mut overflow: HashMap<u64, u32> = HashMap::new();
-    btree::visit(t, ref_root, REF_COUNTS, 0, u64::MAX, &mut |k, v| {
-        overflow.insert(k, u32::from_le_bytes(v[..4].try_into().unwrap_or_default()));
-        Ok(())
-    })?;
-    let mut rc = RefCounts::new(name, nr_blocks);
-    for (i, &loc) in bitmaps.iter().enumerate() {
-        if loc == 0 {
-            return Err(MetaError::corrupt(
-                index_block,
-                sm_err(format!("{name} space-map index entry {i} has no bitmap block")),
-            ));
-        }
-        let blk = t.bitmap(loc)?;
-        let start = i as u64 * ENTRIES_PER_BITMAP;
-        let end = (start + ENTRIES_PER_BITMAP).min(nr_blocks);
-        let mut threes = Vec::new();
-        for b in start..end {
-            let v = fsm::bitmap_get(blk, (b - start) as usize);
-            match v {
-                0 => {}
-                3 => threes.push(b),
-                v => rc.load(b, v as u32),
-            }
-        }
-        for b in threes {
-            match overflow.get(&b) {
-                Some(&c) if c >= 3 => rc.load(b, c),
-                Some(&c) => {
-                    return Err(MetaError::corrupt(
-                        ref_root,
-                        sm_err(format!("{name} ref-count tree holds {c} for block {b} (must be >= 3)")),
-                    ))
-                }
-                None => {
-                    return Err(MetaError::corrupt(
-                        loc,
-                        sm_err(format!("{name} block {b} has bitmap count 3 but no ref-count tree entry")),
-                    ))
-                }
-            }
-        }
-    }
-    Ok(rc)
+/// The roots of everything that holds references in the current transaction.
+#[derive(Debug, Clone)]
+pub struct RecountRoots {
+    /// The held metadata snapshot's superblock (0: none).
+    pub held_root: u64,
+    /// Top-level mapping tree.
+    pub mapping_root: u64,
+    /// Device-details tree.
+    pub details_root: u64,
+    /// Each device's current mapping root (which may differ from the top-level
+    /// tree's entry until commit) and its `mapped_blocks`.
+    pub device_roots: BTreeMap<DevId, (u64, u64)>,
+    /// Space-map trees with their values.
+    pub space_map_trees: Vec<(u64, Values)>,
+    /// Bitmaps and the index block.
+    pub space_map_blocks: Vec<u64>,
 }

@@ -37,13 +37,13 @@ pub struct Txn {
     shadowed: HashSet<u64>,
     poisoned: bool,
     /// Counts of metadata blocks.
-    pub meta: RefCounts,
+    meta: RefCounts,
     /// Counts of data blocks.
-    pub data: RefCounts,
+    data: RefCounts,
     /// Free metadata blocks kept back for commits.
-    pub meta_reserve: u64,
+    meta_reserve: u64,
     /// When set, allocations may dig into the reserve (during commit).
-    pub committing: bool,
+    committing: bool,
 }
 
 impl std::fmt::Debug for Txn {
@@ -72,6 +72,57 @@ impl Txn {
             meta_reserve,
             committing: false,
         }
+    }
+
+    /// Counts of metadata blocks.
+    pub fn meta_counts(&self) -> &RefCounts {
+        &self.meta
+    }
+
+    /// Counts of data blocks.
+    pub fn data_counts(&self) -> &RefCounts {
+        &self.data
+    }
+
+    /// Counts of metadata blocks, to change (space-map writing, growth).
+    pub fn meta_counts_mut(&mut self) -> &mut RefCounts {
+        &mut self.meta
+    }
+
+    /// Counts of data blocks, to change (allocation, growth).
+    pub fn data_counts_mut(&mut self) -> &mut RefCounts {
+        &mut self.data
+    }
+
+    /// Replace both sets of counts (after loading them from disk).
+    pub fn set_counts(&mut self, meta: RefCounts, data: RefCounts) {
+        self.meta = meta;
+        self.data = data;
+    }
+
+    /// Count of metadata block `b`.
+    pub fn meta_count(&self, b: u64) -> u32 {
+        self.meta.get(b)
+    }
+
+    /// Take a reference on metadata block `b`.
+    pub fn inc_meta(&mut self, b: u64) -> Result<(), MetaError> {
+        self.meta.inc(b)
+    }
+
+    /// Take a reference on data block `b`.
+    pub fn inc_data(&mut self, b: u64) -> Result<(), MetaError> {
+        self.data.inc(b)
+    }
+
+    /// Drop a reference on data block `b`; returns the new count.
+    pub fn dec_data(&mut self, b: u64) -> Result<u32, MetaError> {
+        self.data.dec(b)
+    }
+
+    /// While set, metadata allocations may use the blocks kept back for commits.
+    pub fn set_committing(&mut self, on: bool) {
+        self.committing = on;
     }
 
     /// Number of blocks of the underlying device.
