@@ -6,8 +6,10 @@
 //! before it is checked against the limits.
 
 pub mod export;
+mod handshake;
 pub mod mem;
 pub mod server;
+mod transmission;
 pub mod wire;
 
 pub use export::{Catalog, Export, ExportError, Extent};
