@@ -397,6 +397,10 @@ mod tests {
         for kind in 0..=u16::MAX {
             assert_eq!(Command::from_wire(kind).to_wire(), kind);
         }
+        use Command::*;
+        for c in [Read, Write, Disc, Flush, Trim, Cache, WriteZeroes, BlockStatus, Unknown(99)] {
+            assert_eq!(Command::from_wire(c.to_wire()), c);
+        }
         assert_eq!(Command::from_wire(CMD_BLOCK_STATUS), Command::BlockStatus);
         assert_eq!(Command::from_wire(99), Command::Unknown(99));
         let r = Request { flags: 0, kind: CMD_WRITE_ZEROES, cookie: 0, offset: 0, length: 0 };
@@ -407,6 +411,12 @@ mod tests {
     fn options_round_trip_and_unknown_ones_keep_their_code() {
         for code in (0..64).chain([0xdead, u32::MAX]) {
             assert_eq!(OptionCode::from_wire(code).to_wire(), code);
+        }
+        use OptionCode::*;
+        let known =
+            [ExportName, Abort, List, StartTls, Info, Go, StructuredReply, ListMetaContext, SetMetaContext, Unknown(4)];
+        for o in known {
+            assert_eq!(OptionCode::from_wire(o.to_wire()), o);
         }
         assert_eq!(OptionCode::from_wire(OPT_GO), OptionCode::Go);
         assert_eq!(OptionCode::from_wire(4), OptionCode::Unknown(4));
