@@ -1,4 +1,6 @@
-//! What an NBD export needs from the storage below it.
+//! What an NBD export needs from the storage below it: the [`Export`] and
+//! [`Catalog`] traits, the [`ExportError`]s they report, and [`errno`], the one
+//! mapping from those errors to wire errnos.
 
 use std::sync::Arc;
 
@@ -7,8 +9,11 @@ use super::wire;
 /// One allocation extent for `base:allocation`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
+    /// Length in bytes.
     pub length: u64,
+    /// Unallocated (`NBD_STATE_HOLE`).
     pub hole: bool,
+    /// Reads as zeroes (`NBD_STATE_ZERO`).
     pub zero: bool,
 }
 
@@ -16,16 +21,22 @@ pub struct Extent {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ExportError {
+    /// The pool has no free data block (`ENOSPC`).
     #[error("no space left in the pool")]
     NoSpace,
+    /// A write to a read-only export (`EPERM`).
     #[error("export is read-only")]
     ReadOnly,
+    /// The request is not valid for this export (`EINVAL`).
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// The export cannot do this (`ENOTSUP`).
     #[error("not supported")]
     NotSupported,
+    /// The storage below failed (`EIO`).
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+    /// Any other failure (`EIO`).
     #[error("{0}")]
     Other(String),
 }

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::export::{Catalog, Export, ExportError, Extent};
+use crate::units::pieces;
 
 const BLOCK: u64 = 64 * 1024;
 
@@ -20,21 +21,6 @@ impl MemExport {
     pub fn new(size: u64, read_only: bool) -> MemExport {
         MemExport { size, blocks: Mutex::new(HashMap::new()), read_only }
     }
-
-    fn pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, usize, usize)> {
-        let end = offset.saturating_add(len);
-        let mut pos = offset;
-        std::iter::from_fn(move || {
-            if pos >= end {
-                return None;
-            }
-            let b = pos / BLOCK;
-            let within = (pos % BLOCK) as usize;
-            let n = ((BLOCK - within as u64).min(end - pos)) as usize;
-            pos += n as u64;
-            Some((b, within, n))
-        })
-    }
 }
 
 impl Export for MemExport {
@@ -50,8 +36,9 @@ impl Export for MemExport {
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExportError> {
         let blocks = self.blocks.lock().map_err(|_| ExportError::Other("lock".into()))?;
         let mut done = 0;
-        for (b, within, n) in Self::pieces(offset, buf.len() as u64) {
-            match blocks.get(&b) {
+        for p in pieces(offset, buf.len() as u64, BLOCK) {
+            let (within, n) = (p.within as usize, p.len as usize);
+            match blocks.get(&p.block) {
                 Some(data) => buf[done..done + n].copy_from_slice(&data[within..within + n]),
                 None => buf[done..done + n].fill(0),
             }
@@ -65,8 +52,9 @@ impl Export for MemExport {
         }
         let mut blocks = self.blocks.lock().map_err(|_| ExportError::Other("lock".into()))?;
         let mut done = 0;
-        for (b, within, n) in Self::pieces(offset, data.len() as u64) {
-            let blk = blocks.entry(b).or_insert_with(|| vec![0; BLOCK as usize]);
+        for p in pieces(offset, data.len() as u64, BLOCK) {
+            let (within, n) = (p.within as usize, p.len as usize);
+            let blk = blocks.entry(p.block).or_insert_with(|| vec![0; BLOCK as usize]);
             blk[within..within + n].copy_from_slice(&data[done..done + n]);
             done += n;
         }
@@ -77,9 +65,9 @@ impl Export for MemExport {
     }
     fn trim(&self, offset: u64, len: u64) -> Result<(), ExportError> {
         let mut blocks = self.blocks.lock().map_err(|_| ExportError::Other("lock".into()))?;
-        for (b, within, n) in Self::pieces(offset, len) {
-            if within == 0 && n as u64 == BLOCK {
-                blocks.remove(&b);
+        for p in pieces(offset, len, BLOCK) {
+            if p.is_whole(BLOCK) {
+                blocks.remove(&p.block);
             }
         }
         Ok(())
@@ -88,10 +76,10 @@ impl Export for MemExport {
         if may_unmap {
             self.trim(offset, len)?;
         }
-        for (b, within, n) in Self::pieces(offset, len) {
-            let mapped = self.blocks.lock().map_err(|_| ExportError::Other("lock".into()))?.contains_key(&b);
+        for p in pieces(offset, len, BLOCK) {
+            let mapped = self.blocks.lock().map_err(|_| ExportError::Other("lock".into()))?.contains_key(&p.block);
             if mapped || !may_unmap {
-                self.write(b * BLOCK + within as u64, &vec![0u8; n])?;
+                self.write(p.block * BLOCK + p.within, &vec![0u8; p.len as usize])?;
             }
         }
         Ok(())
@@ -99,11 +87,11 @@ impl Export for MemExport {
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, ExportError> {
         let blocks = self.blocks.lock().map_err(|_| ExportError::Other("lock".into()))?;
         let mut out: Vec<Extent> = Vec::new();
-        for (b, _, n) in Self::pieces(offset, len) {
-            let hole = !blocks.contains_key(&b);
+        for p in pieces(offset, len, BLOCK) {
+            let hole = !blocks.contains_key(&p.block);
             match out.last_mut() {
-                Some(e) if e.hole == hole => e.length += n as u64,
-                _ => out.push(Extent { length: n as u64, hole, zero: hole }),
+                Some(e) if e.hole == hole => e.length += p.len,
+                _ => out.push(Extent { length: p.len, hole, zero: hole }),
             }
         }
         Ok(out)

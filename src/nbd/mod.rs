@@ -4,10 +4,18 @@
 //! Requests are parsed, then validated, then executed; every error becomes an NBD
 //! errno in one place ([`export::errno`]). Nothing sized by the client is allocated
 //! before it is checked against the limits.
+//!
+//! - [`wire`]: constants, typed option and command codes, header encoding.
+//! - `handshake.rs`: the greeting and option haggling, one function per option.
+//! - `transmission.rs`: the request loop, validation and execution.
+//! - [`server`]: the listener, the accept loop and the per-connection driver.
+//! - [`export`]: what the server needs from storage; [`mem`]: an in-memory one.
 
 pub mod export;
+mod handshake;
 pub mod mem;
 pub mod server;
+mod transmission;
 pub mod wire;
 
 pub use export::{Catalog, Export, ExportError, Extent};
