@@ -72,7 +72,7 @@ fn a_crash_at_any_sync_leaves_the_previous_or_the_new_commit() {
         let storage = CrashStorage::new(META_BLOCKS);
         let image = storage.image.clone();
         image.lock().expect("lock").fail_at_sync = Some(fail_at);
-        let mut pool = match Pool::create_with(Box::new(storage), data, (BS / 512) as u32) {
+        let mut pool = match Pool::create_with(storage, FileStorage::new(data).expect("data"), (BS / 512) as u32) {
             Ok(p) => p,
             Err(_) => {
                 check_crash(dir.path(), &image.lock().expect("lock"), &[Vec::new()]);
@@ -112,8 +112,8 @@ fn a_crash_at_any_sync_leaves_the_previous_or_the_new_commit() {
 fn full_run(data_path: &Path) -> Vec<State> {
     let data = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(data_path).expect("data");
     data.set_len(64 * BS).expect("len");
-    let mut pool =
-        Pool::create_with(Box::new(CrashStorage::new(META_BLOCKS)), data, (BS / 512) as u32).expect("create");
+    let data = FileStorage::new(data).expect("data");
+    let mut pool = Pool::create_with(CrashStorage::new(META_BLOCKS), data, (BS / 512) as u32).expect("create");
     let mut states = vec![snapshot_state(&mut pool)];
     let mut i = 0;
     while step(&mut pool, i).expect("step") {
@@ -131,9 +131,8 @@ fn check_crash(dir: &Path, image: &CrashImage, candidates: &[State]) {
     let mut keeps = vec![0, n / 2, n];
     keeps.dedup();
     for keep in keeps {
-        let blocks = image.crashed(keep);
+        let bytes = image.crashed_bytes(keep);
         let meta_path = dir.join("crashed-metadata");
-        let bytes: Vec<u8> = blocks.iter().flat_map(|b| b.iter().copied()).collect();
         std::fs::write(&meta_path, &bytes).expect("write image");
         if bytes[..4096].iter().all(|&b| b == 0) {
             assert!(candidates == [Vec::new()], "a formatted pool lost its superblock");
@@ -142,8 +141,8 @@ fn check_crash(dir: &Path, image: &CrashImage, candidates: &[State]) {
         common::checks(&meta_path).unwrap_or_else(|e| panic!("after a crash (keep {keep} of {n}): {e}"));
         let m = OpenOptions::new().read(true).open(&meta_path).expect("m");
         let d = OpenOptions::new().read(true).open(dir.join("data")).expect("d");
-        let storage = FileStorage::new(m).expect("storage");
-        let mut p = Pool::open_with(Box::new(storage), d, PoolOpen { read_only: true }).expect("crashed image opens");
+        let (m, d) = (FileStorage::new(m).expect("m"), FileStorage::new(d).expect("d"));
+        let mut p = Pool::open_with(m, d, PoolOpen { read_only: true }).expect("crashed image opens");
         let got = snapshot_state(&mut p);
         assert!(candidates.contains(&got), "crash image (keep {keep} of {n}) holds neither the old nor the new commit");
     }
