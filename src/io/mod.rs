@@ -3,7 +3,7 @@
 //! [`MetaStorage`], which every [`Storage`] gets for free.
 //!
 //! Backends, one per file:
-//! - [`file`]: a real file ([`FileStorage`]);
+//! - [`file`](mod@file): a real file ([`FileStorage`]);
 //! - [`mem`]: an image in memory ([`MemStorage`]) and a borrowed read-only view of
 //!   bytes ([`SliceStorage`]);
 //! - [`fault`]: an in-memory image that keeps durable and pending writes apart and

@@ -10,8 +10,8 @@
 //! Both files are [`Storage`]; a pool opened read-only wraps both in
 //! [`ReadOnlyStorage`], which is where read-only is enforced below the pool's entry
 //! points. This file opens, commits and manages devices; the I/O paths live in
-//! [`read`] (reads, read plans, extents), [`write`] (writes with allocate-on-write,
-//! copy-on-write and zero-fill, write-zeroes) and [`discard`].
+//! `read.rs` (reads, read plans, extents), `write.rs` (writes with allocate-on-write,
+//! copy-on-write and zero-fill, write-zeroes) and `discard.rs`.
 
 use std::fs::File;
 use std::sync::Arc;
