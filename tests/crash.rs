@@ -73,7 +73,7 @@ fn a_crash_at_any_sync_leaves_the_previous_or_the_new_commit() {
         data.set_len(64 * BS).expect("len");
         let storage = CrashStorage::new(META_BLOCKS);
         let image = storage.image.clone();
-        image.lock().expect("lock").fail_at_sync = Some(fail_at);
+        image.lock().expect("lock").faults.fail_at_sync = Some(fail_at);
         let mut pool = match Pool::create_with(storage, FileStorage::new(data).expect("data"), (BS / 512) as u32) {
             Ok(p) => p,
             Err(_) => {
@@ -178,8 +178,8 @@ fn a_failing_data_write_is_a_data_error_and_changes_nothing_committed() {
         let committed = meta.lock().durable.clone();
         {
             let mut d = data.lock();
-            d.fail_at_op = Some(d.ops);
-            d.tear = 10;
+            d.faults.fail_at_op = Some(d.faults.ops);
+            d.faults.tear = 10;
         }
         let err = pool.write(0, offset, &fill(2, 200)).expect_err(what);
         assert!(matches!(err, PoolError::DataIo(_)), "{what}: {err}");

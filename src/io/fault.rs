@@ -1,8 +1,10 @@
-//! A storage for failure tests: an image in memory that keeps what is durable apart
+//! Storage for failure tests. [`Faults`] says which operation fails (the Nth, or
+//! a given sync) and how much of a failing write still lands (a torn write).
+//! [`CrashStorage`] is an image in memory that also keeps what is durable apart
 //! from what was only written, so a test can build the image a crash at any moment
-//! would leave, and that injects failures (fail at the Nth operation or at a given
-//! sync, tear the failing write). The pool's data file and metadata file can both
-//! sit on one.
+//! would leave ([`CrashImage`]); [`FaultStorage`] injects the same failures into any
+//! other storage (a real file, say). The pool's data file and metadata file can
+//! each sit on either.
 
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -10,6 +12,58 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::format::{Block, BLOCK_SIZE};
 
 use super::{check_range, Storage};
+
+/// Failures to inject, and the counts they are keyed on. Once one failure was
+/// injected every later operation fails too, as on a device that went away.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Number of operations (reads, writes, syncs, hole punches) tried so far.
+    pub ops: u64,
+    /// Number of successful syncs so far.
+    pub syncs: u64,
+    /// When set, operation number `fail_at_op` (counting from 0, see `ops`) fails:
+    /// `Some(ops)` fails the next operation.
+    pub fail_at_op: Option<u64>,
+    /// When set, the sync that would be number `fail_at_sync` (counting from 0, see
+    /// `syncs`) fails.
+    pub fail_at_sync: Option<u64>,
+    /// When the operation that fails is a write, this many of its first bytes still
+    /// reach the device: a torn write.
+    pub tear: usize,
+    /// Set once a failure was injected.
+    pub failed: bool,
+}
+
+impl Faults {
+    /// Clear the failure and what was set to cause one (the counts stay).
+    pub fn clear(&mut self) {
+        self.failed = false;
+        self.fail_at_op = None;
+        self.fail_at_sync = None;
+        self.tear = 0;
+    }
+
+    /// Count one operation; fail it when a failure is due or was injected before.
+    fn begin(&mut self, is_sync: bool) -> io::Result<()> {
+        if self.failed {
+            return Err(injected());
+        }
+        let op = self.ops;
+        self.ops += 1;
+        if self.fail_at_op == Some(op) || (is_sync && self.fail_at_sync == Some(self.syncs)) {
+            self.failed = true;
+            return Err(injected());
+        }
+        Ok(())
+    }
+
+    /// Count a write of `len` bytes: `Err((e, n))` when it fails, with its first
+    /// `n` bytes landing anyway.
+    fn begin_write(&mut self, len: usize) -> Result<(), (io::Error, usize)> {
+        let was_failed = self.failed;
+        self.begin(false).map_err(|e| (e, if was_failed { 0 } else { self.tear.min(len) }))
+    }
+}
 
 /// The state behind a [`CrashStorage`]: what is durable, what is only written, and
 /// the failures to inject. The image is held in 4 KiB pages, so its length is a
@@ -21,21 +75,8 @@ pub struct CrashImage {
     /// Writes since the last sync, in order: (byte offset, bytes). A punched range
     /// is a write of zeros.
     pub pending: Vec<(u64, Vec<u8>)>,
-    /// Number of successful syncs so far.
-    pub syncs: u64,
-    /// Number of operations (reads, writes, syncs, hole punches) tried so far.
-    pub ops: u64,
-    /// When set, the storage fails every operation once `syncs` reaches this value
-    /// (the sync itself fails and nothing after it is accepted).
-    pub fail_at_sync: Option<u64>,
-    /// When set, operation number `fail_at_op` (counting from 0, see `ops`) fails
-    /// and nothing after it is accepted: `Some(ops)` fails the next operation.
-    pub fail_at_op: Option<u64>,
-    /// When the operation that fails is a write, this many of its first bytes still
-    /// reach the device (as a pending write): a torn write.
-    pub tear: usize,
-    /// Set once a failure was injected.
-    pub failed: bool,
+    /// The failures to inject.
+    pub faults: Faults,
 }
 
 fn injected() -> io::Error {
@@ -84,24 +125,7 @@ impl CrashImage {
     /// failures are cleared, so the device works again with its durable content.
     pub fn crash(&mut self) {
         self.pending.clear();
-        self.failed = false;
-        self.fail_at_sync = None;
-        self.fail_at_op = None;
-        self.tear = 0;
-    }
-
-    /// Count one operation; fail it when a failure is due or was injected before.
-    fn begin(&mut self, is_sync: bool) -> io::Result<()> {
-        if self.failed {
-            return Err(injected());
-        }
-        let op = self.ops;
-        self.ops += 1;
-        if self.fail_at_op == Some(op) || (is_sync && self.fail_at_sync == Some(self.syncs)) {
-            self.failed = true;
-            return Err(injected());
-        }
-        Ok(())
+        self.faults.clear();
     }
 
     fn read(&self, buf: &mut [u8], offset: u64) {
@@ -162,17 +186,15 @@ impl Storage for CrashStorage {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let mut img = self.lock();
-        img.begin(false)?;
+        img.faults.begin(false)?;
         check_range(offset, buf.len(), img.len())?;
         img.read(buf, offset);
         Ok(())
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let mut img = self.lock();
-        let was_failed = img.failed;
-        if let Err(e) = img.begin(false) {
-            let torn = img.tear.min(buf.len());
-            if !was_failed && torn > 0 && check_range(offset, torn, img.len()).is_ok() {
+        if let Err((e, torn)) = img.faults.begin_write(buf.len()) {
+            if torn > 0 && check_range(offset, torn, img.len()).is_ok() {
                 img.pending.push((offset, buf[..torn].to_vec()));
             }
             return Err(e);
@@ -183,17 +205,17 @@ impl Storage for CrashStorage {
     }
     fn sync(&self) -> io::Result<()> {
         let mut img = self.lock();
-        img.begin(true)?;
+        img.faults.begin(true)?;
         let pending = std::mem::take(&mut img.pending);
         for (off, data) in pending {
             apply(&mut img.durable, off, &data);
         }
-        img.syncs += 1;
+        img.faults.syncs += 1;
         Ok(())
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         let mut img = self.lock();
-        img.begin(false)?;
+        img.faults.begin(false)?;
         let end = offset.saturating_add(len).min(img.len());
         if offset < end {
             img.pending.push((offset, vec![0; (end - offset) as usize]));
@@ -202,9 +224,78 @@ impl Storage for CrashStorage {
     }
 }
 
+/// Any storage with failures injected: operations pass through to it until the
+/// [`Faults`] (shared, see [`FaultStorage::faults`]) say one fails; a torn write
+/// writes its first bytes through. Unlike [`CrashStorage`] it does not hold
+/// writes back until a sync, so it cannot lose them.
+#[derive(Debug, Clone)]
+pub struct FaultStorage<S> {
+    inner: S,
+    faults: Arc<Mutex<Faults>>,
+}
+
+impl<S: Storage> FaultStorage<S> {
+    /// Wrap `inner`, with no failure set.
+    pub fn new(inner: S) -> FaultStorage<S> {
+        FaultStorage { inner, faults: Arc::default() }
+    }
+
+    /// The failures, shared with every clone of this storage.
+    pub fn faults(&self) -> Arc<Mutex<Faults>> {
+        Arc::clone(&self.faults)
+    }
+
+    /// The storage underneath.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Faults> {
+        // The counts are only changed in whole steps, so a poisoned lock is still usable.
+        self.faults.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<S: Storage> Storage for FaultStorage<S> {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.lock().begin(false)?;
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let r = self.lock().begin_write(buf.len());
+        match r {
+            Ok(()) => self.inner.write_at(buf, offset),
+            Err((e, torn)) => {
+                if torn > 0 {
+                    let _ = self.inner.write_at(&buf[..torn], offset);
+                }
+                Err(e)
+            }
+        }
+    }
+    fn sync(&self) -> io::Result<()> {
+        let mut f = self.lock();
+        f.begin(true)?;
+        self.inner.sync()?;
+        f.syncs += 1;
+        Ok(())
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.lock().begin(false)?;
+        self.inner.punch_hole(offset, len)
+    }
+    fn is_read_only(&self) -> bool {
+        self.inner.is_read_only()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::io::MemStorage;
 
     #[test]
     fn only_synced_writes_survive_a_crash() {
@@ -230,24 +321,44 @@ mod tests {
         s.write_at(b"ok", 0).expect("write");
         {
             let mut img = s.lock();
-            img.fail_at_op = Some(img.ops);
-            img.tear = 3;
+            img.faults.fail_at_op = Some(img.faults.ops);
+            img.faults.tear = 3;
         }
         s.write_at(b"torn write", 10).expect_err("fails");
         assert!(s.sync().is_err() && s.read_at(&mut [0u8; 1], 0).is_err(), "failed for good");
         let img = s.lock();
         assert_eq!(&img.crashed_bytes(2)[..13], b"ok\0\0\0\0\0\0\0\0tor");
-        assert!(img.failed);
+        assert!(img.faults.failed);
     }
 
     #[test]
     fn a_sync_can_be_made_to_fail() {
         let s = CrashStorage::new(1);
-        s.lock().fail_at_sync = Some(1);
+        s.lock().faults.fail_at_sync = Some(1);
         s.sync().expect("first sync");
         s.write_at(b"x", 0).expect("write");
         assert!(s.sync().is_err());
-        assert_eq!(s.lock().syncs, 1);
+        assert_eq!(s.lock().faults.syncs, 1);
         assert_eq!(s.lock().pending.len(), 1);
+    }
+
+    #[test]
+    fn the_wrapper_injects_the_same_failures_into_any_storage() {
+        let s = FaultStorage::new(MemStorage::new(16));
+        let faults = s.faults();
+        s.write_at(b"ok", 0).expect("write");
+        s.sync().expect("sync");
+        {
+            let mut f = faults.lock().expect("lock");
+            f.fail_at_op = Some(f.ops + 1);
+            f.tear = 2;
+        }
+        s.read_at(&mut [0u8; 2], 0).expect("the next operation still works");
+        s.write_at(b"torn", 4).expect_err("then one fails");
+        assert!(s.read_at(&mut [0u8; 2], 0).is_err(), "and every one after it");
+        assert_eq!(s.inner().to_bytes()[..8], *b"ok\0\0to\0\0");
+        faults.lock().expect("lock").clear();
+        s.sync().expect("works again once cleared");
+        assert_eq!(faults.lock().expect("lock").syncs, 2);
     }
 }

@@ -6,9 +6,10 @@
 //! - [`file`](mod@file): a real file ([`FileStorage`]);
 //! - [`mem`]: an image in memory ([`MemStorage`]) and a borrowed read-only view of
 //!   bytes ([`SliceStorage`]);
-//! - [`fault`]: an in-memory image that keeps durable and pending writes apart and
-//!   injects failures ([`CrashStorage`], [`CrashImage`]): fail after N operations or
-//!   at a sync, tear a write, lose what was not synced;
+//! - [`fault`]: failure injection ([`Faults`]: fail at the Nth operation or at a
+//!   given sync, tear the failing write): [`CrashStorage`] is an in-memory image that
+//!   also keeps durable and pending writes apart, so a crash loses what was not
+//!   synced ([`CrashImage`]); [`FaultStorage`] wraps any other storage;
 //! - [`read_only`]: a wrapper over any storage that refuses every change
 //!   ([`ReadOnlyStorage`]); a pool opened read-only wraps both of its files in it.
 
@@ -22,7 +23,7 @@ pub mod file;
 pub mod mem;
 pub mod read_only;
 
-pub use fault::{CrashImage, CrashStorage};
+pub use fault::{CrashImage, CrashStorage, FaultStorage, Faults};
 pub use file::FileStorage;
 pub use mem::{MemStorage, SliceStorage};
 pub use read_only::{is_read_only_error, ReadOnlyError, ReadOnlyStorage};
