@@ -1,14 +1,97 @@
-//! Block storage under the metadata: a real file, an in-memory image, and a
-//! crash-simulating image for tests. Everything above talks to [`MetaStorage`].
+//! Storage under the pool: one byte-addressed [`Storage`] trait for both the data
+//! file and the metadata file, and the metadata's 4 KiB-block view of it,
+//! [`MetaStorage`], which every [`Storage`] gets for free.
+//!
+//! Backends, one per file:
+//! - [`file`](mod@file): a real file ([`FileStorage`]);
+//! - [`mem`]: an image in memory ([`MemStorage`]) and a borrowed read-only view of
+//!   bytes ([`SliceStorage`]);
+//! - [`fault`]: failure injection ([`Faults`]: fail at the Nth operation or at a
+//!   given sync, tear the failing write): [`CrashStorage`] is an in-memory image that
+//!   also keeps durable and pending writes apart, so a crash loses what was not
+//!   synced ([`CrashImage`]); [`FaultStorage`] wraps any other storage;
+//! - [`read_only`]: a wrapper over any storage that refuses every change
+//!   ([`ReadOnlyStorage`]); a pool opened read-only wraps both of its files in it.
 
-use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use crate::format::{Block, BLOCK_SIZE};
 
-/// Whole 4 KiB blocks of the metadata device.
+pub mod fault;
+pub mod file;
+pub mod mem;
+pub mod read_only;
+
+pub use fault::{CrashImage, CrashStorage, FaultStorage, Faults};
+pub use file::FileStorage;
+pub use mem::{MemStorage, SliceStorage};
+pub use read_only::{is_read_only_error, ReadOnlyError, ReadOnlyStorage};
+
+/// A fixed-length run of bytes that can be read, written and made durable: the data
+/// file and the metadata file both sit on one.
+///
+/// Every access must lie inside `[0, len())`; one that does not fails with
+/// [`io::ErrorKind::UnexpectedEof`] and changes nothing. Writes are not durable
+/// until [`Storage::sync`] returns. All methods take `&self`, so one storage can be
+/// shared (`Arc<dyn Storage>`) between the pool and readers outside its lock.
+pub trait Storage: Send + Sync {
+    /// Length in bytes.
+    fn len(&self) -> u64;
+    /// Is the storage zero bytes long?
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Fill `buf` with the bytes at `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Write all of `buf` at `offset` (not durable until [`Storage::sync`]).
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Make every earlier write durable.
+    fn sync(&self) -> io::Result<()>;
+    /// Deallocate `[offset, offset + len)` so that it reads as zeros. A backend that
+    /// cannot fails with [`io::ErrorKind::Unsupported`] (the default); the caller
+    /// then writes zeros instead.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Err(io::Error::new(io::ErrorKind::Unsupported, "this storage cannot punch holes"))
+    }
+    /// Does the storage refuse every change (see [`ReadOnlyStorage`])?
+    fn is_read_only(&self) -> bool {
+        false
+    }
+}
+
+macro_rules! forward_storage {
+    ($($ptr:ident)::+) => {
+        impl<S: Storage + ?Sized> Storage for $($ptr)::+<S> {
+            fn len(&self) -> u64 {
+                (**self).len()
+            }
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+                (**self).read_at(buf, offset)
+            }
+            fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+                (**self).write_at(buf, offset)
+            }
+            fn sync(&self) -> io::Result<()> {
+                (**self).sync()
+            }
+            fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+                (**self).punch_hole(offset, len)
+            }
+            fn is_read_only(&self) -> bool {
+                (**self).is_read_only()
+            }
+        }
+    };
+}
+
+forward_storage!(Box);
+forward_storage!(Arc);
+
+/// Whole 4 KiB blocks of the metadata device: the view the transaction manager and
+/// the checker use. Every [`Storage`] is one (block `b` is bytes
+/// `[b x 4096, (b + 1) x 4096)`; a trailing partial block is not part of the device).
 pub trait MetaStorage: Send {
     /// Number of whole blocks the device holds.
     fn nr_blocks(&self) -> u64;
@@ -20,176 +103,63 @@ pub trait MetaStorage: Send {
     fn sync(&mut self) -> io::Result<()>;
 }
 
-/// A metadata file.
-#[derive(Debug)]
-pub struct FileStorage {
-    file: File,
-    nr_blocks: u64,
-}
-
-impl FileStorage {
-    /// Use an open file; its length decides the number of blocks.
-    pub fn new(file: File) -> io::Result<FileStorage> {
-        let len = file.metadata()?.len();
-        Ok(FileStorage { file, nr_blocks: len / BLOCK_SIZE as u64 })
-    }
-}
-
-fn out_of_range(b: u64, n: u64) -> io::Error {
+fn block_out_of_range(b: u64, n: u64) -> io::Error {
     io::Error::new(
         io::ErrorKind::UnexpectedEof,
         format!("metadata block {b} is past the end of the device ({n} blocks)"),
     )
 }
 
-impl MetaStorage for FileStorage {
+impl<S: Storage + ?Sized> MetaStorage for S {
     fn nr_blocks(&self) -> u64 {
-        self.nr_blocks
-    }
-    fn read_block(&self, b: u64, buf: &mut Block) -> io::Result<()> {
-        if b >= self.nr_blocks {
-            return Err(out_of_range(b, self.nr_blocks));
-        }
-        self.file.read_exact_at(buf, b * BLOCK_SIZE as u64)
-    }
-    fn write_block(&mut self, b: u64, buf: &Block) -> io::Result<()> {
-        if b >= self.nr_blocks {
-            return Err(out_of_range(b, self.nr_blocks));
-        }
-        self.file.write_all_at(buf, b * BLOCK_SIZE as u64)
-    }
-    fn sync(&mut self) -> io::Result<()> {
-        self.file.sync_data()
-    }
-}
-
-/// The state behind a [`CrashStorage`]: what is durable and what is only written.
-#[derive(Debug, Clone, Default)]
-pub struct CrashImage {
-    /// Content as of the last sync.
-    pub durable: Vec<Box<Block>>,
-    /// Writes since the last sync, in order.
-    pub pending: Vec<(u64, Box<Block>)>,
-    /// Number of syncs so far.
-    pub syncs: u64,
-    /// When set, the storage fails every operation once `syncs` reaches this value
-    /// (the sync itself fails and nothing after it is accepted).
-    pub fail_at_sync: Option<u64>,
-    /// Set once a failure was injected.
-    pub failed: bool,
-}
-
-impl CrashImage {
-    /// The device as a crash right now would leave it when only the first `keep`
-    /// pending writes reached the disk.
-    pub fn crashed(&self, keep: usize) -> Vec<Box<Block>> {
-        let mut img = self.durable.clone();
-        for (b, data) in self.pending.iter().take(keep) {
-            img[*b as usize] = data.clone();
-        }
-        img
-    }
-}
-
-/// In-memory storage that keeps durable and pending writes apart, so tests can
-/// reconstruct what a crash at any moment would leave, and can inject an I/O failure.
-#[derive(Debug, Clone)]
-pub struct CrashStorage {
-    /// Shared with the test.
-    pub image: Arc<Mutex<CrashImage>>,
-}
-
-impl CrashStorage {
-    /// A zeroed device of `nr_blocks` blocks.
-    pub fn new(nr_blocks: u64) -> CrashStorage {
-        let durable = (0..nr_blocks).map(|_| Box::new([0u8; BLOCK_SIZE])).collect();
-        CrashStorage { image: Arc::new(Mutex::new(CrashImage { durable, ..Default::default() })) }
-    }
-
-    /// A device whose durable content is `blocks`.
-    pub fn from_blocks(blocks: Vec<Box<Block>>) -> CrashStorage {
-        CrashStorage { image: Arc::new(Mutex::new(CrashImage { durable: blocks, ..Default::default() })) }
-    }
-
-    fn lock(&self) -> io::Result<std::sync::MutexGuard<'_, CrashImage>> {
-        self.image.lock().map_err(|_| io::Error::other("crash storage lock poisoned"))
-    }
-}
-
-impl MetaStorage for CrashStorage {
-    fn nr_blocks(&self) -> u64 {
-        self.image.lock().map(|i| i.durable.len() as u64).unwrap_or(0)
-    }
-    fn read_block(&self, b: u64, buf: &mut Block) -> io::Result<()> {
-        let img = self.lock()?;
-        if img.failed {
-            return Err(io::Error::other("injected I/O failure"));
-        }
-        let n = img.durable.len() as u64;
-        if b >= n {
-            return Err(out_of_range(b, n));
-        }
-        let found = img.pending.iter().rev().find(|(pb, _)| *pb == b).map(|(_, d)| d);
-        buf.copy_from_slice(&found.unwrap_or(&img.durable[b as usize])[..]);
-        Ok(())
-    }
-    fn write_block(&mut self, b: u64, buf: &Block) -> io::Result<()> {
-        let mut img = self.lock()?;
-        if img.failed {
-            return Err(io::Error::other("injected I/O failure"));
-        }
-        let n = img.durable.len() as u64;
-        if b >= n {
-            return Err(out_of_range(b, n));
-        }
-        img.pending.push((b, Box::new(*buf)));
-        Ok(())
-    }
-    fn sync(&mut self) -> io::Result<()> {
-        let mut img = self.lock()?;
-        if img.failed || img.fail_at_sync == Some(img.syncs) {
-            img.failed = true;
-            return Err(io::Error::other("injected I/O failure"));
-        }
-        let pending = std::mem::take(&mut img.pending);
-        for (b, data) in pending {
-            img.durable[b as usize] = data;
-        }
-        img.syncs += 1;
-        Ok(())
-    }
-}
-
-/// Read-only view of a metadata image held in memory (fuzzing, checks of copies).
-#[derive(Debug, Clone)]
-pub struct SliceStorage<'a> {
-    bytes: &'a [u8],
-}
-
-impl<'a> SliceStorage<'a> {
-    /// Wrap bytes; a trailing partial block is ignored.
-    pub fn new(bytes: &'a [u8]) -> Self {
-        SliceStorage { bytes }
-    }
-}
-
-impl MetaStorage for SliceStorage<'_> {
-    fn nr_blocks(&self) -> u64 {
-        (self.bytes.len() / BLOCK_SIZE) as u64
+        self.len() / BLOCK_SIZE as u64
     }
     fn read_block(&self, b: u64, buf: &mut Block) -> io::Result<()> {
         let n = self.nr_blocks();
         if b >= n {
-            return Err(out_of_range(b, n));
+            return Err(block_out_of_range(b, n));
         }
-        let off = b as usize * BLOCK_SIZE;
-        buf.copy_from_slice(&self.bytes[off..off + BLOCK_SIZE]);
-        Ok(())
+        self.read_at(&mut buf[..], b * BLOCK_SIZE as u64)
     }
-    fn write_block(&mut self, _b: u64, _buf: &Block) -> io::Result<()> {
-        Err(io::Error::new(io::ErrorKind::PermissionDenied, "read-only metadata image"))
+    fn write_block(&mut self, b: u64, buf: &Block) -> io::Result<()> {
+        let n = self.nr_blocks();
+        if b >= n {
+            return Err(block_out_of_range(b, n));
+        }
+        self.write_at(&buf[..], b * BLOCK_SIZE as u64)
     }
     fn sync(&mut self) -> io::Result<()> {
-        Ok(())
+        Storage::sync(self)
+    }
+}
+
+/// `Ok` when `[offset, offset + n)` lies inside a storage of `len` bytes, else the
+/// error every backend returns for an access past the end.
+pub(crate) fn check_range(offset: u64, n: usize, len: u64) -> io::Result<()> {
+    match offset.checked_add(n as u64) {
+        Some(end) if end <= len => Ok(()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("{n} bytes at offset {offset} are past the end of the storage ({len} bytes)"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_storage_is_a_block_device_that_checks_its_bounds() {
+        let mut m = MemStorage::new(3 * BLOCK_SIZE as u64 + 100);
+        assert_eq!(m.nr_blocks(), 3);
+        let blk = [7u8; BLOCK_SIZE];
+        m.write_block(2, &blk).expect("write");
+        let mut out = [0u8; BLOCK_SIZE];
+        m.read_block(2, &mut out).expect("read");
+        assert_eq!(out, blk);
+        assert_eq!(m.read_block(3, &mut out).expect_err("past end").kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(m.write_at(&[1, 2], m.len() - 1).expect_err("past end").kind(), io::ErrorKind::UnexpectedEof);
+        MetaStorage::sync(&mut m).expect("sync");
     }
 }

@@ -8,14 +8,13 @@
 //! attached device can be refused.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::error::PoolError;
+use crate::io::Storage;
 use crate::pool::Pool;
 use crate::thin::DevId;
 
@@ -27,8 +26,8 @@ struct Inner {
 /// A pool shared between threads.
 pub struct Service {
     inner: Mutex<Inner>,
-    /// A second handle on the data file, for reads outside the lock.
-    data: Option<File>,
+    /// A second handle on the data storage, for reads outside the lock.
+    data: Arc<dyn Storage>,
     /// The data reuse epoch of the pool (see [`Service::read`]).
     reuse_epoch: Arc<AtomicU64>,
 }
@@ -42,7 +41,7 @@ impl std::fmt::Debug for Service {
 impl Service {
     /// Share `pool`.
     pub fn new(pool: Pool) -> Arc<Service> {
-        let data = pool.data_file().try_clone().ok();
+        let data = pool.data_storage();
         let reuse_epoch = pool.meta().data_reuse_epoch();
         Arc::new(Service { inner: Mutex::new(Inner { pool, attached: HashMap::new() }), data, reuse_epoch })
     }
@@ -63,7 +62,7 @@ impl Service {
     /// handed to another device after the reuse epoch moves, so when it moved during
     /// the read the read is done again under the lock.
     pub fn read(&self, dev: DevId, offset: u64, buf: &mut [u8]) -> Result<(), PoolError> {
-        let Some(data) = &self.data else { return self.lock().pool.read(dev, offset, buf) };
+        let data = &self.data;
         let (plan, before) = {
             let mut g = self.lock();
             let plan = g.pool.read_plan(dev, offset, buf.len() as u64)?;
@@ -74,7 +73,7 @@ impl Service {
             let out = &mut buf[done..done + len as usize];
             match at {
                 None => out.fill(0),
-                Some(pos) => data.read_exact_at(out, pos).map_err(PoolError::DataIo)?,
+                Some(pos) => data.read_at(out, pos).map_err(PoolError::DataIo)?,
             }
             done += len as usize;
         }

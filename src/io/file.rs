@@ -1,0 +1,89 @@
+//! A real file as [`Storage`]: positioned reads and writes, `fdatasync`, and hole
+//! punching through `fallocate`.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+
+use nix::fcntl::{fallocate, FallocateFlags};
+
+use super::{check_range, Storage};
+
+/// A file. Its length is taken when it is wrapped and is the storage's length from
+/// then on (accesses past it fail rather than grow the file).
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+    len: u64,
+}
+
+impl FileStorage {
+    /// Use an open file; its current length is the storage's length.
+    pub fn new(file: File) -> io::Result<FileStorage> {
+        let len = file.metadata()?.len();
+        Ok(FileStorage { file, len })
+    }
+
+    /// The file underneath.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+impl Storage for FileStorage {
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        check_range(offset, buf.len(), self.len)?;
+        self.file.read_exact_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        check_range(offset, buf.len(), self.len)?;
+        self.file.write_all_at(buf, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        match fallocate(
+            self.file.as_raw_fd(),
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            offset as i64,
+            len as i64,
+        ) {
+            Ok(()) => Ok(()),
+            Err(nix::errno::Errno::EOPNOTSUPP) => {
+                Err(io::Error::new(io::ErrorKind::Unsupported, "the file system cannot punch holes"))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_reads_back_what_was_written_and_punched_ranges_read_as_zeros() {
+        let f = tempfile::tempfile().expect("tmp");
+        f.set_len(1 << 16).expect("len");
+        let s = FileStorage::new(f).expect("storage");
+        assert_eq!(s.len(), 1 << 16);
+        s.write_at(&[0xab; 8192], 4096).expect("write");
+        s.sync().expect("sync");
+        let mut buf = [0u8; 8192];
+        s.read_at(&mut buf, 4096).expect("read");
+        assert!(buf.iter().all(|&b| b == 0xab));
+        match s.punch_hole(4096, 4096) {
+            Ok(()) => {
+                s.read_at(&mut buf, 4096).expect("read");
+                assert!(buf[..4096].iter().all(|&b| b == 0) && buf[4096..].iter().all(|&b| b == 0xab));
+            }
+            Err(e) => assert_eq!(e.kind(), io::ErrorKind::Unsupported),
+        }
+        assert!(s.write_at(&[1], 1 << 16).is_err(), "a write past the end does not grow the file");
+    }
+}
