@@ -14,6 +14,7 @@
 //! copy-on-write and zero-fill, write-zeroes) and `discard.rs`.
 
 use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::error::{MetaError, PoolError};
@@ -43,6 +44,9 @@ pub struct Pool {
     block_bytes: u64,
     /// Cleared once the data storage says it cannot punch holes.
     punch: bool,
+    /// The data reuse epoch shared with readers outside the pool's lock: it moves
+    /// before a data block that may have held other data is written again.
+    reuse_epoch: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -78,7 +82,7 @@ impl Pool {
         let block_bytes = data_block_sectors as u64 * SECTOR;
         let nr = data.len().checked_div(block_bytes).unwrap_or(0);
         let md = Metadata::format(Box::new(metadata), data_block_sectors, nr)?;
-        Ok(Pool { md, data: Arc::new(data), block_bytes, punch: true })
+        Ok(Pool { md, data: Arc::new(data), block_bytes, punch: true, reuse_epoch: Arc::default() })
     }
 
     /// Open an existing pool. A data file longer than the data space map, or a
@@ -105,7 +109,7 @@ impl Pool {
         let block_bytes = md.data_block_sectors() as u64 * SECTOR;
         let nr = data.len() / block_bytes;
         let have = md.status().data_total_blocks;
-        let mut pool = Pool { md, data, block_bytes, punch: true };
+        let mut pool = Pool { md, data, block_bytes, punch: true, reuse_epoch: Arc::default() };
         if nr < have {
             return Err(PoolError::invalid(format!(
                 "the data file holds {nr} blocks of {block_bytes} bytes but the pool has {have}: it is too short"
@@ -173,8 +177,22 @@ impl Pool {
     pub fn commit(&mut self) -> Result<(), PoolError> {
         let data = &self.data;
         let Committed { released_data } = self.md.commit(&mut || data.sync())?;
+        self.publish_reuses();
         self.punch_released(released_data);
         Ok(())
+    }
+
+    /// The data reuse epoch: reads done outside the pool's lock compare it before and
+    /// after; when it moved, a block they read may have been given to other data.
+    pub fn data_reuse_epoch(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.reuse_epoch)
+    }
+
+    /// Make the metadata's reuse count visible to readers. Called after allocating
+    /// data blocks (before their data is written) and after a commit (before freed
+    /// blocks are punched).
+    fn publish_reuses(&self) {
+        self.reuse_epoch.fetch_max(self.md.data_reuses(), Ordering::SeqCst);
     }
 
     fn punch_released(&mut self, mut blocks: Vec<u64>) {

@@ -24,7 +24,7 @@ impl Pool {
 
     /// Where the bytes of `[offset, offset+len)` live: per piece, its length and its
     /// offset in the data file (`None`: unmapped, reads as zeros). Valid until the data
-    /// reuse epoch ([`crate::thin::Metadata::data_reuse_epoch`]) changes.
+    /// reuse epoch ([`Pool::data_reuse_epoch`]) changes.
     pub fn read_plan(&mut self, dev: DevId, offset: u64, len: u64) -> Result<Vec<(u64, Option<u64>)>, PoolError> {
         self.check_dev(dev)?;
         let mut plan: Vec<(u64, Option<u64>)> = Vec::new();

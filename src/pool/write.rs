@@ -21,6 +21,7 @@ impl Pool {
                 }
             }
             if got.len() == n {
+                self.publish_reuses();
                 return Ok(got);
             }
             for b in got {

@@ -42,7 +42,7 @@ impl Service {
     /// Share `pool`.
     pub fn new(pool: Pool) -> Arc<Service> {
         let data = pool.data_storage();
-        let reuse_epoch = pool.meta().data_reuse_epoch();
+        let reuse_epoch = pool.data_reuse_epoch();
         Arc::new(Service { inner: Mutex::new(Inner { pool, attached: HashMap::new() }), data, reuse_epoch })
     }
 
@@ -237,7 +237,7 @@ mod epoch_tests {
     fn a_data_block_is_never_handed_to_another_device_without_the_reuse_epoch_moving() {
         let dir = tempfile::tempdir().expect("tmp");
         let mut p = super::tiny_pool(dir.path(), 65536);
-        let epoch = p.meta().data_reuse_epoch();
+        let epoch = p.data_reuse_epoch();
         let mut reused = 0;
         for round in 0..40u64 {
             p.write(0, 0, &[1u8; 65536]).expect("write");

@@ -8,8 +8,6 @@
 //! before the next commit (spec §4.8).
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use bitvec::vec::BitVec;
 
@@ -42,7 +40,9 @@ pub struct RefCounts {
     /// Bumped whenever a block may become reusable (a count drops to zero, or a
     /// commit makes blocks freed earlier allocatable). Readers that use a block
     /// number outside the pool's lock compare it before and after.
-    reuse_epoch: Arc<AtomicU64>,
+    /// Bumped whenever a block may become reusable (its count drops to zero, or a
+    /// commit makes freed blocks allocatable).
+    reuses: u64,
 }
 
 /// What a commit of the counts reports.
@@ -69,7 +69,7 @@ impl RefCounts {
             touched: Vec::new(),
             touched_flag: BitVec::repeat(false, nr_blocks as usize),
             cursor: 0,
-            reuse_epoch: Arc::new(AtomicU64::new(0)),
+            reuses: 0,
         }
     }
 
@@ -102,9 +102,10 @@ impl RefCounts {
         self.committed_used.set(b as usize, true);
     }
 
-    /// The counter bumped whenever a block may become reusable (see the field).
-    pub fn reuse_epoch(&self) -> Arc<AtomicU64> {
-        Arc::clone(&self.reuse_epoch)
+    /// How many times a block may have become reusable so far: a block handed out
+    /// by [`RefCounts::alloc`] may have held other data when this moved since.
+    pub fn reuses(&self) -> u64 {
+        self.reuses
     }
 
     /// Number of blocks tracked.
@@ -164,7 +165,7 @@ impl RefCounts {
         } else if old != 0 && new == 0 {
             self.nr_allocated -= 1;
             self.used_per_bitmap[bm as usize] -= 1;
-            self.reuse_epoch.fetch_add(1, Ordering::SeqCst);
+            self.reuses += 1;
         }
         if old.min(3) != new.min(3) {
             self.dirty_bitmaps.insert(bm);
@@ -309,7 +310,7 @@ impl RefCounts {
     /// The transaction was committed: the current counts become the committed state.
     /// Returns the blocks released by the transaction.
     pub fn commit(&mut self) -> CommitOutcome {
-        self.reuse_epoch.fetch_add(1, Ordering::SeqCst);
+        self.reuses += 1;
         let mut released = Vec::new();
         for b in std::mem::take(&mut self.touched) {
             let i = b as usize;

@@ -1,0 +1,172 @@
+//! Growth of the space maps, the commit (data made durable first, then every new
+//! metadata block, then the superblock) and the held metadata snapshot.
+
+use super::*;
+
+impl Metadata {
+    /// Grow the data space map to `nr_blocks` (the data device grew).
+    pub fn extend_data(&mut self, nr_blocks: u64) -> Result<(), PoolError> {
+        self.writable()?;
+        if nr_blocks < self.t.data_counts().nr_blocks() {
+            return Err(PoolError::invalid("the data space map cannot shrink"));
+        }
+        if nr_blocks > MAX_DATA_BLOCKS {
+            return Err(PoolError::invalid("more than 2^40 data blocks"));
+        }
+        if nr_blocks > self.t.data_counts().nr_blocks() {
+            self.t.data_counts_mut().extend(nr_blocks);
+            self.sms.fit(&self.t);
+            self.changed = true;
+        }
+        Ok(())
+    }
+
+    /// Grow the metadata space map to the device's size (capped at the format limit).
+    pub fn extend_metadata(&mut self) -> Result<(), PoolError> {
+        self.writable()?;
+        let n = self.t.device_blocks().min(MAX_METADATA_BLOCKS);
+        if n > self.t.meta_counts().nr_blocks() {
+            self.t.meta_counts_mut().extend(n);
+            self.sms.fit(&self.t);
+            self.changed = true;
+        }
+        Ok(())
+    }
+
+    /// Has anything changed since the last commit?
+    pub fn is_dirty(&self) -> bool {
+        self.changed
+    }
+
+    /// Commit: `sync_data` runs first (the data device must be durable before the
+    /// metadata that points at it), then every new metadata block is written and
+    /// synced, then the superblock is written and synced. On error nothing more is
+    /// accepted until reopen; the previous commit stays intact on disk.
+    pub fn commit(&mut self, sync_data: &mut dyn FnMut() -> std::io::Result<()>) -> Result<Committed, PoolError> {
+        if self.read_only {
+            return Ok(Committed::default());
+        }
+        if self.t.is_poisoned() {
+            return Err(MetaError::Poisoned.into());
+        }
+        if !self.changed {
+            // Nothing to commit, but writes in place must still become durable.
+            sync_data().map_err(PoolError::DataIo)?;
+            return Ok(Committed::default());
+        }
+        let r = self.commit_inner(sync_data);
+        if r.is_err() {
+            self.t.poison();
+        }
+        r
+    }
+
+    fn commit_inner(&mut self, sync_data: &mut dyn FnMut() -> std::io::Result<()>) -> Result<Committed, PoolError> {
+        sync_data().map_err(PoolError::DataIo)?;
+        self.t.set_committing(true);
+        // Device details and roots into their trees.
+        let ids: Vec<DevId> = self.devices.keys().copied().collect();
+        for id in ids {
+            let Some(d) = self.devices.get(&id).cloned() else {
+                continue;
+            };
+            if d.details_dirty {
+                self.details_root = btree::insert(
+                    &mut self.t,
+                    self.details_root,
+                    id as u64,
+                    &d.details.encode(),
+                    DETAILS,
+                    Replace::Raw,
+                )?
+                .root;
+            }
+            if d.root != d.root_in_tree {
+                self.set_top_level(id, d.root)?;
+            }
+            if let Some(d) = self.devices.get_mut(&id) {
+                d.details_dirty = false;
+                d.root_in_tree = d.root;
+                d.touched = false;
+            }
+        }
+        self.sms.write(&mut self.t)?;
+        self.t.write_dirty()?;
+        let (data_sm_root, metadata_sm_root) = self.sms.roots(&self.t);
+        let sb = Superblock {
+            time: self.time,
+            trans_id: self.trans_id,
+            held_root: self.held_root,
+            data_sm_root,
+            metadata_sm_root,
+            data_mapping_root: self.mapping_root,
+            device_details_root: self.details_root,
+            ..self.sb.clone()
+        };
+        let blk = sb.encode(0);
+        self.t.write_through(0, &blk)?;
+        self.t.sync()?;
+        self.sb = sb;
+        self.t.set_committing(false);
+        self.t.end_transaction();
+        self.sms.end_transaction();
+        let released_data = self.t.data_counts_mut().commit().released;
+        self.t.meta_counts_mut().commit();
+        self.changed = false;
+        Ok(Committed { released_data })
+    }
+
+    /// Take a metadata snapshot (`reserve_metadata_snap`): commit, then copy the
+    /// superblock to a new block that holds the current trees, and commit again.
+    pub fn reserve_metadata_snap(
+        &mut self,
+        sync_data: &mut dyn FnMut() -> std::io::Result<()>,
+    ) -> Result<u64, PoolError> {
+        self.writable()?;
+        if self.held_root != 0 {
+            return Err(PoolError::MetadataSnapshot("a metadata snapshot is already held; release it first"));
+        }
+        self.changed = true;
+        self.commit(sync_data)?;
+        let h = self.t.alloc_meta()?;
+        let copy = Superblock {
+            data_sm_root: SmRoot::default(),
+            metadata_sm_root: SmRoot::default(),
+            held_root: 0,
+            ..self.sb.clone()
+        };
+        self.t.put(h, copy.encode(h), BlockKind::Superblock, 0);
+        self.t.meta_counts_mut().inc(self.sb.data_mapping_root)?;
+        self.t.meta_counts_mut().inc(self.sb.device_details_root)?;
+        self.held_root = h;
+        self.changed = true;
+        self.commit(sync_data)?;
+        Ok(h)
+    }
+
+    /// Release the held metadata snapshot (`release_metadata_snap`).
+    pub fn release_metadata_snap(
+        &mut self,
+        sync_data: &mut dyn FnMut() -> std::io::Result<()>,
+    ) -> Result<(), PoolError> {
+        self.writable()?;
+        let h = self.held_root;
+        if h == 0 {
+            return Err(PoolError::MetadataSnapshot("no metadata snapshot is held"));
+        }
+        let raw = self.t.read_uncached(h)?;
+        let held = Superblock::decode(&raw, h).map_err(|e| MetaError::corrupt(h, Corruption::Superblock(e)))?;
+        self.held_root = 0;
+        btree::delete_tree(&mut self.t, held.data_mapping_root, TOP_LEVEL)?;
+        btree::delete_tree(&mut self.t, held.device_details_root, DETAILS)?;
+        self.t.dec_meta(h)?;
+        self.changed = true;
+        self.commit(sync_data)?;
+        Ok(())
+    }
+
+    /// The committed superblock.
+    pub fn superblock(&self) -> &Superblock {
+        &self.sb
+    }
+}
