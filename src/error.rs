@@ -23,7 +23,10 @@ pub enum Corruption {
     /// Metadata index block checksum/blocknr.
     Index(PrefixError),
     /// A reference to a block at or past the end of the metadata device.
-    PastEnd { nr_blocks: u64 },
+    PastEnd {
+        /// Blocks of the metadata device.
+        nr_blocks: u64,
+    },
     /// A tree deeper than any valid tree can be (a cycle).
     TooDeep,
     /// Inconsistent tree contents (missing entries, wrong shape).
@@ -80,10 +83,20 @@ pub enum MetaError {
     Io(#[from] io::Error),
     /// No free metadata block.
     #[error("out of metadata space ({nr_blocks} metadata blocks, all in use); grow the metadata file")]
-    NoMetadataSpace { nr_blocks: u64 },
+    NoMetadataSpace {
+        /// Metadata blocks in all.
+        nr_blocks: u64,
+    },
     /// A reference count would go below zero or past a limit (corrupt counts).
     #[error("{sm} space map: block {block}: {what}")]
-    RefCount { sm: &'static str, block: u64, what: &'static str },
+    RefCount {
+        /// Which space map.
+        sm: &'static str,
+        /// The block.
+        block: u64,
+        /// What went wrong.
+        what: &'static str,
+    },
     /// An earlier write or sync failed; nothing more is accepted until reopen.
     #[error("an earlier metadata write failed; reopen the pool (the last commit is intact)")]
     Poisoned,
@@ -139,7 +152,10 @@ pub enum PoolError {
     DataIo(io::Error),
     /// Every data block is in use.
     #[error("no free data block: the pool's {nr_blocks} data blocks are all in use")]
-    NoSpace { nr_blocks: u64 },
+    NoSpace {
+        /// Data blocks in all.
+        nr_blocks: u64,
+    },
     /// Unknown thin device.
     #[error("no thin device with id {0}")]
     NoSuchDevice(u32),
@@ -151,7 +167,12 @@ pub enum PoolError {
     BadDeviceId(u64),
     /// `set_transaction_id` with the wrong current value.
     #[error("transaction id mismatch: the pool is at {current}, not {given}")]
-    TransactionId { current: u64, given: u64 },
+    TransactionId {
+        /// The pool's transaction id.
+        current: u64,
+        /// The one the caller expected.
+        given: u64,
+    },
     /// A metadata snapshot is already held / none is held.
     #[error("{0}")]
     MetadataSnapshot(&'static str),

@@ -40,9 +40,13 @@ pub const fn max_entries_for(value_size: u32) -> u32 {
 /// The header fields that give a node its shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NodeHeader {
+    /// Node kind: `INTERNAL` (1) or `LEAF` (2).
     pub flags: u32,
+    /// Entries in use.
     pub nr_entries: u32,
+    /// Capacity of the node for its value size.
     pub max_entries: u32,
+    /// Bytes per value (8 in internal nodes).
     pub value_size: u32,
 }
 
@@ -68,13 +72,31 @@ pub enum NodeError {
     /// Neither or both of INTERNAL and LEAF.
     Flags(u32),
     /// `32 + (8 + value_size) x max_entries` exceeds the block.
-    Geometry { max_entries: u32, value_size: u32 },
+    Geometry {
+        /// Stored max_entries.
+        max_entries: u32,
+        /// Stored value size.
+        value_size: u32,
+    },
     /// More entries than room.
-    NrEntries { nr_entries: u32, max_entries: u32 },
+    NrEntries {
+        /// Stored nr_entries.
+        nr_entries: u32,
+        /// Stored max_entries.
+        max_entries: u32,
+    },
     /// Value size not the one this tree uses.
-    ValueSize { found: u32, expected: u32 },
+    ValueSize {
+        /// Stored value size.
+        found: u32,
+        /// What the tree needs.
+        expected: u32,
+    },
     /// Keys not strictly ascending at this index.
-    KeyOrder { index: u32 },
+    KeyOrder {
+        /// Index of the first key not above its predecessor.
+        index: u32,
+    },
 }
 
 impl std::fmt::Display for NodeError {

@@ -40,9 +40,13 @@ const INDEX_HEADER: usize = 16;
 /// A space-map root.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SmRoot {
+    /// Blocks the space map covers.
     pub nr_blocks: u64,
+    /// Blocks with a non-zero count.
     pub nr_allocated: u64,
+    /// Index: the metadata index block, or the root of the data index tree.
     pub bitmap_root: u64,
+    /// Root of the overflow ref-count tree (counts of 3 and more).
     pub ref_count_root: u64,
 }
 
@@ -72,8 +76,11 @@ impl SmRoot {
 /// One index entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct IndexEntry {
+    /// Block holding the bitmap.
     pub blocknr: u64,
+    /// Free entries in the bitmap.
     pub nr_free: u32,
+    /// No free entry before this index in the bitmap.
     pub none_free_before: u32,
 }
 

@@ -61,22 +61,39 @@ pub const STRUCT_SIZE: usize = 0x16C;
 /// Decoded superblock fields.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Superblock {
+    /// Flags (`FLAG_NEEDS_CHECK`).
     pub flags: u32,
+    /// Unused by the kernel; zero.
     pub uuid: [u8; 16],
+    /// `MAGIC`.
     pub magic: u64,
+    /// Format version (1 or 2).
     pub version: u32,
+    /// Pool time: bumped by every snapshot.
     pub time: u32,
+    /// Transaction id set by userspace.
     pub trans_id: u64,
+    /// Block of the held metadata snapshot (0: none).
     pub held_root: u64,
+    /// Data space map root.
     pub data_sm_root: SmRoot,
+    /// Metadata space map root.
     pub metadata_sm_root: SmRoot,
+    /// Root of the two-level mapping tree.
     pub data_mapping_root: u64,
+    /// Root of the device-details tree.
     pub device_details_root: u64,
+    /// Data block size in 512-byte sectors.
     pub data_block_size: u32,
+    /// Metadata block size in sectors (8).
     pub metadata_block_size: u32,
+    /// Metadata device size in blocks when formatted.
     pub metadata_nr_blocks: u64,
+    /// Compatible feature flags.
     pub compat_flags: u32,
+    /// Read-only-compatible feature flags.
     pub compat_ro_flags: u32,
+    /// Incompatible feature flags.
     pub incompat_flags: u32,
 }
 
@@ -90,7 +107,12 @@ pub enum SuperblockError {
     /// Metadata block size other than 8 sectors.
     MetadataBlockSize(u32),
     /// Feature flags this implementation does not know.
-    Features { incompat: u32, compat_ro: u32 },
+    Features {
+        /// Unknown incompatible flags.
+        incompat: u32,
+        /// Unknown read-only-compatible flags.
+        compat_ro: u32,
+    },
 }
 
 impl std::fmt::Display for SuperblockError {

@@ -29,9 +29,13 @@ pub fn unpack_block_time(v: u64) -> (u64, u32) {
 /// Per-device details.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DeviceDetails {
+    /// Virtual blocks mapped.
     pub mapped_blocks: u64,
+    /// Transaction id when last changed.
     pub transaction_id: u64,
+    /// Pool time at creation.
     pub creation_time: u32,
+    /// Pool time of the last snapshot taken of (or from) it.
     pub snapshotted_time: u32,
 }
 

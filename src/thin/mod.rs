@@ -76,24 +76,38 @@ struct Device {
 /// Summary numbers of the pool (like `dmsetup status` of a thin-pool).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Status {
+    /// Transaction id.
     pub transaction_id: u64,
+    /// Pool time.
     pub time: u32,
+    /// Data block size in sectors.
     pub data_block_sectors: u32,
+    /// Data blocks in the pool.
     pub data_total_blocks: u64,
+    /// Data blocks in use.
     pub data_used_blocks: u64,
+    /// Metadata blocks.
     pub metadata_total_blocks: u64,
+    /// Metadata blocks in use.
     pub metadata_used_blocks: u64,
+    /// Held metadata snapshot (0: none).
     pub held_root: u64,
+    /// The needs_check flag.
     pub needs_check: bool,
 }
 
 /// Per-device details (public view).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeviceInfo {
+    /// Device id.
     pub id: DevId,
+    /// Virtual blocks mapped.
     pub mapped_blocks: u64,
+    /// Transaction id.
     pub transaction_id: u64,
+    /// Pool time at creation.
     pub creation_time: u32,
+    /// Pool time of the last snapshot involving it.
     pub snapshotted_time: u32,
 }
 
