@@ -25,6 +25,8 @@ mod discard;
 mod read;
 mod write;
 
+pub use read::{AllocRun, Located};
+
 /// Bytes in a sector.
 pub const SECTOR: u64 = 512;
 /// Chunk size for copying and zeroing inside a data block.

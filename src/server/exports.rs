@@ -79,7 +79,7 @@ impl Export for DeviceExport {
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, ExportError> {
         let runs = self.service.extents(self.id, offset, len).map_err(export_err)?;
-        Ok(runs.into_iter().map(|(length, mapped)| Extent { length, hole: !mapped, zero: !mapped }).collect())
+        Ok(runs.into_iter().map(|r| Extent { length: r.len, hole: !r.mapped, zero: !r.mapped }).collect())
     }
 }
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use crate::error::PoolError;
 use crate::io::Storage;
-use crate::pool::Pool;
+use crate::pool::{AllocRun, Pool};
 use crate::thin::DevId;
 
 struct Inner {
@@ -69,13 +69,13 @@ impl Service {
             (plan, self.reuse_epoch.load(Ordering::SeqCst))
         };
         let mut done = 0usize;
-        for (len, at) in plan {
-            let out = &mut buf[done..done + len as usize];
-            match at {
+        for piece in plan {
+            let out = &mut buf[done..done + piece.len as usize];
+            match piece.at {
                 None => out.fill(0),
                 Some(pos) => data.read_at(out, pos).map_err(PoolError::DataIo)?,
             }
-            done += len as usize;
+            done += piece.len as usize;
         }
         if self.reuse_epoch.load(Ordering::SeqCst) != before {
             return self.lock().pool.read(dev, offset, buf);
@@ -104,7 +104,7 @@ impl Service {
     }
 
     /// Allocation extents (see [`Pool::extents`]).
-    pub fn extents(&self, dev: DevId, offset: u64, len: u64) -> Result<Vec<(u64, bool)>, PoolError> {
+    pub fn extents(&self, dev: DevId, offset: u64, len: u64) -> Result<Vec<AllocRun>, PoolError> {
         self.lock().pool.extents(dev, offset, len)
     }
 
@@ -249,7 +249,7 @@ mod epoch_tests {
             }
             p.write(1, (round % 3) * 65536, &[2u8; 65536]).expect("write");
             let other = p.read_plan(1, (round % 3) * 65536, 65536).expect("plan");
-            if other[0].1 == plan[0].1 {
+            if other[0].at == plan[0].at {
                 reused += 1;
                 assert_ne!(epoch.load(Ordering::SeqCst), before, "block reused with no epoch change");
             }
