@@ -264,7 +264,7 @@ fn read_option_reply(c: &mut TcpStream) -> (u32, u32, Vec<u8>) {
 }
 
 fn request(c: &mut TcpStream, kind: u16, cookie: u64, offset: u64, length: u32, payload: &[u8]) {
-    let r = wire::Request { flags: 0, kind, cookie, offset, length };
+    let r = wire::Request { flags: 0, command: wire::Command::from_wire(kind), cookie, offset, length };
     c.write_all(&wire::encode_request(&r)).expect("request");
     c.write_all(payload).expect("payload");
 }

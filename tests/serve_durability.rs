@@ -113,7 +113,13 @@ impl RawClient {
     fn write(&mut self, offset: u64, data: &[u8]) {
         use std::io::{Read, Write};
         use thinpool::nbd::wire;
-        let r = wire::Request { flags: 0, kind: wire::CMD_WRITE, cookie: offset, offset, length: data.len() as u32 };
+        let r = wire::Request {
+            flags: 0,
+            command: wire::Command::Write,
+            cookie: offset,
+            offset,
+            length: data.len() as u32,
+        };
         let mut msg = wire::encode_request(&r).to_vec();
         msg.extend_from_slice(data);
         self.0.write_all(&msg).expect("request");

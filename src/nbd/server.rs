@@ -154,12 +154,18 @@ mod tests {
         go.extend_from_slice(b"a");
         go.extend_from_slice(&0u16.to_be_bytes());
         input.extend(opt(wire::OPT_GO, &go));
-        let w = wire::Request { flags: wire::CMD_FLAG_FUA, kind: wire::CMD_WRITE, cookie: 1, offset: 100, length: 4 };
+        let w = wire::Request {
+            flags: wire::CMD_FLAG_FUA,
+            command: wire::Command::Write,
+            cookie: 1,
+            offset: 100,
+            length: 4,
+        };
         input.extend_from_slice(&wire::encode_request(&w));
         input.extend_from_slice(b"abcd");
-        let r = wire::Request { flags: 0, kind: wire::CMD_READ, cookie: 2, offset: 98, length: 8 };
+        let r = wire::Request { flags: 0, command: wire::Command::Read, cookie: 2, offset: 98, length: 8 };
         input.extend_from_slice(&wire::encode_request(&r));
-        let d = wire::Request { flags: 0, kind: wire::CMD_DISC, cookie: 3, offset: 0, length: 0 };
+        let d = wire::Request { flags: 0, command: wire::Command::Disc, cookie: 3, offset: 0, length: 0 };
         input.extend_from_slice(&wire::encode_request(&d));
         let out = Arc::new(Mutex::new(Vec::new()));
         let catalog = MemCatalog::new(&[("a", 1 << 20)]);

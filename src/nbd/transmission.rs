@@ -117,7 +117,7 @@ fn read_requests<R: Read, W: Write + Send + 'static>(
         let Some(req) = wire::parse_request(&head) else {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "bad request magic"));
         };
-        let command = req.command();
+        let command = req.command;
         let mut payload = Vec::new();
         match command {
             Command::Write => {

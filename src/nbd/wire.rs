@@ -303,21 +303,14 @@ pub const REQUEST_SIZE: usize = 28;
 pub struct Request {
     /// Command flags (`CMD_FLAG_*`).
     pub flags: u16,
-    /// The request type as sent (`CMD_*`).
-    pub kind: u16,
+    /// The command (unknown types kept as [`Command::Unknown`]).
+    pub command: Command,
     /// Opaque client cookie, echoed in the reply.
     pub cookie: u64,
     /// Byte offset into the export.
     pub offset: u64,
     /// Length in bytes (of the payload for WRITE, of the range otherwise).
     pub length: u32,
-}
-
-impl Request {
-    /// The typed command.
-    pub fn command(&self) -> Command {
-        Command::from_wire(self.kind)
-    }
 }
 
 /// Parse a request header; `None` for a wrong magic.
@@ -327,7 +320,7 @@ pub fn parse_request(b: &[u8; REQUEST_SIZE]) -> Option<Request> {
     }
     Some(Request {
         flags: BE::read_u16(&b[4..]),
-        kind: BE::read_u16(&b[6..]),
+        command: Command::from_wire(BE::read_u16(&b[6..])),
         cookie: BE::read_u64(&b[8..]),
         offset: BE::read_u64(&b[16..]),
         length: BE::read_u32(&b[24..]),
@@ -339,7 +332,7 @@ pub fn encode_request(r: &Request) -> [u8; REQUEST_SIZE] {
     let mut b = [0u8; REQUEST_SIZE];
     BE::write_u32(&mut b[0..], REQUEST_MAGIC);
     BE::write_u16(&mut b[4..], r.flags);
-    BE::write_u16(&mut b[6..], r.kind);
+    BE::write_u16(&mut b[6..], r.command.to_wire());
     BE::write_u64(&mut b[8..], r.cookie);
     BE::write_u64(&mut b[16..], r.offset);
     BE::write_u32(&mut b[24..], r.length);
@@ -382,7 +375,7 @@ mod tests {
 
     #[test]
     fn request_header_round_trips_in_network_byte_order() {
-        let r = Request { flags: 1, kind: CMD_WRITE, cookie: 0x0102_0304_0506_0708, offset: 4096, length: 512 };
+        let r = Request { flags: 1, command: Command::Write, cookie: 0x0102_0304_0506_0708, offset: 4096, length: 512 };
         let b = encode_request(&r);
         assert_eq!(&b[..4], &[0x25, 0x60, 0x95, 0x13]);
         assert_eq!(&b[8..16], &[1, 2, 3, 4, 5, 6, 7, 8]);
@@ -403,8 +396,8 @@ mod tests {
         }
         assert_eq!(Command::from_wire(CMD_BLOCK_STATUS), Command::BlockStatus);
         assert_eq!(Command::from_wire(99), Command::Unknown(99));
-        let r = Request { flags: 0, kind: CMD_WRITE_ZEROES, cookie: 0, offset: 0, length: 0 };
-        assert_eq!(r.command(), Command::WriteZeroes);
+        let r = Request { flags: 0, command: Command::WriteZeroes, cookie: 0, offset: 0, length: 0 };
+        assert_eq!(r.command, Command::WriteZeroes);
     }
 
     #[test]
