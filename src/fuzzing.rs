@@ -124,7 +124,7 @@ pub fn open_pool(data: &[u8]) {
 
 /// Open metadata bytes read-only and read-write and use every part of them.
 pub fn exercise(img: &[u8]) {
-    let _ = crate::check::check(&crate::io::SliceStorage::new(img));
+    let _ = crate::check::check(&crate::io::read_only_copy(img));
     let blocks: Vec<Box<Block>> = img.chunks_exact(BLOCK_SIZE).map(block_of).collect();
     if blocks.is_empty() {
         return;

@@ -6,7 +6,7 @@ use thinpool::format::checksum::{self, BlockKind};
 use thinpool::format::node;
 use thinpool::format::space_map as fsm;
 use thinpool::format::superblock::Superblock;
-use thinpool::io::{CrashStorage, SliceStorage};
+use thinpool::io::{read_only_copy, CrashStorage};
 use thinpool::thin::Metadata;
 
 const B: usize = 4096;
@@ -49,7 +49,7 @@ fn sb(img: &[u8]) -> Superblock {
 }
 
 fn run(img: &[u8]) -> CheckReport {
-    check(&SliceStorage::new(img)).expect("check runs")
+    check(&read_only_copy(img)).expect("check runs")
 }
 
 /// Device `dev`'s bottom-level root, and its first leaf.

@@ -1,11 +1,10 @@
 //! Storage in memory: [`MemStorage`], a writable image (tests, benchmarks, tools
-//! working on copies), and [`SliceStorage`], a read-only view of borrowed bytes
+//! working on copies), and [`read_only_copy`], a read-only copy of bytes
 //! (fuzzing, checks of images already in memory).
 
 use std::io;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use super::read_only::read_only_error;
 use super::{check_range, Storage};
 
 /// A writable image in memory. Writes are durable at once; [`Storage::sync`] does
@@ -71,42 +70,11 @@ impl Storage for MemStorage {
     }
 }
 
-/// Read-only view of an image held in memory; writes fail with a
-/// [`super::ReadOnlyError`]. As a [`super::MetaStorage`] a trailing partial block is
-/// ignored.
-#[derive(Debug, Clone)]
-pub struct SliceStorage<'a> {
-    bytes: &'a [u8],
-}
-
-impl<'a> SliceStorage<'a> {
-    /// Wrap bytes.
-    pub fn new(bytes: &'a [u8]) -> Self {
-        SliceStorage { bytes }
-    }
-}
-
-impl Storage for SliceStorage<'_> {
-    fn len(&self) -> u64 {
-        self.bytes.len() as u64
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        check_range(offset, buf.len(), self.len())?;
-        buf.copy_from_slice(&self.bytes[offset as usize..offset as usize + buf.len()]);
-        Ok(())
-    }
-    fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
-        Err(read_only_error())
-    }
-    fn sync(&self) -> io::Result<()> {
-        Ok(())
-    }
-    fn punch_hole(&self, _offset: u64, _len: u64) -> io::Result<()> {
-        Err(read_only_error())
-    }
-    fn is_read_only(&self) -> bool {
-        true
-    }
+/// A read-only in-memory copy of `bytes` (fuzzing, checks of images held in memory):
+/// writes fail with a [`super::ReadOnlyError`]. As a [`super::MetaStorage`] a
+/// trailing partial block is ignored.
+pub fn read_only_copy(bytes: &[u8]) -> super::ReadOnlyStorage<MemStorage> {
+    super::ReadOnlyStorage::new(MemStorage::from_bytes(bytes.to_vec()))
 }
 
 #[cfg(test)]
@@ -123,7 +91,7 @@ mod tests {
         m.read_at(&mut buf, 10).expect("read");
         assert_eq!(&buf, b"a\0c");
         let bytes = m.to_bytes();
-        let s = SliceStorage::new(&bytes);
+        let s = read_only_copy(&bytes);
         s.read_at(&mut buf, 10).expect("read");
         assert_eq!(&buf, b"a\0c");
         assert!(is_read_only_error(&s.write_at(b"x", 0).expect_err("read-only")));

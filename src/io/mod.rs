@@ -5,7 +5,7 @@
 //! Backends, one per file:
 //! - [`file`](mod@file): a real file ([`FileStorage`]);
 //! - [`mem`]: an image in memory ([`MemStorage`]) and a borrowed read-only view of
-//!   bytes ([`SliceStorage`]);
+//!   bytes ([`read_only_copy`]);
 //! - [`fault`]: failure injection ([`Faults`]: fail at the Nth operation or at a
 //!   given sync, tear the failing write): [`CrashStorage`] is an in-memory image that
 //!   also keeps durable and pending writes apart, so a crash loses what was not
@@ -25,7 +25,7 @@ pub mod read_only;
 
 pub use fault::{CrashImage, CrashStorage, FaultStorage, Faults};
 pub use file::FileStorage;
-pub use mem::{MemStorage, SliceStorage};
+pub use mem::{read_only_copy, MemStorage};
 pub use read_only::{is_read_only_error, ReadOnlyError, ReadOnlyStorage};
 
 /// A fixed-length run of bytes that can be read, written and made durable: the data
