@@ -6,9 +6,9 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 
-use nix::fcntl::{fallocate, FallocateFlags};
+use nix::fcntl::{copy_file_range, fallocate, FallocateFlags};
 
-use super::{check_range, Storage};
+use super::{check_range, copy_through_memory, Storage};
 
 /// A file. Its length is taken when it is wrapped and is the storage's length from
 /// then on (accesses past it fail rather than grow the file).
@@ -59,6 +59,27 @@ impl Storage for FileStorage {
             }
             Err(e) => Err(e.into()),
         }
+    }
+    fn copy_range(&self, from: u64, to: u64, len: u64) -> io::Result<()> {
+        check_range(from, len as usize, self.len)?;
+        check_range(to, len as usize, self.len)?;
+        let (mut src, mut dst) = (from as i64, to as i64);
+        let mut left = len as usize;
+        while left > 0 {
+            match copy_file_range(&self.file, Some(&mut src), &self.file, Some(&mut dst), left) {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "copy_file_range copied nothing")),
+                Ok(n) => left -= n,
+                Err(nix::errno::Errno::EINTR) => {}
+                // Kernels or file systems without it: copy through memory.
+                Err(nix::errno::Errno::ENOSYS | nix::errno::Errno::EXDEV | nix::errno::Errno::EOPNOTSUPP)
+                    if left == len as usize =>
+                {
+                    return copy_through_memory(self, from, to, len);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
     }
 }
 

@@ -59,6 +59,30 @@ pub trait Storage: Send + Sync {
     fn is_read_only(&self) -> bool {
         false
     }
+    /// Copy `len` bytes from `from` to `to` inside the storage (the ranges do not
+    /// overlap). The default reads and writes through a bounded buffer; a file
+    /// uses `copy_file_range`, which shares extents where the file system can
+    /// (XFS, btrfs) instead of copying bytes.
+    fn copy_range(&self, from: u64, to: u64, len: u64) -> io::Result<()> {
+        copy_through_memory(self, from, to, len)
+    }
+}
+
+/// Largest buffer [`copy_through_memory`] uses.
+const COPY_CHUNK: u64 = 1 << 20;
+
+/// Copy `len` bytes from `from` to `to` by reading and writing through a bounded
+/// buffer ([`Storage::copy_range`]'s default).
+pub(crate) fn copy_through_memory<S: Storage + ?Sized>(s: &S, from: u64, to: u64, len: u64) -> io::Result<()> {
+    let mut buf = vec![0u8; len.min(COPY_CHUNK) as usize];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        s.read_at(&mut buf[..n], from + done)?;
+        s.write_at(&buf[..n], to + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 macro_rules! forward_storage {
@@ -81,6 +105,9 @@ macro_rules! forward_storage {
             }
             fn is_read_only(&self) -> bool {
                 (**self).is_read_only()
+            }
+            fn copy_range(&self, from: u64, to: u64, len: u64) -> io::Result<()> {
+                (**self).copy_range(from, to, len)
             }
         }
     };

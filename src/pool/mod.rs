@@ -21,11 +21,14 @@ use crate::error::{MetaError, PoolError};
 use crate::io::{is_read_only_error, FileStorage, MetaStorage, ReadOnlyStorage, Storage};
 use crate::thin::{Committed, DevId, Metadata};
 
+mod data;
 mod discard;
 mod read;
 mod write;
 
+pub use data::DataFile;
 pub use read::{AllocRun, Located};
+pub use write::WritePlan;
 
 /// Bytes in a sector.
 pub const SECTOR: u64 = 512;
@@ -42,10 +45,8 @@ pub struct OpenOptions {
 /// An open pool.
 pub struct Pool {
     md: Metadata,
-    data: Arc<dyn Storage>,
+    data: Arc<DataFile>,
     block_bytes: u64,
-    /// Cleared once the data storage says it cannot punch holes.
-    punch: bool,
     /// The data reuse epoch shared with readers outside the pool's lock: it moves
     /// before a data block that may have held other data is written again.
     reuse_epoch: Arc<AtomicU64>,
@@ -84,7 +85,8 @@ impl Pool {
         let block_bytes = data_block_sectors as u64 * SECTOR;
         let nr = data.len().checked_div(block_bytes).unwrap_or(0);
         let md = Metadata::format(Box::new(metadata), data_block_sectors, nr)?;
-        Ok(Pool { md, data: Arc::new(data), block_bytes, punch: true, reuse_epoch: Arc::default() })
+        let data = Arc::new(DataFile::new(Arc::new(data), block_bytes));
+        Ok(Pool { md, data, block_bytes, reuse_epoch: Arc::default() })
     }
 
     /// Open an existing pool. A data file longer than the data space map, or a
@@ -111,7 +113,8 @@ impl Pool {
         let block_bytes = md.data_block_sectors() as u64 * SECTOR;
         let nr = data.len() / block_bytes;
         let have = md.status().data_total_blocks;
-        let mut pool = Pool { md, data, block_bytes, punch: true, reuse_epoch: Arc::default() };
+        let data = Arc::new(DataFile::new(data, block_bytes));
+        let mut pool = Pool { md, data, block_bytes, reuse_epoch: Arc::default() };
         if nr < have {
             return Err(PoolError::invalid(format!(
                 "the data file holds {nr} blocks of {block_bytes} bytes but the pool has {have}: it is too short"
@@ -150,13 +153,18 @@ impl Pool {
     /// pool (for instance at the offsets [`Pool::read_plan`] returns). It is
     /// read-only when the pool is.
     pub fn data_storage(&self) -> Arc<dyn Storage> {
+        Arc::clone(self.data.storage())
+    }
+
+    /// The data blocks, for I/O done outside the pool (see [`WritePlan`]).
+    pub fn data_file(&self) -> Arc<DataFile> {
         Arc::clone(&self.data)
     }
 
     /// The one read-only check at the entry of every changing I/O path; below it,
     /// the read-only data storage refuses changes by itself.
     fn writable(&self) -> Result<(), PoolError> {
-        if self.data.is_read_only() {
+        if self.data.storage().is_read_only() {
             return Err(PoolError::ReadOnly);
         }
         Ok(())
@@ -177,10 +185,17 @@ impl Pool {
     /// Make everything so far durable. Data blocks the commit released are punched
     /// out of the data file afterwards.
     pub fn commit(&mut self) -> Result<(), PoolError> {
-        let data = &self.data;
-        let Committed { released_data } = self.md.commit(&mut || data.sync())?;
+        let data = Arc::clone(&self.data);
+        self.commit_with(&mut || data.storage().sync())
+    }
+
+    /// [`Pool::commit`] with another way of making the data durable first (the
+    /// serving core syncs the data file itself, outside the metadata lock, and
+    /// passes a no-op).
+    pub fn commit_with(&mut self, sync_data: &mut dyn FnMut() -> std::io::Result<()>) -> Result<(), PoolError> {
+        let Committed { released_data } = self.md.commit(sync_data)?;
         self.publish_reuses();
-        self.punch_released(released_data);
+        self.data.punch_released(released_data);
         Ok(())
     }
 
@@ -195,29 +210,6 @@ impl Pool {
     /// blocks are punched).
     fn publish_reuses(&self) {
         self.reuse_epoch.fetch_max(self.md.data_reuses(), Ordering::SeqCst);
-    }
-
-    fn punch_released(&mut self, mut blocks: Vec<u64>) {
-        if !self.punch || blocks.is_empty() {
-            return;
-        }
-        blocks.sort_unstable();
-        let bs = self.block_bytes;
-        let mut i = 0;
-        while i < blocks.len() {
-            let start = blocks[i];
-            let mut j = i + 1;
-            while j < blocks.len() && blocks[j] == blocks[j - 1] + 1 {
-                j += 1;
-            }
-            let run = (j - i) as u64;
-            // Best effort: a failed punch only costs host space.
-            if self.data.punch_hole(start * bs, run * bs).is_err() {
-                self.punch = false;
-                return;
-            }
-            i = j;
-        }
     }
 
     /// Create a thin device.

@@ -2,7 +2,7 @@
 //! ([`Pool::read_plan`], for reads outside the pool's lock) and which ranges are
 //! mapped ([`Pool::extents`]).
 
-use super::{data_err, Pool};
+use super::Pool;
 use crate::error::PoolError;
 use crate::thin::DevId;
 
@@ -34,7 +34,7 @@ impl Pool {
             let out = &mut buf[done..done + n as usize];
             match self.md.lookup(dev, vb)? {
                 None => out.fill(0),
-                Some(m) => self.data.read_at(out, m.data_block * self.block_bytes + within).map_err(data_err)?,
+                Some(m) => self.data.read_at(out, m.data_block * self.block_bytes + within)?,
             }
             done += n as usize;
         }

@@ -2,11 +2,69 @@
 //! block is zero-filled), copy-on-write for blocks a snapshot may share, writes in
 //! place otherwise; and write-zeroes, with or without unmapping.
 
-use std::io;
-
-use super::{data_err, Pool, CHUNK};
+use super::data::DataFile;
+use super::{Pool, CHUNK};
 use crate::error::PoolError;
 use crate::thin::DevId;
+
+/// Where one piece of a write goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// Into this mapped, unshared data block.
+    InPlace(u64),
+    /// Into a new data block, first filled from `old` (copy-on-write) or zeros.
+    New {
+        /// The new block.
+        block: u64,
+        /// The block it replaces, if the virtual block was mapped (shared).
+        old: Option<u64>,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Planned {
+    vblock: u64,
+    within: u64,
+    len: u64,
+    target: Target,
+}
+
+/// A write looked up and allocated by [`Pool::plan_write`], waiting for its data
+/// I/O ([`WritePlan::write_data`]) and its mappings ([`Pool::finish_write`]).
+#[derive(Debug)]
+#[must_use = "a plan holds allocated blocks until finish_write"]
+pub struct WritePlan {
+    dev: DevId,
+    pieces: Vec<Planned>,
+}
+
+impl WritePlan {
+    /// The virtual blocks the write touches, in order.
+    pub fn vblocks(&self) -> impl Iterator<Item = u64> + '_ {
+        self.pieces.iter().map(|p| p.vblock)
+    }
+
+    /// Does the write map new blocks (allocate-on-write or copy-on-write)?
+    pub fn allocates(&self) -> bool {
+        self.pieces.iter().any(|p| matches!(p.target, Target::New { .. }))
+    }
+
+    /// Write `data` where the plan says: in place, or into the new blocks (zero-filled
+    /// or copied first). Touches no metadata.
+    pub fn write_data(&self, file: &DataFile, data: &[u8]) -> Result<(), PoolError> {
+        let bs = file.block_bytes();
+        let mut done = 0usize;
+        for p in &self.pieces {
+            let src = &data[done..done + p.len as usize];
+            done += p.len as usize;
+            match p.target {
+                Target::InPlace(b) => file.write_at(src, b * bs + p.within)?,
+                Target::New { block, old } => file.fill_new_block(block, old, p.within, src)?,
+            }
+        }
+        Ok(())
+    }
+}
 
 impl Pool {
     /// Allocate `n` data blocks, all or none. When the pool is full but the current
@@ -39,96 +97,54 @@ impl Pool {
     /// Write `data` to device `dev` at byte `offset`. When the pool lacks the data
     /// blocks the write needs, it fails with [`PoolError::NoSpace`] and changes nothing.
     pub fn write(&mut self, dev: DevId, offset: u64, data: &[u8]) -> Result<(), PoolError> {
+        let plan = self.plan_write(dev, offset, data.len() as u64)?;
+        let r = plan.write_data(&self.data, data);
+        self.finish_write(plan, r)
+    }
+
+    /// Look up where a write of `len` bytes at `offset` goes. Pieces that land in
+    /// mapped, unshared blocks are written in place; the others get a freshly
+    /// allocated block each (all or none: [`PoolError::NoSpace`] changes nothing).
+    /// No data is touched and no mapping changes: [`WritePlan::write_data`] does the
+    /// data I/O (it needs no metadata, so it may run outside the metadata lock), then
+    /// [`Pool::finish_write`] maps the new blocks.
+    pub fn plan_write(&mut self, dev: DevId, offset: u64, len: u64) -> Result<WritePlan, PoolError> {
         self.writable()?;
         self.check_dev(dev)?;
-        let mut plan = Vec::new();
-        for (vb, within, n) in self.pieces(offset, data.len() as u64).collect::<Vec<_>>() {
-            plan.push((vb, within, n, self.md.lookup(dev, vb)?));
+        let mut pieces = Vec::new();
+        for (vb, within, n) in self.pieces(offset, len).collect::<Vec<_>>() {
+            let target = match self.md.lookup(dev, vb)? {
+                Some(m) if !m.shared => Target::InPlace(m.data_block),
+                found => Target::New { block: u64::MAX, old: found.map(|m| m.data_block) },
+            };
+            pieces.push(Planned { vblock: vb, within, len: n, target });
         }
-        let need = plan.iter().filter(|p| p.3.is_none_or(|m| m.shared)).count();
+        let need = pieces.iter().filter(|p| matches!(p.target, Target::New { .. })).count();
         let mut fresh = self.alloc_n(need)?.into_iter();
-        let mut done = 0usize;
-        let bs = self.block_bytes;
-        let mut result = Ok(());
-        for (vb, within, n, found) in plan {
-            let src = &data[done..done + n as usize];
-            done += n as usize;
-            if result.is_err() {
-                continue;
+        for p in &mut pieces {
+            if let Target::New { block, .. } = &mut p.target {
+                *block = fresh.next().ok_or_else(|| PoolError::invalid("allocated fewer blocks than planned"))?;
             }
-            match found {
-                Some(m) if !m.shared => {
-                    result = self.data.write_at(src, m.data_block * bs + within).map_err(data_err);
-                }
-                _ => {
-                    let Some(nb) = fresh.next() else { continue };
-                    let whole = within == 0 && n == bs;
-                    result = self
-                        .fill_new_block(nb, found.map(|m| m.data_block), whole, within, src)
-                        .and_then(|()| self.md.insert_mapping(dev, vb, nb));
-                    if result.is_err() {
-                        let _ = self.md.release_data_block(nb);
-                    }
+        }
+        Ok(WritePlan { dev, pieces })
+    }
+
+    /// Complete a planned write whose data I/O ended with `result`: on success map
+    /// every new block; on failure release them (mappings stay as they were; pieces
+    /// written in place may hold the new bytes). Returns `result`.
+    pub fn finish_write(&mut self, plan: WritePlan, result: Result<(), PoolError>) -> Result<(), PoolError> {
+        let mut outcome = result;
+        for p in plan.pieces {
+            let Target::New { block, .. } = p.target else { continue };
+            if outcome.is_ok() {
+                outcome = self.md.insert_mapping(plan.dev, p.vblock, block);
+                if outcome.is_ok() {
+                    continue;
                 }
             }
+            self.md.release_data_block(block)?;
         }
-        for nb in fresh {
-            self.md.release_data_block(nb)?;
-        }
-        result
-    }
-
-    /// Prepare new data block `nb`: a copy of `old` (or zeros), with `src` at `within`.
-    fn fill_new_block(
-        &mut self,
-        nb: u64,
-        old: Option<u64>,
-        whole: bool,
-        within: u64,
-        src: &[u8],
-    ) -> Result<(), PoolError> {
-        let bs = self.block_bytes;
-        let base = nb * bs;
-        if !whole {
-            match old {
-                Some(ob) => self.copy_block(ob, nb)?,
-                None => self.zero_range(base, bs)?,
-            }
-        }
-        self.data.write_at(src, base + within).map_err(data_err)
-    }
-
-    fn copy_block(&mut self, from: u64, to: u64) -> Result<(), PoolError> {
-        let bs = self.block_bytes;
-        let mut buf = vec![0u8; (bs as usize).min(CHUNK)];
-        let mut off = 0u64;
-        while off < bs {
-            let n = (bs - off).min(buf.len() as u64) as usize;
-            self.data.read_at(&mut buf[..n], from * bs + off).map_err(data_err)?;
-            self.data.write_at(&buf[..n], to * bs + off).map_err(data_err)?;
-            off += n as u64;
-        }
-        Ok(())
-    }
-
-    /// Make `[off, off+len)` of the data file read as zeros: punch a hole, or write
-    /// zeros where the storage cannot punch.
-    fn zero_range(&mut self, off: u64, len: u64) -> Result<(), PoolError> {
-        if self.punch {
-            match self.data.punch_hole(off, len) {
-                Ok(()) => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Unsupported => self.punch = false,
-                Err(e) => return Err(data_err(e)),
-            }
-        }
-        let buf = vec![0u8; (len as usize).min(CHUNK)];
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(buf.len() as u64) as usize;
-            self.data.write_at(&buf[..n], off + done).map_err(data_err)?;
-            done += n as u64;
-        }
-        Ok(())
+        outcome
     }
 
     /// Make `[offset, offset+len)` read as zeros. With `unmap`, whole blocks are
