@@ -109,6 +109,29 @@ impl Pool {
     /// data I/O (it needs no metadata, so it may run outside the metadata lock), then
     /// [`Pool::finish_write`] maps the new blocks.
     pub fn plan_write(&mut self, dev: DevId, offset: u64, len: u64) -> Result<WritePlan, PoolError> {
+        let mut pieces = self.look_up_pieces(dev, offset, len)?;
+        let need = pieces.iter().filter(|p| matches!(p.target, Target::New { .. })).count();
+        let mut fresh = self.alloc_n(need)?.into_iter();
+        for p in &mut pieces {
+            if let Target::New { block, .. } = &mut p.target {
+                *block = fresh.next().ok_or_else(|| PoolError::invalid("allocated fewer blocks than planned"))?;
+            }
+        }
+        Ok(WritePlan { dev, pieces })
+    }
+
+    /// [`Pool::plan_write`] for a write that lands only in mapped, unshared blocks;
+    /// `None` (with nothing changed) when it would need new blocks.
+    pub fn plan_in_place(&mut self, dev: DevId, offset: u64, len: u64) -> Result<Option<WritePlan>, PoolError> {
+        let pieces = self.look_up_pieces(dev, offset, len)?;
+        if pieces.iter().any(|p| matches!(p.target, Target::New { .. })) {
+            return Ok(None);
+        }
+        Ok(Some(WritePlan { dev, pieces }))
+    }
+
+    /// Where each piece of a write goes; new blocks are not allocated yet.
+    fn look_up_pieces(&mut self, dev: DevId, offset: u64, len: u64) -> Result<Vec<Planned>, PoolError> {
         self.writable()?;
         self.check_dev(dev)?;
         let mut pieces = Vec::new();
@@ -119,14 +142,7 @@ impl Pool {
             };
             pieces.push(Planned { vblock: vb, within, len: n, target });
         }
-        let need = pieces.iter().filter(|p| matches!(p.target, Target::New { .. })).count();
-        let mut fresh = self.alloc_n(need)?.into_iter();
-        for p in &mut pieces {
-            if let Target::New { block, .. } = &mut p.target {
-                *block = fresh.next().ok_or_else(|| PoolError::invalid("allocated fewer blocks than planned"))?;
-            }
-        }
-        Ok(WritePlan { dev, pieces })
+        Ok(pieces)
     }
 
     /// Complete a planned write whose data I/O ended with `result`: on success map

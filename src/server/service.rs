@@ -1,21 +1,40 @@
 //! A pool shared by many threads (the NBD server's connections, the control socket
-//! and the periodic committer).
+//! and the periodic committer): the serving core's concurrency, modelled on
+//! dm-thin.
 //!
-//! One mutex serialises every operation on the pool, which is also the block-level
-//! lock the kernel's bio prison provides: two writes to one block never interleave,
-//! and a snapshot taken through [`Service::with_pool`] sees every write that
-//! completed before it. Devices attached by clients are counted so that deleting an
-//! attached device can be refused.
+//! - **The metadata lock** (a mutex around the [`Pool`]) is held only for what
+//!   reads or changes metadata: lookups, allocation, inserting mappings, device
+//!   management. Data I/O happens outside it: reads (`pread` at the looked-up
+//!   places), writes to mapped unshared blocks (one lookup, one `pwrite`), and the
+//!   zero-fill or copy of a new block.
+//! - **Block cells** (the kernel's bio prison): a write holds the cells of the
+//!   virtual blocks it touches from its lookup until its new blocks are mapped, so
+//!   two writes to one block are ordered while writes to other blocks run in
+//!   parallel.
+//! - **The I/O gate**: every data-path operation holds it shared; operations that
+//!   must see no write in flight — snapshots, deletes, discards, write-zeroes,
+//!   control commands — hold it exclusively, so a snapshot holds every write
+//!   completed before it and no half of one in flight.
+//! - **Group commit**: concurrent FLUSHes (and FUA writes, and the periodic commit)
+//!   share one commit. A commit first stops new metadata changes and waits for the
+//!   writes that are provisioning blocks, then syncs the data file *without* the
+//!   metadata lock (reads and writes to mapped blocks keep flowing), then commits
+//!   the metadata. So a commit never records a mapping whose data is not durable.
+//! - **Reuse epoch**: a read looks up under the lock and reads outside it; a data
+//!   block can only be handed to other data after the pool's reuse epoch moves, so
+//!   when it moved during a read, the read is done again under the lock.
+//!
+//! Devices attached by clients are counted so that deleting an attached device can
+//! be refused, atomically with the delete.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::error::PoolError;
-use crate::io::Storage;
-use crate::pool::{AllocRun, Pool};
+use crate::pool::{AllocRun, DataFile, Pool};
 use crate::thin::DevId;
 
 struct Inner {
@@ -23,13 +42,101 @@ struct Inner {
     attached: HashMap<DevId, usize>,
 }
 
+/// Virtual blocks held by writes in flight (the bio prison).
+#[derive(Default)]
+struct Cells {
+    held: Mutex<HashSet<(DevId, u64)>>,
+    freed: Condvar,
+}
+
+/// The cells of one write, released on drop.
+struct CellGuard<'a> {
+    cells: &'a Cells,
+    keys: Vec<(DevId, u64)>,
+}
+
+impl Cells {
+    /// Take every cell in `keys` at once (waiting while any is held), so writes
+    /// never hold some cells while waiting for others.
+    fn lock(&self, keys: Vec<(DevId, u64)>) -> CellGuard<'_> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        while keys.iter().any(|k| held.contains(k)) {
+            held = self.freed.wait(held).unwrap_or_else(|e| e.into_inner());
+        }
+        held.extend(keys.iter().copied());
+        CellGuard { cells: self, keys }
+    }
+}
+
+impl Drop for CellGuard<'_> {
+    fn drop(&mut self) {
+        let mut held = self.cells.held.lock().unwrap_or_else(|e| e.into_inner());
+        for k in &self.keys {
+            held.remove(k);
+        }
+        drop(held);
+        self.cells.freed.notify_all();
+    }
+}
+
+#[derive(Default)]
+struct CommitState {
+    /// A commit is between "stop changes" and "metadata committed".
+    committing: bool,
+    /// Metadata changes in flight (writes provisioning blocks, discards...).
+    changes: usize,
+    /// Commits started and finished so far.
+    started: u64,
+    finished: u64,
+    /// The last commit that failed, with its error.
+    failed: Option<(u64, String)>,
+}
+
+/// Group commit and the barrier between commits and metadata changes.
+#[derive(Default)]
+struct Commits {
+    state: Mutex<CommitState>,
+    cond: Condvar,
+}
+
+/// One metadata change in flight; a commit waits for it to end.
+struct ChangeGuard<'a>(&'a Commits);
+
+impl Commits {
+    fn lock(&self) -> MutexGuard<'_, CommitState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Begin a metadata change: waits while a commit is syncing.
+    fn change(&self) -> ChangeGuard<'_> {
+        let mut s = self.lock();
+        while s.committing {
+            s = self.cond.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        s.changes += 1;
+        ChangeGuard(self)
+    }
+}
+
+impl Drop for ChangeGuard<'_> {
+    fn drop(&mut self) {
+        let mut s = self.0.lock();
+        s.changes -= 1;
+        drop(s);
+        self.0.cond.notify_all();
+    }
+}
+
 /// A pool shared between threads.
 pub struct Service {
     inner: Mutex<Inner>,
-    /// A second handle on the data storage, for reads outside the lock.
-    data: Arc<dyn Storage>,
+    data: Arc<DataFile>,
     /// The data reuse epoch of the pool (see [`Service::read`]).
     reuse_epoch: Arc<AtomicU64>,
+    block_bytes: u64,
+    cells: Cells,
+    gate: RwLock<()>,
+    commits: Commits,
 }
 
 impl std::fmt::Debug for Service {
@@ -41,9 +148,18 @@ impl std::fmt::Debug for Service {
 impl Service {
     /// Share `pool`.
     pub fn new(pool: Pool) -> Arc<Service> {
-        let data = pool.data_storage();
+        let data = pool.data_file();
         let reuse_epoch = pool.data_reuse_epoch();
-        Arc::new(Service { inner: Mutex::new(Inner { pool, attached: HashMap::new() }), data, reuse_epoch })
+        let block_bytes = pool.block_bytes();
+        Arc::new(Service {
+            inner: Mutex::new(Inner { pool, attached: HashMap::new() }),
+            data,
+            reuse_epoch,
+            block_bytes,
+            cells: Cells::default(),
+            gate: RwLock::new(()),
+            commits: Commits::default(),
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -52,8 +168,24 @@ impl Service {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Run `f` with exclusive access to the pool (management operations).
+    fn io_gate(&self) -> RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn quiesce(&self) -> RwLockWriteGuard<'_, ()> {
+        self.gate.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Data block size in bytes.
+    pub fn block_bytes(&self) -> u64 {
+        self.block_bytes
+    }
+
+    /// Run `f` with exclusive access to the pool (management operations): no write
+    /// is in flight, no commit is syncing, and nothing else runs until `f` returns.
     pub fn with_pool<R>(&self, f: impl FnOnce(&mut Pool) -> R) -> R {
+        let _quiet = self.quiesce();
+        let _change = self.commits.change();
         f(&mut self.lock().pool)
     }
 
@@ -62,7 +194,6 @@ impl Service {
     /// handed to another device after the reuse epoch moves, so when it moved during
     /// the read the read is done again under the lock.
     pub fn read(&self, dev: DevId, offset: u64, buf: &mut [u8]) -> Result<(), PoolError> {
-        let data = &self.data;
         let (plan, before) = {
             let mut g = self.lock();
             let plan = g.pool.read_plan(dev, offset, buf.len() as u64)?;
@@ -73,7 +204,7 @@ impl Service {
             let out = &mut buf[done..done + piece.len as usize];
             match piece.at {
                 None => out.fill(0),
-                Some(pos) => data.read_at(out, pos).map_err(PoolError::DataIo)?,
+                Some(pos) => self.data.read_at(out, pos)?,
             }
             done += piece.len as usize;
         }
@@ -83,23 +214,80 @@ impl Service {
         Ok(())
     }
 
-    /// Write to a device.
+    /// Write to a device: a write to mapped, unshared blocks is one lookup and one
+    /// `pwrite`; one that needs new blocks allocates them under the metadata lock,
+    /// fills them outside it, and maps them under it again.
     pub fn write(&self, dev: DevId, offset: u64, data: &[u8]) -> Result<(), PoolError> {
-        self.lock().pool.write(dev, offset, data)
+        let _io = self.io_gate();
+        let keys: Vec<(DevId, u64)> =
+            crate::units::pieces(offset, data.len() as u64, self.block_bytes).map(|p| (dev, p.block)).collect();
+        let _cells = self.cells.lock(keys);
+        if let Some(plan) = self.lock().pool.plan_in_place(dev, offset, data.len() as u64)? {
+            return plan.write_data(&self.data, data);
+        }
+        // Blocks allocated here must not reach a commit unmapped: this write is a
+        // metadata change that a commit waits for.
+        let _change = self.commits.change();
+        let plan = self.lock().pool.plan_write(dev, offset, data.len() as u64)?;
+        let r = plan.write_data(&self.data, data);
+        self.lock().pool.finish_write(plan, r)
     }
 
-    /// Commit: every write completed so far becomes durable.
+    /// Commit: every write completed so far becomes durable. Concurrent callers
+    /// share one commit (group commit).
     pub fn flush(&self) -> Result<(), PoolError> {
-        self.lock().pool.commit()
+        let mut s = self.commits.lock();
+        // A commit that starts after this call holds every write completed before it.
+        let need = s.started + 1;
+        loop {
+            if s.finished >= need {
+                return match &s.failed {
+                    Some((seq, e)) if *seq >= need => Err(PoolError::invalid(format!("commit failed: {e}"))),
+                    _ => Ok(()),
+                };
+            }
+            if !s.committing && s.started == s.finished {
+                break;
+            }
+            s = self.commits.cond.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        s.started += 1;
+        let seq = s.started;
+        s.committing = true;
+        while s.changes > 0 {
+            s = self.commits.cond.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        drop(s);
+        let r = self.commit_now();
+        let mut s = self.commits.lock();
+        s.committing = false;
+        s.finished = seq;
+        if let Err(e) = &r {
+            s.failed = Some((seq, e.to_string()));
+        }
+        drop(s);
+        self.commits.cond.notify_all();
+        r
+    }
+
+    /// The commit itself, with no metadata change in flight: data first, outside
+    /// the metadata lock, then the metadata.
+    fn commit_now(&self) -> Result<(), PoolError> {
+        self.data.sync()?;
+        self.lock().pool.commit_with(&mut || Ok(()))
     }
 
     /// Discard whole blocks.
     pub fn discard(&self, dev: DevId, offset: u64, len: u64) -> Result<u64, PoolError> {
+        let _quiet = self.quiesce();
+        let _change = self.commits.change();
         self.lock().pool.discard(dev, offset, len)
     }
 
     /// Zero a range (see [`Pool::write_zeroes`]).
     pub fn write_zeroes(&self, dev: DevId, offset: u64, len: u64, unmap: bool) -> Result<(), PoolError> {
+        let _quiet = self.quiesce();
+        let _change = self.commits.change();
         self.lock().pool.write_zeroes(dev, offset, len, unmap)
     }
 
@@ -129,8 +317,11 @@ impl Service {
         self.lock().attached.get(&dev).copied().unwrap_or(0)
     }
 
-    /// Delete a device unless a client has it attached.
+    /// Delete a device unless a client has it attached: the check and the delete
+    /// are one step under the metadata lock, so no client can attach in between.
     pub fn delete(&self, dev: DevId) -> Result<(), PoolError> {
+        let _quiet = self.quiesce();
+        let _change = self.commits.change();
         let mut g = self.lock();
         if g.attached.get(&dev).copied().unwrap_or(0) > 0 {
             return Err(PoolError::invalid(format!(
@@ -139,6 +330,11 @@ impl Service {
         }
         g.pool.delete(dev as u64)?;
         g.pool.commit()
+    }
+
+    /// Has anything changed since the last commit?
+    fn dirty(&self) -> bool {
+        self.lock().pool.meta().is_dirty()
     }
 
     /// Commit every `period` while anything changed, until `stop` is set; a final
@@ -155,9 +351,8 @@ impl Service {
                     continue;
                 }
                 waited = Duration::ZERO;
-                let mut g = me.lock();
-                if g.pool.meta().is_dirty() {
-                    if let Err(e) = g.pool.commit() {
+                if me.dirty() {
+                    if let Err(e) = me.flush() {
                         eprintln!("thinpool: periodic commit failed: {e}");
                     }
                 }
