@@ -40,3 +40,4 @@ pub mod thin;
 pub mod transaction;
 pub mod units;
 pub mod volume;
+pub mod xml;

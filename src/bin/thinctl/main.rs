@@ -41,6 +41,9 @@ pub enum CliError {
     /// The engine.
     #[error(transparent)]
     Pool(#[from] thinpool::error::PoolError),
+    /// Dump and restore (their engine and pool directory errors go to `Pool` and `Dir`).
+    #[error(transparent)]
+    Xml(thinpool::xml::XmlError),
     /// Anything else, already worded for the user.
     #[error("{0}")]
     Msg(String),
@@ -50,6 +53,17 @@ pub enum CliError {
     /// A server ran the command and reported its outcome already: exit with this code.
     #[error("exit status {0}")]
     Exit(i32),
+}
+
+impl From<thinpool::xml::XmlError> for CliError {
+    fn from(e: thinpool::xml::XmlError) -> Self {
+        use thinpool::xml::XmlError;
+        match e {
+            XmlError::Pool(p) => CliError::Pool(p),
+            XmlError::Dir(d) => CliError::Dir(d),
+            other => CliError::Xml(other),
+        }
+    }
 }
 
 /// Result of a command.
