@@ -6,20 +6,25 @@ use std::io::Write;
 use super::ir::{Device, Map, MetadataVisitor, Superblock};
 use super::XmlError;
 use crate::pool::Pool;
+use crate::thin::Metadata;
 
 /// Mappings fetched per step while walking.
 const WINDOW: u64 = 4096;
 
-/// Walk the metadata of `pool` into `v`: the superblock, then each device in
+/// Walk the metadata `md` into `v`: the superblock, then each device in
 /// ascending id order with its mappings folded into runs (consecutive virtual and
 /// data blocks with the same time). `progress(done, total)` counts mappings, first
 /// with `done` 0 once the total is known.
-pub fn walk(pool: &mut Pool, v: &mut dyn MetadataVisitor, progress: &mut dyn FnMut(u64, u64)) -> Result<(), XmlError> {
-    let sb = pool.meta().superblock().clone();
-    let ids = pool.meta().device_ids();
+pub fn walk(
+    md: &mut Metadata,
+    v: &mut dyn MetadataVisitor,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), XmlError> {
+    let sb = md.superblock().clone();
+    let ids = md.device_ids();
     let mut total = 0u64;
     for &id in &ids {
-        total += pool.meta().device_info(id)?.mapped_blocks;
+        total += md.device_info(id)?.mapped_blocks;
     }
     progress(0, total);
     v.superblock_b(&Superblock {
@@ -34,7 +39,7 @@ pub fn walk(pool: &mut Pool, v: &mut dyn MetadataVisitor, progress: &mut dyn FnM
     })?;
     let mut done = 0u64;
     for id in ids {
-        let info = pool.meta().device_info(id)?;
+        let info = md.device_info(id)?;
         v.device_b(&Device {
             dev_id: id,
             mapped_blocks: Some(info.mapped_blocks),
@@ -45,7 +50,7 @@ pub fn walk(pool: &mut Pool, v: &mut dyn MetadataVisitor, progress: &mut dyn FnM
         let mut run: Option<Map> = None;
         let mut vb = 0u64;
         loop {
-            let batch = pool.metadata().mapping_window(id, vb, u64::MAX, WINDOW)?;
+            let batch = md.mapping_window(id, vb, u64::MAX, WINDOW)?;
             let Some(last) = batch.last().map(|m| m.vblock) else { break };
             for m in batch {
                 let (b, d, t) = (m.vblock, m.data_block, m.time);
@@ -149,7 +154,7 @@ impl<W: Write> MetadataVisitor for XmlWriter<W> {
 /// `out` is flushed at the end.
 pub fn dump(pool: &mut Pool, out: &mut dyn Write, progress: &mut dyn FnMut(u64, u64)) -> Result<(), XmlError> {
     let mut w = XmlWriter::new(&mut *out);
-    walk(pool, &mut w, progress)?;
+    walk(pool.metadata(), &mut w, progress)?;
     out.flush().map_err(write_failed)
 }
 
