@@ -47,6 +47,7 @@
 //! mapping (a snapshot that diverges completely) on top of the mappings themselves.
 
 mod config;
+mod lock;
 
 pub use config::{
     block_sectors, check_name, check_size, default_metadata_bytes, CreateOptions, DeviceEntry, PoolConfig, PoolOptions,
@@ -54,6 +55,7 @@ pub use config::{
     MAX_DEFAULT_METADATA_BYTES, MAX_DEVICE_BYTES, MAX_NAME_LEN, METADATA_FILE, MIN_DEFAULT_METADATA_BYTES,
     MIN_METADATA_BYTES,
 };
+pub use lock::{lock_dir, Access, DirLock};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
@@ -61,7 +63,6 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 use config::mapped_end;
@@ -133,15 +134,6 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> P
     move |source| PoolDirError::Io { what, path: path.to_path_buf(), source }
 }
 
-/// How a pool directory is opened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    /// Look only: shared lock, files opened read-only, nothing written.
-    Read,
-    /// Change: exclusive lock, files opened read-write.
-    Write,
-}
-
 /// A change to a pool's devices: what `thinctl create/snapshot/delete/discard/resize`
 /// do, in a form a server can receive over its control socket and apply with
 /// [`PoolDir::apply`].
@@ -175,51 +167,18 @@ pub enum ChangeOutcome {
     Resized { old_bytes: u64, new_bytes: u64, blocks_discarded: u64 },
 }
 
-/// A lock held on a pool directory (released when dropped).
-#[derive(Debug)]
-pub struct DirLock(Option<Flock<File>>);
-
-/// Lock `dir` (which must exist) the way [`PoolDir::open`] does, for work that
-/// prepares a pool before it has a `pool.toml` (such as a restore).
-pub fn lock_dir(dir: &Path, access: Access) -> Result<DirLock, PoolDirError> {
-    Ok(DirLock(take_lock(dir, access)?))
-}
-
 /// An open pool directory: its description, lock and file locations.
 #[derive(Debug)]
 pub struct PoolDir {
     dir: PathBuf,
     config: PoolConfig,
     access: Access,
-    _lock: Option<Flock<File>>,
+    _lock: DirLock,
     warnings: Vec<String>,
 }
 
 fn now_unix() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-fn take_lock(dir: &Path, access: Access) -> Result<Option<Flock<File>>, PoolDirError> {
-    let path = dir.join(LOCK_FILE);
-    let file = match OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o644).open(&path) {
-        Ok(f) => f,
-        // A reader of a pool on a read-only file system or in a directory it may not
-        // write to cannot take the lock, and nobody else can change the pool either.
-        Err(_) if access == Access::Read => match File::open(&path) {
-            Ok(f) => f,
-            Err(_) => return Ok(None),
-        },
-        Err(e) => return Err(io_err("cannot open", &path)(e)),
-    };
-    let arg = match access {
-        Access::Read => FlockArg::LockSharedNonblock,
-        Access::Write => FlockArg::LockExclusiveNonblock,
-    };
-    match Flock::lock(file, arg) {
-        Ok(l) => Ok(Some(l)),
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(PoolDirError::Busy { dir: dir.to_path_buf() }),
-        Err((_, e)) => Err(io_err("cannot lock", &path)(e.into())),
-    }
 }
 
 /// Make `dir` ready for a new pool: create it, or accept it when it is empty.
@@ -303,7 +262,7 @@ impl PoolDir {
         if !cfg_path.exists() {
             return Err(PoolDirError::NotAPool { dir: dir.into(), why: format!("it has no {CONFIG_FILE}") });
         }
-        let lock = take_lock(dir, access)?;
+        let lock = lock_dir(dir, access)?;
         let text = std::fs::read_to_string(&cfg_path).map_err(io_err("cannot read", &cfg_path))?;
         let config = PoolConfig::parse(&text, &cfg_path)?;
         Ok(PoolDir { dir: dir.to_path_buf(), config, access, _lock: lock, warnings: Vec::new() })
@@ -337,7 +296,7 @@ impl PoolDir {
         };
         let created_dir = prepare_new_dir(dir)?;
         let mut undo = Undo::new(dir, created_dir);
-        let lock = take_lock(dir, Access::Write)?;
+        let lock = lock_dir(dir, Access::Write)?;
         let mpath = dir.join(METADATA_FILE);
         let dpath = dir.join(DATA_FILE);
         let m = create_file(&mpath, meta_bytes, &mut undo)?;
@@ -394,7 +353,7 @@ impl PoolDir {
         }
         let created_dir = prepare_new_dir(dir)?;
         let mut undo = Undo::new(dir, created_dir);
-        let lock = take_lock(dir, Access::Write)?;
+        let lock = lock_dir(dir, Access::Write)?;
         let mut config = PoolConfig { metadata: Some(mabs), data: Some(dabs), ..PoolConfig::default() };
         let bs = pool.block_bytes();
         let mut warnings = Vec::new();
@@ -433,7 +392,7 @@ impl PoolDir {
     /// naming every device of `pool` it lacks `thin<ID>` (quietly: they are new).
     pub fn from_parts(dir: &Path, config: PoolConfig, pool: &mut Pool, lock: DirLock) -> Result<PoolDir, PoolDirError> {
         let mut pd =
-            PoolDir { dir: dir.to_path_buf(), config, access: Access::Write, _lock: lock.0, warnings: Vec::new() };
+            PoolDir { dir: dir.to_path_buf(), config, access: Access::Write, _lock: lock, warnings: Vec::new() };
         pd.reconcile(pool)?;
         pd.warnings.clear();
         pd.save()?;
