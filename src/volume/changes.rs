@@ -22,16 +22,45 @@ const DISCARD_WINDOW: u64 = 4096;
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum PoolChange {
     /// Create an empty thin device.
-    Create { name: String, size_bytes: u64, id: Option<DevId> },
+    Create {
+        /// The new device's name.
+        name: String,
+        /// Its virtual size in bytes.
+        size_bytes: u64,
+        /// Its id; default: the lowest free one.
+        id: Option<DevId>,
+    },
     /// Snapshot a device (thin or snapshot); the snapshot has the origin's size.
-    Snapshot { origin: String, name: String, id: Option<DevId> },
+    Snapshot {
+        /// The device to snapshot.
+        origin: String,
+        /// The snapshot's name.
+        name: String,
+        /// Its id; default: the lowest free one.
+        id: Option<DevId>,
+    },
     /// Delete a device.
-    Delete { name: String },
+    Delete {
+        /// The device.
+        name: String,
+    },
     /// Unmap the whole blocks inside a byte range (the whole device when `offset` and
     /// `length` are both absent; to the end of the device when only `length` is).
-    Discard { name: String, offset: Option<u64>, length: Option<u64> },
+    Discard {
+        /// The device.
+        name: String,
+        /// Start of the range in bytes.
+        offset: Option<u64>,
+        /// Length of the range in bytes.
+        length: Option<u64>,
+    },
     /// Change the virtual size; shrinking discards what is cut off.
-    Resize { name: String, size_bytes: u64 },
+    Resize {
+        /// The device.
+        name: String,
+        /// The new virtual size in bytes.
+        size_bytes: u64,
+    },
 }
 
 /// What [`PoolDir::apply`] did.
@@ -39,13 +68,29 @@ pub enum PoolChange {
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum ChangeOutcome {
     /// A device was created (thin or snapshot) with this id.
-    Created { id: DevId },
+    Created {
+        /// The new device's id.
+        id: DevId,
+    },
     /// The device was deleted.
-    Deleted { id: DevId },
+    Deleted {
+        /// The deleted device's id.
+        id: DevId,
+    },
     /// This many blocks were unmapped.
-    Discarded { blocks: u64 },
+    Discarded {
+        /// Blocks unmapped.
+        blocks: u64,
+    },
     /// The size changed; `blocks_discarded` were cut off.
-    Resized { old_bytes: u64, new_bytes: u64, blocks_discarded: u64 },
+    Resized {
+        /// The size before.
+        old_bytes: u64,
+        /// The size now.
+        new_bytes: u64,
+        /// Blocks unmapped past the new end.
+        blocks_discarded: u64,
+    },
 }
 
 fn now_unix() -> u64 {

@@ -48,6 +48,7 @@
 
 mod changes;
 mod config;
+mod error;
 mod lock;
 
 pub use changes::{cut_after, discard_blocks, ChangeOutcome, PoolChange};
@@ -57,6 +58,7 @@ pub use config::{
     MAX_DEFAULT_METADATA_BYTES, MAX_DEVICE_BYTES, MAX_NAME_LEN, METADATA_FILE, MIN_DEFAULT_METADATA_BYTES,
     MIN_METADATA_BYTES,
 };
+pub use error::PoolDirError;
 pub use lock::{lock_dir, Access, DirLock};
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -66,70 +68,11 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use config::mapped_end;
+use error::io_err;
 
-use crate::error::PoolError;
 use crate::format::MAX_DATA_BLOCKS;
 use crate::pool::{OpenOptions as PoolOpenOptions, Pool};
 use crate::thin::DevId;
-
-/// Errors of the pool directory layer.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum PoolDirError {
-    /// The directory holds no pool.
-    #[error("no pool at {}: {why}; create one with `thinctl pool create {}`", .dir.display(), .dir.display())]
-    NotAPool { dir: PathBuf, why: String },
-    /// The directory already holds a pool or other files.
-    #[error("{}: {why}", .dir.display())]
-    Exists { dir: PathBuf, why: String },
-    /// Another process holds the pool's lock.
-    #[error("pool {} is busy: another thinctl or a server holds it", .dir.display())]
-    Busy { dir: PathBuf },
-    /// A file operation failed.
-    #[error("{what} {}: {source}", .path.display())]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    /// `pool.toml` is malformed or inconsistent.
-    #[error("{}: {msg}", .path.display())]
-    Config { path: PathBuf, msg: String },
-    /// No device with that name.
-    #[error("no such device \"{name}\"; {}", known_list(.known))]
-    NoSuchDevice { name: String, known: Vec<String> },
-    /// The name is taken.
-    #[error("a device named \"{0}\" already exists; choose another name or delete it first")]
-    NameTaken(String),
-    /// The device id is taken.
-    #[error("device id {id} is already used by \"{name}\"; omit --id to use the lowest free id")]
-    IdTaken { id: u32, name: String },
-    /// The name is not acceptable.
-    #[error("invalid device name \"{name}\": {why}")]
-    BadName { name: String, why: &'static str },
-    /// The pool is read-only (option or access mode).
-    #[error("pool {} is read-only: {why}", .dir.display())]
-    ReadOnly { dir: PathBuf, why: &'static str },
-    /// An argument is out of range.
-    #[error("{0}")]
-    Invalid(String),
-    /// The engine refused.
-    #[error(transparent)]
-    Pool(#[from] PoolError),
-}
-
-fn known_list(known: &[String]) -> String {
-    if known.is_empty() {
-        "the pool has no devices".to_string()
-    } else {
-        format!("devices: {}", known.join(", "))
-    }
-}
-
-fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> PoolDirError + 'a {
-    move |source| PoolDirError::Io { what, path: path.to_path_buf(), source }
-}
 
 /// An open pool directory: its description, lock and file locations.
 #[derive(Debug)]
