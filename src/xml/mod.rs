@@ -1,7 +1,7 @@
 //! The metadata as thin_dump's XML (spec §7): dump and restore, through an
 //! intermediate representation ([`ir`]).
 //!
-//! - [`dump`]: walk a pool's metadata into IR events and write them as Debian's
+//! - [`dump`](mod@dump): walk a pool's metadata into IR events and write them as Debian's
 //!   `thin_dump` 0.9 prints them, byte for byte.
 //! - [`restore`]: read such XML (from thin_dump 0.9, 1.x without `def`/`ref` blocks,
 //!   or our dump) into IR events and build fresh metadata from them.
