@@ -92,6 +92,16 @@ fn tmp_path(metadata: &Path) -> PathBuf {
     metadata.with_file_name(name)
 }
 
+/// Create `path`, which must not exist, for reading and writing.
+fn create_new(path: &Path) -> Result<File, XmlError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(XmlError::io(format!("cannot create {}", path.display())))
+}
+
 impl DirTarget {
     /// Check that `dir` can take a restore, and lock it: a new directory, one holding
     /// only a `data` file (or, with `force`, a `metadata` file), or with `force` an
@@ -193,12 +203,7 @@ impl DirTarget {
                 Ok(f)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let f = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create_new(true)
-                    .open(path)
-                    .map_err(XmlError::io(format!("cannot create {}", path.display())))?;
+                let f = create_new(path)?;
                 self.created_data = true;
                 f.set_len(data_bytes).map_err(XmlError::io(format!("cannot size {}", path.display())))?;
                 Ok(f)
@@ -285,12 +290,7 @@ impl RestoreSink for DirTarget {
         }
         let tmp = &self.tmp;
         let _ = std::fs::remove_file(tmp);
-        let m = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(tmp)
-            .map_err(XmlError::io(format!("cannot create {}", tmp.display())))?;
+        let m = create_new(tmp)?;
         m.set_len(meta_bytes).map_err(XmlError::io(format!("cannot size {}", tmp.display())))?;
         let storage = FileStorage::new(m).map_err(XmlError::io(format!("cannot open {}", tmp.display())))?;
         self.data_file = Some(data);
