@@ -15,9 +15,10 @@ use thinpool::volume::{
 };
 
 use crate::cli::{split_dir, Cli, Cmd, PoolCmd};
+use crate::error::{describe, msg, CliError, CliResult};
 use crate::progress::{Progress, Unit};
 use crate::units::{format_size, format_time};
-use crate::{image, msg, remote, xml, CliError, CliResult};
+use crate::{image, remote, xml};
 
 /// Run a parsed command line.
 pub fn run(cli: Cli) -> CliResult {
@@ -99,24 +100,6 @@ pub fn as_change(cmd: Cmd) -> Result<CliResult<(PathBuf, PoolChange)>, Cmd> {
         }
         other => return Err(other),
     })
-}
-
-/// The one-line message for an error, with what to do where that is known.
-pub fn describe(e: &CliError) -> String {
-    let base = e.to_string();
-    let engine = match e {
-        CliError::Pool(p) | CliError::Dir(PoolDirError::Pool(p)) => Some(p),
-        _ => None,
-    };
-    match engine {
-        Some(PoolError::NoSpace { .. }) => {
-            format!("{base}: the pool is full; delete or discard devices, or grow the data file")
-        }
-        Some(PoolError::Meta(MetaError::Corrupt { .. })) => {
-            format!("{base}; the metadata is damaged: `thinctl check` gives a full report")
-        }
-        _ => base,
-    }
 }
 
 fn utf8(s: &OsString, what: &str) -> CliResult<String> {

@@ -1,7 +1,7 @@
 //! `thinctl`: the command line of thinpool.
 //!
 //! A pool is a directory (default `./thinpool`) holding the dm-thin `metadata`, the
-//! `data` file and `pool.toml` (device names and sizes; see `thinpool::pooldir`).
+//! `data` file and `pool.toml` (device names and sizes; see `thinpool::volume`).
 //! Every command that changes the pool commits it before it exits successfully; a
 //! failed command changes nothing it had not already committed. Exit status: 0 done,
 //! 1 failed, 2 usage error.
@@ -22,6 +22,7 @@
 
 mod cli;
 mod commands;
+mod error;
 mod image;
 mod progress;
 mod remote;
@@ -32,47 +33,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-/// Errors of the command line: the library's, plus messages made here.
-#[derive(Debug, thiserror::Error)]
-pub enum CliError {
-    /// The pool directory layer.
-    #[error(transparent)]
-    Dir(#[from] thinpool::volume::PoolDirError),
-    /// The engine.
-    #[error(transparent)]
-    Pool(#[from] thinpool::error::PoolError),
-    /// Dump and restore (their engine and pool directory errors go to `Pool` and `Dir`).
-    #[error(transparent)]
-    Xml(thinpool::xml::XmlError),
-    /// Anything else, already worded for the user.
-    #[error("{0}")]
-    Msg(String),
-    /// The command ran and its answer is "no" (check found problems); already reported.
-    #[error("{0}")]
-    Failed(String),
-    /// A server ran the command and reported its outcome already: exit with this code.
-    #[error("exit status {0}")]
-    Exit(i32),
-}
-
-impl From<thinpool::xml::XmlError> for CliError {
-    fn from(e: thinpool::xml::XmlError) -> Self {
-        use thinpool::xml::XmlError;
-        match e {
-            XmlError::Pool(p) => CliError::Pool(p),
-            XmlError::Dir(d) => CliError::Dir(d),
-            other => CliError::Xml(other),
-        }
-    }
-}
-
-/// Result of a command.
-pub type CliResult<T = ()> = Result<T, CliError>;
-
-/// Shorthand for a worded error.
-pub fn msg(s: impl Into<String>) -> CliError {
-    CliError::Msg(s.into())
-}
+use crate::error::CliError;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
@@ -80,7 +41,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(CliError::Exit(code)) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
-            eprintln!("error: {}", commands::describe(&e));
+            eprintln!("error: {}", error::describe(&e));
             ExitCode::from(1)
         }
     }

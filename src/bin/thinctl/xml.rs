@@ -10,8 +10,8 @@ use thinpool::xml::{DirTarget, RestoreEvents, RestoreOptions};
 
 use crate::cli::{default_dir, RestoreArgs};
 use crate::commands::{open_pool, warn_all};
+use crate::error::{msg, CliResult};
 use crate::progress::{Progress, Unit};
-use crate::{msg, CliResult};
 
 /// `thinctl dump`.
 pub fn dump(dir: &Path) -> CliResult {
