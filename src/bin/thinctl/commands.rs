@@ -7,7 +7,6 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use thinpool::error::{MetaError, PoolError};
 use thinpool::io::FileStorage;
 use thinpool::pool::Pool;
 use thinpool::volume::{
@@ -16,6 +15,7 @@ use thinpool::volume::{
 
 use crate::cli::{split_dir, Cli, Cmd, PoolCmd};
 use crate::error::{describe, msg, CliError, CliResult};
+use crate::open::{open_failed, open_pool, warn_all};
 use crate::progress::{Progress, Unit};
 use crate::units::{format_size, format_time};
 use crate::{image, remote, xml};
@@ -104,33 +104,6 @@ pub fn as_change(cmd: Cmd) -> Result<CliResult<(PathBuf, PoolChange)>, Cmd> {
 
 fn utf8(s: &OsString, what: &str) -> CliResult<String> {
     s.to_str().map(str::to_string).ok_or_else(|| msg(format!("{what} {s:?} is not valid UTF-8")))
-}
-
-/// Print warnings on standard error.
-pub fn warn_all(warnings: Vec<String>) {
-    for w in warnings {
-        eprintln!("warning: {w}");
-    }
-}
-
-/// Open the pool in `dir` (lock, pool.toml, engine), printing reconciliation warnings.
-pub fn open_pool(dir: &Path, access: Access) -> CliResult<(PoolDir, Pool)> {
-    let mut pd = PoolDir::open(dir, access)?;
-    let pool = pd.open_pool().map_err(|e| open_failed(dir, e))?;
-    warn_all(pd.take_warnings());
-    Ok((pd, pool))
-}
-
-fn open_failed(dir: &Path, e: PoolDirError) -> CliError {
-    match e {
-        PoolDirError::Pool(p @ PoolError::Meta(MetaError::Corrupt { .. })) => msg(format!(
-            "cannot open the pool in {}: {p}; the metadata is damaged: `thinctl check {}` gives a full report",
-            dir.display(),
-            dir.display()
-        )),
-        PoolDirError::Pool(p) => msg(format!("cannot open the pool in {}: {p}", dir.display())),
-        other => other.into(),
-    }
 }
 
 fn pool_create(dir: &Path, opts: CreateOptions) -> CliResult {

@@ -20,8 +20,8 @@ use thinpool::pool::Pool;
 use thinpool::thin::DevId;
 use thinpool::volume::{discard_blocks, Access, PoolDir};
 
-use crate::commands::open_pool;
 use crate::error::{msg, CliResult};
+use crate::open::open_pool;
 use crate::progress::{Progress, Unit};
 use crate::units::format_size;
 

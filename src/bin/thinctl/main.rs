@@ -24,6 +24,7 @@ mod cli;
 mod commands;
 mod error;
 mod image;
+mod open;
 mod progress;
 mod remote;
 mod units;

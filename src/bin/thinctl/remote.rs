@@ -21,8 +21,9 @@ use thinpool::server::service::Service;
 use thinpool::volume::{Access, PoolChange, PoolDir};
 
 use crate::cli::{Cli, Cmd};
-use crate::commands::{as_change, ls_output, open_pool, outcome_line, status_output};
+use crate::commands::{as_change, ls_output, outcome_line, status_output};
 use crate::error::{describe, msg, CliError, CliResult};
+use crate::open::open_pool;
 
 /// Name of the control socket inside a pool directory.
 pub const CONTROL_SOCKET: &str = "control.sock";

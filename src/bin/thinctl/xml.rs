@@ -9,8 +9,8 @@ use thinpool::volume::Access;
 use thinpool::xml::{DirTarget, RestoreEvents, RestoreOptions};
 
 use crate::cli::{default_dir, RestoreArgs};
-use crate::commands::{open_pool, warn_all};
 use crate::error::{msg, CliResult};
+use crate::open::{open_pool, warn_all};
 use crate::progress::{Progress, Unit};
 
 /// `thinctl dump`.
