@@ -28,6 +28,7 @@ mod open;
 mod progress;
 mod remote;
 mod units;
+mod views;
 mod xml;
 
 use std::process::ExitCode;

@@ -21,9 +21,10 @@ use thinpool::server::service::Service;
 use thinpool::volume::{Access, PoolChange, PoolDir};
 
 use crate::cli::{Cli, Cmd};
-use crate::commands::{as_change, ls_output, outcome_line, status_output};
+use crate::commands::as_change;
 use crate::error::{describe, msg, CliError, CliResult};
 use crate::open::open_pool;
+use crate::views::{ls_output, outcome_line, status_output};
 
 /// Name of the control socket inside a pool directory.
 pub const CONTROL_SOCKET: &str = "control.sock";
