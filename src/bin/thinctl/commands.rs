@@ -2,110 +2,21 @@
 //! one line (or a table, or JSON) on standard output; warnings go to standard error.
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use thinpool::io::FileStorage;
-use thinpool::volume::{
-    Access, ChangeOutcome, CreateOptions, PoolChange, PoolDir, PoolDirError, DEFAULT_BLOCK_BYTES, DEFAULT_DATA_BYTES,
-};
+use thinpool::volume::{Access, ChangeOutcome, CreateOptions, PoolChange, PoolDir, PoolDirError};
 
-use crate::cli::{split_dir, Cli, Cmd, PoolCmd};
 use crate::error::{describe, msg, CliError, CliResult};
 use crate::open::{open_failed, open_pool, warn_all};
 use crate::progress::{Progress, Unit};
+use crate::remote;
 use crate::units::format_size;
 use crate::views::{failed_status_output, ls_output, outcome_line, status_output};
-use crate::{image, remote, xml};
 
-/// Run a parsed command line.
-pub fn run(cli: Cli) -> CliResult {
-    let cmd = match as_change(cli.cmd) {
-        Ok(parsed) => {
-            let (dir, c) = parsed?;
-            return change(&dir, c);
-        }
-        Err(cmd) => cmd,
-    };
-    match cmd {
-        Cmd::Pool(PoolCmd::Create { dir, data_size, block_size, metadata_size }) => pool_create(
-            &dir.unwrap_or_else(crate::cli::default_dir),
-            CreateOptions {
-                data_bytes: data_size.unwrap_or(DEFAULT_DATA_BYTES),
-                block_bytes: block_size.unwrap_or(DEFAULT_BLOCK_BYTES),
-                metadata_bytes: metadata_size,
-            },
-        ),
-        Cmd::Pool(PoolCmd::Adopt { dir, metadata, data, sizes }) => {
-            pool_adopt(&dir.unwrap_or_else(crate::cli::default_dir), &metadata, &data, &sizes)
-        }
-        Cmd::Import { args, create } => {
-            let (dir, rest) = split_dir(args, 2);
-            image::import(&dir, &utf8(&rest[0], "NAME")?, Path::new(&rest[1]), create)
-        }
-        Cmd::Export { args } => {
-            let (dir, rest) = split_dir(args, 2);
-            image::export(&dir, &utf8(&rest[0], "NAME")?, &rest[1])
-        }
-        Cmd::Ls { dir, json } => ls(&dir.unwrap_or_else(crate::cli::default_dir), json),
-        Cmd::Status { dir, json } => status(&dir.unwrap_or_else(crate::cli::default_dir), json),
-        Cmd::Check { dir } => check(&dir.unwrap_or_else(crate::cli::default_dir)),
-        Cmd::Dump { dir } => xml::dump(&dir.unwrap_or_else(crate::cli::default_dir)),
-        Cmd::Restore(args) => xml::restore(&args),
-        Cmd::Serve { dir, exports, listen, read_only, commit_interval_ms, workers } => {
-            let default_pool = dir.is_none();
-            let dir = dir.unwrap_or_else(crate::cli::default_dir);
-            remote::serve(
-                &dir,
-                remote::ServeArgs {
-                    exports,
-                    listen,
-                    read_only,
-                    commit_interval_ms,
-                    workers,
-                    create_default: default_pool,
-                },
-            )
-        }
-        Cmd::Create { .. } | Cmd::Snapshot { .. } | Cmd::Delete { .. } | Cmd::Discard { .. } | Cmd::Resize { .. } => {
-            Err(msg("internal error: a change was not dispatched"))
-        }
-    }
-}
-
-/// The pool directory and [`PoolChange`] of the commands a server also accepts
-/// (create, snapshot, delete, discard, resize); any other command is handed back.
-pub fn as_change(cmd: Cmd) -> Result<CliResult<(PathBuf, PoolChange)>, Cmd> {
-    let one = |args: Vec<OsString>, n: usize| -> CliResult<(PathBuf, Vec<String>)> {
-        let (dir, rest) = split_dir(args, n);
-        let names = rest.iter().map(|a| utf8(a, "NAME")).collect::<CliResult<Vec<_>>>()?;
-        Ok((dir, names))
-    };
-    Ok(match cmd {
-        Cmd::Create { args, size, id } => {
-            one(args, 1).map(|(dir, mut n)| (dir, PoolChange::Create { name: n.remove(0), size_bytes: size, id }))
-        }
-        Cmd::Snapshot { args, id } => one(args, 2).map(|(dir, mut n)| {
-            let origin = n.remove(0);
-            (dir, PoolChange::Snapshot { origin, name: n.remove(0), id })
-        }),
-        Cmd::Delete { args } => one(args, 1).map(|(dir, mut n)| (dir, PoolChange::Delete { name: n.remove(0) })),
-        Cmd::Discard { args, offset, length } => {
-            one(args, 1).map(|(dir, mut n)| (dir, PoolChange::Discard { name: n.remove(0), offset, length }))
-        }
-        Cmd::Resize { args, size } => {
-            one(args, 1).map(|(dir, mut n)| (dir, PoolChange::Resize { name: n.remove(0), size_bytes: size }))
-        }
-        other => return Err(other),
-    })
-}
-
-fn utf8(s: &OsString, what: &str) -> CliResult<String> {
-    s.to_str().map(str::to_string).ok_or_else(|| msg(format!("{what} {s:?} is not valid UTF-8")))
-}
-
-fn pool_create(dir: &Path, opts: CreateOptions) -> CliResult {
+/// `thinctl pool create`.
+pub fn pool_create(dir: &Path, opts: CreateOptions) -> CliResult {
     let (pd, pool) = PoolDir::create(dir, &opts)?;
     let st = pool.meta().status();
     let meta_bytes = std::fs::metadata(pd.metadata_path()).map(|m| m.len()).unwrap_or(0);
@@ -120,7 +31,8 @@ fn pool_create(dir: &Path, opts: CreateOptions) -> CliResult {
     Ok(())
 }
 
-fn pool_adopt(dir: &Path, metadata: &Path, data: &Path, sizes: &[(u32, u64)]) -> CliResult {
+/// `thinctl pool adopt`.
+pub fn pool_adopt(dir: &Path, metadata: &Path, data: &Path, sizes: &[(u32, u64)]) -> CliResult {
     let mut by_id = BTreeMap::new();
     for &(id, size) in sizes {
         if by_id.insert(id, size).is_some() {
@@ -148,7 +60,7 @@ fn pool_adopt(dir: &Path, metadata: &Path, data: &Path, sizes: &[(u32, u64)]) ->
 
 /// Apply one of the changes a server could also receive: sent to the server when
 /// one serves the pool, else applied here under the pool's lock.
-fn change(dir: &Path, change: PoolChange) -> CliResult {
+pub fn change(dir: &Path, change: PoolChange) -> CliResult {
     if remote::forward(dir, &remote::change_argv(&change))? {
         return Ok(());
     }
@@ -172,12 +84,18 @@ fn change(dir: &Path, change: PoolChange) -> CliResult {
     Ok(())
 }
 
-fn ls(dir: &Path, json: bool) -> CliResult {
-    let mut argv = vec!["ls".to_string()];
+/// Send `ls` or `status` to the server of `dir` when one runs (see [`remote::forward`]).
+fn forward_view(dir: &Path, command: &str, json: bool) -> CliResult<bool> {
+    let mut argv = vec![command.to_string()];
     if json {
         argv.push("--json".into());
     }
-    if remote::forward(dir, &argv)? {
+    remote::forward(dir, &argv)
+}
+
+/// `thinctl ls`.
+pub fn ls(dir: &Path, json: bool) -> CliResult {
+    if forward_view(dir, "ls", json)? {
         return Ok(());
     }
     let (pd, mut pool) = open_pool(dir, Access::Read)?;
@@ -185,12 +103,9 @@ fn ls(dir: &Path, json: bool) -> CliResult {
     Ok(())
 }
 
-fn status(dir: &Path, json: bool) -> CliResult {
-    let mut argv = vec!["status".to_string()];
-    if json {
-        argv.push("--json".into());
-    }
-    if remote::forward(dir, &argv)? {
+/// `thinctl status`.
+pub fn status(dir: &Path, json: bool) -> CliResult {
+    if forward_view(dir, "status", json)? {
         return Ok(());
     }
     let mut pd = PoolDir::open(dir, Access::Read)?;
@@ -208,7 +123,8 @@ fn status(dir: &Path, json: bool) -> CliResult {
     }
 }
 
-fn check(dir: &Path) -> CliResult {
+/// `thinctl check`.
+pub fn check(dir: &Path) -> CliResult {
     let pd = PoolDir::open(dir, Access::Read)?;
     let path = pd.metadata_path();
     let file = File::open(&path).map_err(|e| msg(format!("cannot open {}: {e}", path.display())))?;

@@ -20,8 +20,7 @@ use thinpool::server::run::{self as serve, DeviceList};
 use thinpool::server::service::Service;
 use thinpool::volume::{Access, PoolChange, PoolDir};
 
-use crate::cli::{Cli, Cmd};
-use crate::commands::as_change;
+use crate::cli::{as_change, Cli, Cmd};
 use crate::error::{describe, msg, CliError, CliResult};
 use crate::open::open_pool;
 use crate::views::{ls_output, outcome_line, status_output};
