@@ -21,11 +21,12 @@
 //!   the held metadata snapshot or null.
 //!
 //! Layout: this file parses the arguments (`cli`) and dispatches; `commands` (pool
-//! and device commands run here), `image` (import, export), `xml` (dump, restore)
-//! and `remote` (serve, and the control socket both ways) do the work through the
-//! library; `open` (opening a pool), `views` (what ls, status and changes print) and
-//! `error` are shared by them. Nothing imports this dispatcher: the server re-parses
-//! a control-socket command line with `cli` and runs it with `remote::handle`.
+//! and device commands), `image` (import, export), `xml` (dump, restore) and `serve`
+//! (`thinctl serve` and the server side of the control socket) do the work through
+//! the library; `remote` (the client side of the control socket), `open` (opening a
+//! pool), `views` (what ls, status and changes print) and `error` are shared by them.
+//! Nothing imports this dispatcher: the server re-parses a control-socket command
+//! line with `cli` and runs it with `serve::handle`.
 
 mod cli;
 mod commands;
@@ -34,6 +35,7 @@ mod image;
 mod open;
 mod progress;
 mod remote;
+mod serve;
 mod units;
 mod views;
 mod xml;
@@ -84,9 +86,9 @@ fn run(cli: Cli) -> CliResult {
         Cmd::Serve { dir, exports, listen, read_only, commit_interval_ms, workers } => {
             let default_pool = dir.is_none();
             let dir = dir.unwrap_or_else(default_dir);
-            remote::serve(
+            serve::serve(
                 &dir,
-                remote::ServeArgs {
+                serve::ServeArgs {
                     exports,
                     listen,
                     read_only,
