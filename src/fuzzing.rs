@@ -164,3 +164,65 @@ pub fn nbd_client_bytes(data: &[u8]) {
     let mut input = data;
     let _ = serve_connection(&mut input, out, &catalog, &ServerConfig { read_only: false, workers: 0 });
 }
+
+/// Data blocks the in-memory restore target of [`xml_restore`] takes at most.
+const XML_RESTORE_MAX_DATA_BLOCKS: u64 = 1 << 16;
+/// Metadata blocks it gives a restore.
+const XML_RESTORE_METADATA_BLOCKS: u64 = 128;
+
+/// An in-memory restore target: no data side, small metadata.
+struct MemorySink {
+    storage: Option<CrashStorage>,
+}
+
+impl crate::xml::RestoreSink for MemorySink {
+    fn open(
+        &mut self,
+        nr_data_blocks: u64,
+        _block_bytes: u64,
+        _data_bytes: u64,
+    ) -> Result<Box<dyn crate::io::MetaStorage>, crate::xml::XmlError> {
+        if nr_data_blocks > XML_RESTORE_MAX_DATA_BLOCKS {
+            return Err(crate::xml::XmlError::Invalid("more data blocks than the fuzz target takes".into()));
+        }
+        let s = CrashStorage::new(XML_RESTORE_METADATA_BLOCKS);
+        self.storage = Some(s.clone());
+        Ok(Box::new(s))
+    }
+
+    fn sync_data(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Restore `xml` into in-memory metadata (at most 2^16 data blocks, 128 metadata
+/// blocks); when it restores: what the restore counted, the committed metadata
+/// opened read-only, and its XML dump.
+pub fn xml_restore_in_memory(xml: &[u8]) -> Option<(crate::xml::Restored, Metadata, Vec<u8>)> {
+    let mut sink = MemorySink { storage: None };
+    let restored = crate::xml::restore::restore(&mut &xml[..], &mut sink, &mut |_| {}).ok()?;
+    let storage = sink.storage.expect("a restore that succeeded has opened its storage");
+    let durable = storage.image.lock().map(|i| i.durable.clone()).expect("storage lock");
+    let mut md = Metadata::open(Box::new(CrashStorage::from_blocks(durable)), true).expect("restored metadata opens");
+    let mut w = crate::xml::XmlWriter::new(Vec::new());
+    crate::xml::walk(&mut md, &mut w, &mut |_, _| {}).expect("restored metadata dumps");
+    Some((restored, md, w.into_inner()))
+}
+
+/// Restore arbitrary bytes as thin_dump XML into in-memory metadata. Whatever
+/// restores must open, audit clean, hold the devices and mappings the restore
+/// counted, and dump to XML that restores to the same dump.
+pub fn xml_restore(data: &[u8]) {
+    let Some((restored, mut md, xml)) = xml_restore_in_memory(data) else {
+        return;
+    };
+    crate::check::audit(&mut md).expect("restored metadata audits clean");
+    assert_eq!(md.device_ids().len(), restored.devices, "devices restored");
+    let mut mapped = 0u64;
+    for id in md.device_ids() {
+        mapped += md.device_info(id).map(|i| i.mapped_blocks).expect("device info");
+    }
+    assert_eq!(mapped, restored.mappings, "mappings restored");
+    let (_, _, again) = xml_restore_in_memory(&xml).expect("a dump restores");
+    assert_eq!(String::from_utf8_lossy(&again), String::from_utf8_lossy(&xml), "dump, restore, dump");
+}

@@ -92,3 +92,20 @@ fn the_unmutated_base_image_opens_and_audits_clean() {
 fn nbd_server_target_survives_the_seed_corpus() {
     assert!(run("nbd_client_bytes", fuzzing::nbd_client_bytes) > 10);
 }
+
+#[test]
+fn xml_restore_target_survives_the_seed_corpus() {
+    assert!(run("xml_restore", fuzzing::xml_restore) > 10);
+}
+
+#[test]
+fn the_valid_xml_seeds_restore_and_the_broken_ones_do_not() {
+    for (name, seed) in seeds("xml_restore") {
+        let restored = fuzzing::xml_restore_in_memory(&seed).map(|(r, _, _)| (r.devices, r.mappings));
+        if name.contains("broken") {
+            assert_eq!(restored, None, "{name}");
+        } else {
+            assert!(restored.is_some(), "{name}");
+        }
+    }
+}

@@ -6,7 +6,8 @@ usage: tools/extract-fuzz-seeds.py OUT_DIR METADATA_IMAGE...
 Each 4 KiB block whose checksum verifies with one of the dm-thin salts is sorted
 by kind: superblocks -> superblock/, B-tree nodes -> btree_node/ (a few per value
 size and kind), bitmaps and index blocks -> space_map_blocks/. Also writes a few
-mutation records for open_pool/.
+mutation records for open_pool/. (The xml_restore/ seeds are small hand-written
+thin_dump documents, valid and broken; nbd_client_bytes/ are client byte streams.)
 """
 import os
 import struct

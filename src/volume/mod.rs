@@ -46,334 +46,33 @@
 //! whole 4 KiB metadata blocks. It leaves room for roughly one full copy of every
 //! mapping (a snapshot that diverges completely) on top of the mappings themselves.
 
+mod changes;
+mod config;
+mod error;
+mod lock;
+
+pub use changes::{cut_after, discard_blocks, ChangeOutcome, PoolChange};
+pub use config::{
+    block_sectors, check_name, check_size, default_metadata_bytes, CreateOptions, DeviceEntry, PoolConfig, PoolOptions,
+    CONFIG_FILE, CONFIG_FORMAT, DATA_FILE, DEFAULT_BLOCK_BYTES, DEFAULT_DATA_BYTES, DEFAULT_DIR, LOCK_FILE,
+    MAX_DEFAULT_METADATA_BYTES, MAX_DEVICE_BYTES, MAX_NAME_LEN, METADATA_FILE, MIN_DEFAULT_METADATA_BYTES,
+    MIN_METADATA_BYTES,
+};
+pub use error::PoolDirError;
+pub use lock::{lock_dir, Access, DirLock};
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::{Flock, FlockArg};
-use serde::{Deserialize, Serialize};
+use config::mapped_end;
+use error::io_err;
 
-use crate::error::PoolError;
-use crate::format::{MAX_DATA_BLOCKS, MAX_DEV_ID};
-use crate::pool::{OpenOptions as PoolOpenOptions, Pool, SECTOR};
+use crate::format::MAX_DATA_BLOCKS;
+use crate::pool::{OpenOptions as PoolOpenOptions, Pool};
 use crate::thin::DevId;
-
-/// Name of the description file inside a pool directory.
-pub const CONFIG_FILE: &str = "pool.toml";
-/// Name of the lock file inside a pool directory.
-pub const LOCK_FILE: &str = "pool.lock";
-/// Default name of the metadata file inside a pool directory.
-pub const METADATA_FILE: &str = "metadata";
-/// Default name of the data file inside a pool directory.
-pub const DATA_FILE: &str = "data";
-/// The pool directory used when none is given.
-pub const DEFAULT_DIR: &str = "thinpool";
-/// Default data block size: 64 KiB.
-pub const DEFAULT_BLOCK_BYTES: u64 = 64 << 10;
-/// Default data size of a new pool: 1 GiB (a sparse file).
-pub const DEFAULT_DATA_BYTES: u64 = 1 << 30;
-/// Smallest metadata file the default rule gives.
-pub const MIN_DEFAULT_METADATA_BYTES: u64 = 2 << 20;
-/// Largest metadata file the default rule gives.
-pub const MAX_DEFAULT_METADATA_BYTES: u64 = 16 << 30;
-/// Smallest metadata file the engine formats (64 blocks of 4 KiB).
-pub const MIN_METADATA_BYTES: u64 = 64 * 4096;
-/// Longest device name.
-pub const MAX_NAME_LEN: usize = 128;
-/// Version of the `pool.toml` layout this code writes and reads.
-pub const CONFIG_FORMAT: u32 = 1;
-
-/// Discards walk this many virtual blocks between progress reports.
-const DISCARD_WINDOW: u64 = 4096;
-
-/// Errors of the pool directory layer.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum PoolDirError {
-    /// The directory holds no pool.
-    #[error("no pool at {}: {why}; create one with `thinctl pool create {}`", .dir.display(), .dir.display())]
-    NotAPool { dir: PathBuf, why: String },
-    /// The directory already holds a pool or other files.
-    #[error("{}: {why}", .dir.display())]
-    Exists { dir: PathBuf, why: String },
-    /// Another process holds the pool's lock.
-    #[error("pool {} is busy: another thinctl or a server holds it", .dir.display())]
-    Busy { dir: PathBuf },
-    /// A file operation failed.
-    #[error("{what} {}: {source}", .path.display())]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    /// `pool.toml` is malformed or inconsistent.
-    #[error("{}: {msg}", .path.display())]
-    Config { path: PathBuf, msg: String },
-    /// No device with that name.
-    #[error("no such device \"{name}\"; {}", known_list(.known))]
-    NoSuchDevice { name: String, known: Vec<String> },
-    /// The name is taken.
-    #[error("a device named \"{0}\" already exists; choose another name or delete it first")]
-    NameTaken(String),
-    /// The device id is taken.
-    #[error("device id {id} is already used by \"{name}\"; omit --id to use the lowest free id")]
-    IdTaken { id: u32, name: String },
-    /// The name is not acceptable.
-    #[error("invalid device name \"{name}\": {why}")]
-    BadName { name: String, why: &'static str },
-    /// The pool is read-only (option or access mode).
-    #[error("pool {} is read-only: {why}", .dir.display())]
-    ReadOnly { dir: PathBuf, why: &'static str },
-    /// An argument is out of range.
-    #[error("{0}")]
-    Invalid(String),
-    /// The engine refused.
-    #[error(transparent)]
-    Pool(#[from] PoolError),
-}
-
-fn known_list(known: &[String]) -> String {
-    if known.is_empty() {
-        "the pool has no devices".to_string()
-    } else {
-        format!("devices: {}", known.join(", "))
-    }
-}
-
-fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> PoolDirError + 'a {
-    move |source| PoolDirError::Io { what, path: path.to_path_buf(), source }
-}
-
-/// Pool options kept in `pool.toml`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct PoolOptions {
-    /// Refuse every change (like a thin-pool loaded `read_only`).
-    #[serde(default)]
-    pub read_only: bool,
-    /// Options this version does not know, kept as they are (for the server's use).
-    #[serde(flatten)]
-    pub other: BTreeMap<String, toml::Value>,
-}
-
-/// What `pool.toml` says about one device.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeviceEntry {
-    /// The dm-thin device id.
-    pub id: DevId,
-    /// Virtual size in bytes.
-    pub size_bytes: u64,
-    /// Wall-clock creation time, unix seconds; unknown for adopted or recovered devices.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub created: Option<u64>,
-    /// Name of the device this one is a snapshot of, while that device exists.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub snapshot_of: Option<String>,
-}
-
-/// The contents of `pool.toml`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PoolConfig {
-    /// Layout version ([`CONFIG_FORMAT`]).
-    pub format: u32,
-    /// Metadata file, when not `DIR/metadata` (relative paths are relative to DIR).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub metadata: Option<String>,
-    /// Data file, when not `DIR/data` (relative paths are relative to DIR).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data: Option<String>,
-    /// Pool options.
-    #[serde(default)]
-    pub options: PoolOptions,
-    /// Devices by name.
-    #[serde(default)]
-    pub devices: BTreeMap<String, DeviceEntry>,
-}
-
-impl Default for PoolConfig {
-    fn default() -> Self {
-        PoolConfig {
-            format: CONFIG_FORMAT,
-            metadata: None,
-            data: None,
-            options: PoolOptions::default(),
-            devices: BTreeMap::new(),
-        }
-    }
-}
-
-impl PoolConfig {
-    /// Parse and validate `pool.toml` text; `path` is for messages.
-    pub fn parse(text: &str, path: &Path) -> Result<PoolConfig, PoolDirError> {
-        let bad = |msg: String| PoolDirError::Config { path: path.to_path_buf(), msg };
-        let cfg: PoolConfig = toml::from_str(text).map_err(|e| bad(one_line(&e.to_string())))?;
-        if cfg.format != CONFIG_FORMAT {
-            return Err(bad(format!(
-                "format {} is not supported (this thinctl reads format {CONFIG_FORMAT})",
-                cfg.format
-            )));
-        }
-        let mut ids: BTreeMap<DevId, &str> = BTreeMap::new();
-        for (name, e) in &cfg.devices {
-            check_name(name).map_err(|e| bad(e.to_string()))?;
-            if u64::from(e.id) > MAX_DEV_ID {
-                return Err(bad(format!("device \"{name}\": id {} is out of range (0..={MAX_DEV_ID})", e.id)));
-            }
-            if let Some(other) = ids.insert(e.id, name) {
-                return Err(bad(format!("devices \"{other}\" and \"{name}\" both have id {}", e.id)));
-            }
-        }
-        for p in [&cfg.metadata, &cfg.data].into_iter().flatten() {
-            if p.is_empty() {
-                return Err(bad("an empty file path".into()));
-            }
-        }
-        Ok(cfg)
-    }
-
-    /// The text written to `pool.toml`.
-    pub fn to_text(&self) -> Result<String, PoolDirError> {
-        let body = toml::to_string(self).map_err(|e| PoolDirError::Invalid(format!("cannot write pool.toml: {e}")))?;
-        Ok(format!(
-            "# thinpool pool description: device names and sizes, file locations, options.\n\
-             # Written by thinctl (replaced atomically); `created` is unix seconds (UTC).\n{body}"
-        ))
-    }
-}
-
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-/// Is `name` acceptable as a device name? 1 to 128 characters from `A-Z a-z 0-9 . _ + -`,
-/// not starting with `-` or `.`.
-pub fn check_name(name: &str) -> Result<(), PoolDirError> {
-    let bad = |why| Err(PoolDirError::BadName { name: name.to_string(), why });
-    if name.is_empty() {
-        return bad("it is empty");
-    }
-    if name.len() > MAX_NAME_LEN {
-        return bad("it is longer than 128 characters");
-    }
-    if name.starts_with('-') || name.starts_with('.') {
-        return bad("it must not start with '-' or '.'");
-    }
-    if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '+' | '-')) {
-        return bad("use only letters, digits and . _ + -");
-    }
-    Ok(())
-}
-
-/// Largest virtual device size: what `pool.toml` (TOML integers are signed 64-bit)
-/// can hold.
-pub const MAX_DEVICE_BYTES: u64 = i64::MAX as u64;
-
-/// Is `size` acceptable as a virtual device size (1 ..= [`MAX_DEVICE_BYTES`])?
-pub fn check_size(size: u64) -> Result<(), PoolDirError> {
-    if size == 0 {
-        return Err(PoolDirError::Invalid("a device size must be more than 0 bytes".into()));
-    }
-    if size > MAX_DEVICE_BYTES {
-        return Err(PoolDirError::Invalid(format!("a device size must be at most {MAX_DEVICE_BYTES} bytes (8 EiB)")));
-    }
-    Ok(())
-}
-
-/// Bytes up to the end of the highest mapped block, capped at [`MAX_DEVICE_BYTES`].
-fn mapped_end(highest: Option<u64>, block_bytes: u64) -> u64 {
-    highest.map_or(0, |h| h.saturating_add(1).saturating_mul(block_bytes)).min(MAX_DEVICE_BYTES)
-}
-
-/// The default metadata size for a pool (see the module documentation).
-pub fn default_metadata_bytes(data_bytes: u64, block_bytes: u64) -> u64 {
-    let blocks = data_bytes.checked_div(block_bytes).unwrap_or(0);
-    let want = blocks.saturating_mul(48).clamp(MIN_DEFAULT_METADATA_BYTES, MAX_DEFAULT_METADATA_BYTES);
-    want.div_ceil(4096) * 4096
-}
-
-/// How a pool directory is opened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    /// Look only: shared lock, files opened read-only, nothing written.
-    Read,
-    /// Change: exclusive lock, files opened read-write.
-    Write,
-}
-
-/// Parameters of a new pool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CreateOptions {
-    /// Data size in bytes (rounded down to whole blocks).
-    pub data_bytes: u64,
-    /// Data block size in bytes: a multiple of 64 KiB from 64 KiB to 1 GiB.
-    pub block_bytes: u64,
-    /// Metadata file size in bytes; `None` for [`default_metadata_bytes`].
-    pub metadata_bytes: Option<u64>,
-}
-
-impl Default for CreateOptions {
-    fn default() -> Self {
-        CreateOptions { data_bytes: DEFAULT_DATA_BYTES, block_bytes: DEFAULT_BLOCK_BYTES, metadata_bytes: None }
-    }
-}
-
-/// Check a data block size in bytes; returns it in sectors.
-pub fn block_sectors(block_bytes: u64) -> Result<u32, PoolDirError> {
-    let sectors = block_bytes / SECTOR;
-    if block_bytes % SECTOR != 0 || !crate::format::valid_data_block_sectors(sectors.try_into().unwrap_or(0)) {
-        return Err(PoolDirError::Invalid(format!(
-            "block size {block_bytes} bytes: it must be a multiple of 64 KiB from 64 KiB to 1 GiB"
-        )));
-    }
-    Ok(sectors as u32)
-}
-
-/// A change to a pool's devices: what `thinctl create/snapshot/delete/discard/resize`
-/// do, in a form a server can receive over its control socket and apply with
-/// [`PoolDir::apply`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
-pub enum PoolChange {
-    /// Create an empty thin device.
-    Create { name: String, size_bytes: u64, id: Option<DevId> },
-    /// Snapshot a device (thin or snapshot); the snapshot has the origin's size.
-    Snapshot { origin: String, name: String, id: Option<DevId> },
-    /// Delete a device.
-    Delete { name: String },
-    /// Unmap the whole blocks inside a byte range (the whole device when `offset` and
-    /// `length` are both absent; to the end of the device when only `length` is).
-    Discard { name: String, offset: Option<u64>, length: Option<u64> },
-    /// Change the virtual size; shrinking discards what is cut off.
-    Resize { name: String, size_bytes: u64 },
-}
-
-/// What [`PoolDir::apply`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "result", rename_all = "snake_case")]
-pub enum ChangeOutcome {
-    /// A device was created (thin or snapshot) with this id.
-    Created { id: DevId },
-    /// The device was deleted.
-    Deleted { id: DevId },
-    /// This many blocks were unmapped.
-    Discarded { blocks: u64 },
-    /// The size changed; `blocks_discarded` were cut off.
-    Resized { old_bytes: u64, new_bytes: u64, blocks_discarded: u64 },
-}
-
-/// A lock held on a pool directory (released when dropped).
-#[derive(Debug)]
-pub struct DirLock(Option<Flock<File>>);
-
-/// Lock `dir` (which must exist) the way [`PoolDir::open`] does, for work that
-/// prepares a pool before it has a `pool.toml` (such as a restore).
-pub fn lock_dir(dir: &Path, access: Access) -> Result<DirLock, PoolDirError> {
-    Ok(DirLock(take_lock(dir, access)?))
-}
 
 /// An open pool directory: its description, lock and file locations.
 #[derive(Debug)]
@@ -381,35 +80,8 @@ pub struct PoolDir {
     dir: PathBuf,
     config: PoolConfig,
     access: Access,
-    _lock: Option<Flock<File>>,
+    _lock: DirLock,
     warnings: Vec<String>,
-}
-
-fn now_unix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-fn take_lock(dir: &Path, access: Access) -> Result<Option<Flock<File>>, PoolDirError> {
-    let path = dir.join(LOCK_FILE);
-    let file = match OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o644).open(&path) {
-        Ok(f) => f,
-        // A reader of a pool on a read-only file system or in a directory it may not
-        // write to cannot take the lock, and nobody else can change the pool either.
-        Err(_) if access == Access::Read => match File::open(&path) {
-            Ok(f) => f,
-            Err(_) => return Ok(None),
-        },
-        Err(e) => return Err(io_err("cannot open", &path)(e)),
-    };
-    let arg = match access {
-        Access::Read => FlockArg::LockSharedNonblock,
-        Access::Write => FlockArg::LockExclusiveNonblock,
-    };
-    match Flock::lock(file, arg) {
-        Ok(l) => Ok(Some(l)),
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(PoolDirError::Busy { dir: dir.to_path_buf() }),
-        Err((_, e)) => Err(io_err("cannot lock", &path)(e.into())),
-    }
 }
 
 /// Make `dir` ready for a new pool: create it, or accept it when it is empty.
@@ -493,7 +165,7 @@ impl PoolDir {
         if !cfg_path.exists() {
             return Err(PoolDirError::NotAPool { dir: dir.into(), why: format!("it has no {CONFIG_FILE}") });
         }
-        let lock = take_lock(dir, access)?;
+        let lock = lock_dir(dir, access)?;
         let text = std::fs::read_to_string(&cfg_path).map_err(io_err("cannot read", &cfg_path))?;
         let config = PoolConfig::parse(&text, &cfg_path)?;
         Ok(PoolDir { dir: dir.to_path_buf(), config, access, _lock: lock, warnings: Vec::new() })
@@ -527,7 +199,7 @@ impl PoolDir {
         };
         let created_dir = prepare_new_dir(dir)?;
         let mut undo = Undo::new(dir, created_dir);
-        let lock = take_lock(dir, Access::Write)?;
+        let lock = lock_dir(dir, Access::Write)?;
         let mpath = dir.join(METADATA_FILE);
         let dpath = dir.join(DATA_FILE);
         let m = create_file(&mpath, meta_bytes, &mut undo)?;
@@ -584,7 +256,7 @@ impl PoolDir {
         }
         let created_dir = prepare_new_dir(dir)?;
         let mut undo = Undo::new(dir, created_dir);
-        let lock = take_lock(dir, Access::Write)?;
+        let lock = lock_dir(dir, Access::Write)?;
         let mut config = PoolConfig { metadata: Some(mabs), data: Some(dabs), ..PoolConfig::default() };
         let bs = pool.block_bytes();
         let mut warnings = Vec::new();
@@ -623,7 +295,7 @@ impl PoolDir {
     /// naming every device of `pool` it lacks `thin<ID>` (quietly: they are new).
     pub fn from_parts(dir: &Path, config: PoolConfig, pool: &mut Pool, lock: DirLock) -> Result<PoolDir, PoolDirError> {
         let mut pd =
-            PoolDir { dir: dir.to_path_buf(), config, access: Access::Write, _lock: lock.0, warnings: Vec::new() };
+            PoolDir { dir: dir.to_path_buf(), config, access: Access::Write, _lock: lock, warnings: Vec::new() };
         pd.reconcile(pool)?;
         pd.warnings.clear();
         pd.save()?;
@@ -791,304 +463,5 @@ impl PoolDir {
             let _ = std::fs::remove_file(&tmp);
         }
         result
-    }
-
-    fn lowest_free_id(pool: &Pool) -> Result<DevId, PoolDirError> {
-        let used: BTreeSet<DevId> = pool.meta().device_ids().into_iter().collect();
-        (0..=MAX_DEV_ID as DevId)
-            .find(|i| !used.contains(i))
-            .ok_or_else(|| PoolDirError::Invalid("every device id (0..=16777215) is in use".into()))
-    }
-
-    /// Check that `name` is valid and free and pick the id of a new device: `id` when
-    /// it is free, else the lowest free id.
-    pub fn new_device_id(&self, pool: &Pool, name: &str, id: Option<DevId>) -> Result<DevId, PoolDirError> {
-        check_name(name)?;
-        if self.config.devices.contains_key(name) {
-            return Err(PoolDirError::NameTaken(name.to_string()));
-        }
-        match id {
-            None => Self::lowest_free_id(pool),
-            Some(id) if u64::from(id) > MAX_DEV_ID => {
-                Err(PoolDirError::Invalid(format!("device id {id} is out of range (0..={MAX_DEV_ID})")))
-            }
-            Some(id) if pool.meta().has_device(id) => Err(PoolDirError::IdTaken {
-                id,
-                name: self.name_of(id).map_or_else(|| format!("thin{id}"), str::to_string),
-            }),
-            Some(id) => Ok(id),
-        }
-    }
-
-    /// Create an empty thin device; returns its id. Committed, then saved.
-    pub fn create_device(
-        &mut self,
-        pool: &mut Pool,
-        name: &str,
-        size_bytes: u64,
-        id: Option<DevId>,
-    ) -> Result<DevId, PoolDirError> {
-        self.writable()?;
-        check_size(size_bytes)?;
-        let id = self.new_device_id(pool, name, id)?;
-        pool.create_thin(id.into())?;
-        pool.commit()?;
-        self.config
-            .devices
-            .insert(name.to_string(), DeviceEntry { id, size_bytes, created: Some(now_unix()), snapshot_of: None });
-        self.save()?;
-        Ok(id)
-    }
-
-    /// Name a device that was created in the engine and committed by the caller (for
-    /// work that must be committed together with the creation, like an import into a
-    /// new device), and save.
-    pub fn record_new_device(&mut self, name: &str, id: DevId, size_bytes: u64) -> Result<(), PoolDirError> {
-        self.writable()?;
-        check_size(size_bytes)?;
-        check_name(name)?;
-        if self.config.devices.contains_key(name) {
-            return Err(PoolDirError::NameTaken(name.to_string()));
-        }
-        self.config
-            .devices
-            .insert(name.to_string(), DeviceEntry { id, size_bytes, created: Some(now_unix()), snapshot_of: None });
-        self.save()
-    }
-
-    /// Snapshot `origin` (a thin device or a snapshot) as `name`; returns its id.
-    pub fn snapshot(
-        &mut self,
-        pool: &mut Pool,
-        origin: &str,
-        name: &str,
-        id: Option<DevId>,
-    ) -> Result<DevId, PoolDirError> {
-        self.writable()?;
-        let o = self.device(origin)?.clone();
-        let id = self.new_device_id(pool, name, id)?;
-        pool.create_snap(id.into(), o.id.into())?;
-        pool.commit()?;
-        self.config.devices.insert(
-            name.to_string(),
-            DeviceEntry {
-                id,
-                size_bytes: o.size_bytes,
-                created: Some(now_unix()),
-                snapshot_of: Some(origin.to_string()),
-            },
-        );
-        self.save()?;
-        Ok(id)
-    }
-
-    /// Delete a device; returns its id. Snapshots of it keep their data and lose
-    /// their `snapshot_of`.
-    pub fn delete(&mut self, pool: &mut Pool, name: &str) -> Result<DevId, PoolDirError> {
-        self.writable()?;
-        let id = self.device(name)?.id;
-        pool.delete(id.into())?;
-        pool.commit()?;
-        self.forget(name);
-        self.save()?;
-        Ok(id)
-    }
-
-    /// Unmap the whole blocks inside `[offset, offset + length)` of `name` (see
-    /// [`PoolChange::Discard`] for the defaults); `progress(done, total)` is called
-    /// with virtual blocks as the walk goes. Returns the number of blocks unmapped.
-    pub fn discard(
-        &mut self,
-        pool: &mut Pool,
-        name: &str,
-        offset: Option<u64>,
-        length: Option<u64>,
-        progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<u64, PoolDirError> {
-        self.writable()?;
-        let e = self.device(name)?.clone();
-        let (start, len) = match (offset, length) {
-            (None, None) => (0, u64::MAX),
-            (off, len) => {
-                let off = off.unwrap_or(0);
-                if off > e.size_bytes {
-                    return Err(PoolDirError::Invalid(format!(
-                        "offset {off} is past the end of device \"{name}\" ({} bytes)",
-                        e.size_bytes
-                    )));
-                }
-                let len = len.unwrap_or(e.size_bytes - off);
-                if off.checked_add(len).is_none_or(|end| end > e.size_bytes) {
-                    return Err(PoolDirError::Invalid(format!(
-                        "the range {off}+{len} goes past the end of device \"{name}\" ({} bytes)",
-                        e.size_bytes
-                    )));
-                }
-                (off, len)
-            }
-        };
-        let n = discard_blocks(pool, e.id, start, len, progress)?;
-        pool.commit()?;
-        Ok(n)
-    }
-
-    /// Set the virtual size of `name`; shrinking unmaps the whole blocks past the new
-    /// end and zeroes the rest of a partly cut block. Returns (old size, blocks unmapped).
-    pub fn resize(&mut self, pool: &mut Pool, name: &str, size_bytes: u64) -> Result<(u64, u64), PoolDirError> {
-        self.writable()?;
-        check_size(size_bytes)?;
-        let e = self.device(name)?.clone();
-        let mut n = 0;
-        if size_bytes < e.size_bytes {
-            n = cut_after(pool, e.id, size_bytes)?;
-        }
-        pool.commit()?;
-        self.set_size(name, size_bytes)?;
-        Ok((e.size_bytes, n))
-    }
-
-    /// Record a new virtual size for `name` (no data changes) and save.
-    pub fn set_size(&mut self, name: &str, size_bytes: u64) -> Result<(), PoolDirError> {
-        self.writable()?;
-        check_size(size_bytes)?;
-        let entry = self
-            .config
-            .devices
-            .get_mut(name)
-            .ok_or_else(|| PoolDirError::NoSuchDevice { name: name.to_string(), known: Vec::new() })?;
-        if entry.size_bytes != size_bytes {
-            entry.size_bytes = size_bytes;
-            self.save()?;
-        }
-        Ok(())
-    }
-
-    /// Apply a [`PoolChange`]: committed to the metadata, then saved to `pool.toml`.
-    pub fn apply(&mut self, pool: &mut Pool, change: &PoolChange) -> Result<ChangeOutcome, PoolDirError> {
-        Ok(match change {
-            PoolChange::Create { name, size_bytes, id } => {
-                ChangeOutcome::Created { id: self.create_device(pool, name, *size_bytes, *id)? }
-            }
-            PoolChange::Snapshot { origin, name, id } => {
-                ChangeOutcome::Created { id: self.snapshot(pool, origin, name, *id)? }
-            }
-            PoolChange::Delete { name } => ChangeOutcome::Deleted { id: self.delete(pool, name)? },
-            PoolChange::Discard { name, offset, length } => {
-                ChangeOutcome::Discarded { blocks: self.discard(pool, name, *offset, *length, &mut |_, _| {})? }
-            }
-            PoolChange::Resize { name, size_bytes } => {
-                let (old, n) = self.resize(pool, name, *size_bytes)?;
-                ChangeOutcome::Resized { old_bytes: old, new_bytes: *size_bytes, blocks_discarded: n }
-            }
-        })
-    }
-}
-
-/// Unmap every whole block of `dev` inside `[offset, offset + len)`, in windows so
-/// that `progress(done, total)` (virtual blocks) can follow. Not committed.
-pub fn discard_blocks(
-    pool: &mut Pool,
-    dev: DevId,
-    offset: u64,
-    len: u64,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<u64, PoolError> {
-    let bs = pool.block_bytes();
-    let first = offset.div_ceil(bs);
-    let mut end = offset.saturating_add(len) / bs;
-    if let Some(h) = pool.metadata().highest_mapped(dev)? {
-        end = end.min(h.saturating_add(1));
-    } else {
-        return Ok(0);
-    }
-    let total = end.saturating_sub(first);
-    let mut vb = first;
-    let mut n = 0;
-    while vb < end {
-        let Some((k, _)) = pool.metadata().next_mapped(dev, vb)? else { break };
-        if k >= end {
-            break;
-        }
-        let stop = k.saturating_add(DISCARD_WINDOW).min(end);
-        n += pool.discard(dev, k * bs, (stop - k) * bs)?;
-        progress(stop - first, total);
-        vb = stop;
-    }
-    progress(total, total);
-    Ok(n)
-}
-
-/// Make everything of `dev` from byte `size` on read as zeros: zero the tail of a
-/// partly cut block (only when it is mapped) and unmap every block after it. Returns
-/// the number of blocks unmapped. Not committed.
-pub fn cut_after(pool: &mut Pool, dev: DevId, size: u64) -> Result<u64, PoolError> {
-    let bs = pool.block_bytes();
-    let aligned = size.div_ceil(bs).saturating_mul(bs);
-    if aligned > size {
-        pool.write_zeroes(dev, size, aligned - size, true)?;
-    }
-    discard_blocks(pool, dev, aligned, u64::MAX - aligned, &mut |_, _| {})
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_default_metadata_size_follows_the_48_bytes_per_block_rule_within_bounds() {
-        assert_eq!(default_metadata_bytes(1 << 30, 64 << 10), 2 << 20, "16384 blocks need 768 KiB: the floor wins");
-        assert_eq!(default_metadata_bytes(100 << 30, 64 << 10), 75 << 20);
-        assert_eq!(default_metadata_bytes(1 << 50, 64 << 10), 16 << 30, "the ceiling wins");
-        assert_eq!(default_metadata_bytes(10_000 * 4096 * 16, 64 << 10) % 4096, 0);
-    }
-
-    #[test]
-    fn device_names_are_checked() {
-        for good in ["web", "a.b", "x_1", "v+2", "A-b"] {
-            assert!(check_name(good).is_ok(), "{good}");
-        }
-        for bad in ["", "-x", ".x", "a b", "a/b", "é", &"a".repeat(129)] {
-            assert!(check_name(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn pool_toml_round_trips_and_rejects_inconsistent_files() {
-        let mut cfg = PoolConfig::default();
-        cfg.devices
-            .insert("web".into(), DeviceEntry { id: 0, size_bytes: 1 << 30, created: Some(5), snapshot_of: None });
-        cfg.devices.insert(
-            "web.snap".into(),
-            DeviceEntry { id: 1, size_bytes: 1 << 30, created: None, snapshot_of: Some("web".into()) },
-        );
-        let text = cfg.to_text().expect("text");
-        let p = Path::new("pool.toml");
-        assert_eq!(PoolConfig::parse(&text, p).expect("parse"), cfg);
-
-        let dup = "format = 1\n[devices.a]\nid = 1\nsize_bytes = 1\n[devices.b]\nid = 1\nsize_bytes = 1\n";
-        assert!(PoolConfig::parse(dup, p).unwrap_err().to_string().contains("both have id 1"));
-        let typo = "format = 1\n[devices.a]\nid = 1\nsize = 1\n";
-        assert!(PoolConfig::parse(typo, p).is_err());
-        let big = "format = 1\n[devices.a]\nid = 16777216\nsize_bytes = 1\n";
-        assert!(PoolConfig::parse(big, p).unwrap_err().to_string().contains("out of range"));
-        assert!(PoolConfig::parse("format = 2\n", p).unwrap_err().to_string().contains("format 2"));
-        assert!(PoolConfig::parse("[[[", p).is_err());
-    }
-
-    #[test]
-    fn unknown_options_are_kept() {
-        let text = "format = 1\n[options]\nread_only = true\ncommit_interval_ms = 500\n";
-        let cfg = PoolConfig::parse(text, Path::new("pool.toml")).expect("parse");
-        assert!(cfg.options.read_only);
-        let again = PoolConfig::parse(&cfg.to_text().expect("text"), Path::new("pool.toml")).expect("parse");
-        assert_eq!(again.options.other.get("commit_interval_ms").and_then(|v| v.as_integer()), Some(500));
-    }
-
-    #[test]
-    fn pool_changes_have_a_stable_json_form() {
-        let c = PoolChange::Create { name: "web".into(), size_bytes: 4096, id: None };
-        let j = serde_json::to_string(&c).expect("json");
-        assert_eq!(j, r#"{"op":"create","name":"web","size_bytes":4096,"id":null}"#);
-        assert_eq!(serde_json::from_str::<PoolChange>(&j).expect("back"), c);
     }
 }

@@ -70,12 +70,7 @@ fn changes_to_a_served_pool_go_through_its_control_socket() {
     let st = status_json(&sc, "p");
     assert_eq!(st["served"], true);
     assert_eq!(st["mode"], "rw");
-    let names: Vec<String> = ls_json(&sc, "p")["devices"]
-        .as_array()
-        .expect("devices")
-        .iter()
-        .map(|d| d["name"].as_str().expect("name").to_string())
-        .collect();
+    let names = device_names(&sc, "p");
     assert_eq!(names, ["web", "db"]);
     // Commands that need the files find the pool busy.
     for args in [vec!["export", "p", "web", "out"], vec!["dump", "p"], vec!["check", "p"]] {

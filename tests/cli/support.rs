@@ -154,6 +154,16 @@ pub fn device_json(s: &Scratch, pool: &str, name: &str) -> serde_json::Value {
         .clone()
 }
 
+/// The device names `ls --json` lists, in its order.
+pub fn device_names(s: &Scratch, pool: &str) -> Vec<String> {
+    ls_json(s, pool)["devices"]
+        .as_array()
+        .expect("devices")
+        .iter()
+        .map(|d| d["name"].as_str().expect("name").to_string())
+        .collect()
+}
+
 /// `status --json` parsed.
 pub fn status_json(s: &Scratch, pool: &str) -> serde_json::Value {
     serde_json::from_str(&s.ok(&["status", pool, "--json"])).expect("status --json is JSON")

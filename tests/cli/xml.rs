@@ -117,12 +117,7 @@ fn restore_into_an_existing_pool_needs_force_and_keeps_names() {
     sc.run(&["ls", "p"]).fails(1);
     sc.run_with_input(&["restore", "p", "--force"], Some(xml.as_bytes())).ok();
     assert_eq!(sc.ok(&["dump", "p"]), xml);
-    let names: Vec<String> = ls_json(&sc, "p")["devices"]
-        .as_array()
-        .expect("devices")
-        .iter()
-        .map(|d| d["name"].as_str().expect("name").to_string())
-        .collect();
+    let names = device_names(&sc, "p");
     assert_eq!(names, ["a", "b", "c", "empty"], "names survive a restore");
     assert_thin_check(&p, "restore --force");
 }

@@ -7,6 +7,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use thinpool::volume::PoolChange;
+
+use crate::error::{msg, CliResult};
 use crate::units::{parse_id_size, parse_size};
 
 /// Manage thinpool pools: thin provisioning in userspace with Linux dm-thin metadata.
@@ -211,6 +214,38 @@ pub fn split_dir(mut args: Vec<OsString>, rest: usize) -> (PathBuf, Vec<OsString
     } else {
         (default_dir(), args)
     }
+}
+
+/// The pool directory and [`PoolChange`] of the commands a server also accepts
+/// (create, snapshot, delete, discard, resize); any other command is handed back.
+pub fn as_change(cmd: Cmd) -> Result<CliResult<(PathBuf, PoolChange)>, Cmd> {
+    let one = |args: Vec<OsString>, n: usize| -> CliResult<(PathBuf, Vec<String>)> {
+        let (dir, rest) = split_dir(args, n);
+        let names = rest.iter().map(|a| utf8(a, "NAME")).collect::<CliResult<Vec<_>>>()?;
+        Ok((dir, names))
+    };
+    Ok(match cmd {
+        Cmd::Create { args, size, id } => {
+            one(args, 1).map(|(dir, mut n)| (dir, PoolChange::Create { name: n.remove(0), size_bytes: size, id }))
+        }
+        Cmd::Snapshot { args, id } => one(args, 2).map(|(dir, mut n)| {
+            let origin = n.remove(0);
+            (dir, PoolChange::Snapshot { origin, name: n.remove(0), id })
+        }),
+        Cmd::Delete { args } => one(args, 1).map(|(dir, mut n)| (dir, PoolChange::Delete { name: n.remove(0) })),
+        Cmd::Discard { args, offset, length } => {
+            one(args, 1).map(|(dir, mut n)| (dir, PoolChange::Discard { name: n.remove(0), offset, length }))
+        }
+        Cmd::Resize { args, size } => {
+            one(args, 1).map(|(dir, mut n)| (dir, PoolChange::Resize { name: n.remove(0), size_bytes: size }))
+        }
+        other => return Err(other),
+    })
+}
+
+/// `s` as UTF-8, or an error naming it as `what`.
+pub fn utf8(s: &OsString, what: &str) -> CliResult<String> {
+    s.to_str().map(str::to_string).ok_or_else(|| msg(format!("{what} {s:?} is not valid UTF-8")))
 }
 
 #[cfg(test)]

@@ -20,10 +20,10 @@ use thinpool::pool::Pool;
 use thinpool::thin::DevId;
 use thinpool::volume::{discard_blocks, Access, PoolDir};
 
-use crate::commands::open_pool;
+use crate::error::{msg, CliResult};
+use crate::open::open_pool;
 use crate::progress::{Progress, Unit};
 use crate::units::format_size;
-use crate::{msg, CliResult};
 
 /// Bytes handled per step (rounded to whole blocks).
 const WINDOW_BYTES: u64 = 8 << 20;

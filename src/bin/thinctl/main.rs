@@ -1,7 +1,7 @@
 //! `thinctl`: the command line of thinpool.
 //!
 //! A pool is a directory (default `./thinpool`) holding the dm-thin `metadata`, the
-//! `data` file and `pool.toml` (device names and sizes; see `thinpool::pooldir`).
+//! `data` file and `pool.toml` (device names and sizes; see `thinpool::volume`).
 //! Every command that changes the pool commits it before it exits successfully; a
 //! failed command changes nothing it had not already committed. Exit status: 0 done,
 //! 1 failed, 2 usage error.
@@ -19,54 +19,98 @@
 //!   "data_used_blocks", "data_total_blocks", "data_block_size_bytes", "mode", "held_root",
 //!   ...}`; `mode` is `rw`, `ro`, `out-of-data-space` or `fail`, `held_root` the block of
 //!   the held metadata snapshot or null.
+//!
+//! Layout: this file parses the arguments (`cli`) and dispatches; `commands` (pool
+//! and device commands), `image` (import, export), `xml` (dump, restore) and `serve`
+//! (`thinctl serve` and the server side of the control socket) do the work through
+//! the library; `remote` (the client side of the control socket), `open` (opening a
+//! pool), `views` (what ls, status and changes print) and `error` are shared by them.
+//! Nothing imports this dispatcher: the server re-parses a control-socket command
+//! line with `cli` and runs it with `serve::handle`.
 
 mod cli;
 mod commands;
+mod error;
 mod image;
+mod open;
 mod progress;
 mod remote;
+mod serve;
 mod units;
+mod views;
 mod xml;
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
+use thinpool::volume::{CreateOptions, DEFAULT_BLOCK_BYTES, DEFAULT_DATA_BYTES};
 
-/// Errors of the command line: the library's, plus messages made here.
-#[derive(Debug, thiserror::Error)]
-pub enum CliError {
-    /// The pool directory layer.
-    #[error(transparent)]
-    Dir(#[from] thinpool::volume::PoolDirError),
-    /// The engine.
-    #[error(transparent)]
-    Pool(#[from] thinpool::error::PoolError),
-    /// Anything else, already worded for the user.
-    #[error("{0}")]
-    Msg(String),
-    /// The command ran and its answer is "no" (check found problems); already reported.
-    #[error("{0}")]
-    Failed(String),
-    /// A server ran the command and reported its outcome already: exit with this code.
-    #[error("exit status {0}")]
-    Exit(i32),
-}
+use crate::cli::{as_change, default_dir, split_dir, utf8, Cli, Cmd, PoolCmd};
+use crate::error::{msg, CliError, CliResult};
 
-/// Result of a command.
-pub type CliResult<T = ()> = Result<T, CliError>;
-
-/// Shorthand for a worded error.
-pub fn msg(s: impl Into<String>) -> CliError {
-    CliError::Msg(s.into())
+/// Run a parsed command line.
+fn run(cli: Cli) -> CliResult {
+    let cmd = match as_change(cli.cmd) {
+        Ok(parsed) => {
+            let (dir, c) = parsed?;
+            return commands::change(&dir, c);
+        }
+        Err(cmd) => cmd,
+    };
+    match cmd {
+        Cmd::Pool(PoolCmd::Create { dir, data_size, block_size, metadata_size }) => commands::pool_create(
+            &dir.unwrap_or_else(default_dir),
+            CreateOptions {
+                data_bytes: data_size.unwrap_or(DEFAULT_DATA_BYTES),
+                block_bytes: block_size.unwrap_or(DEFAULT_BLOCK_BYTES),
+                metadata_bytes: metadata_size,
+            },
+        ),
+        Cmd::Pool(PoolCmd::Adopt { dir, metadata, data, sizes }) => {
+            commands::pool_adopt(&dir.unwrap_or_else(default_dir), &metadata, &data, &sizes)
+        }
+        Cmd::Import { args, create } => {
+            let (dir, rest) = split_dir(args, 2);
+            image::import(&dir, &utf8(&rest[0], "NAME")?, Path::new(&rest[1]), create)
+        }
+        Cmd::Export { args } => {
+            let (dir, rest) = split_dir(args, 2);
+            image::export(&dir, &utf8(&rest[0], "NAME")?, &rest[1])
+        }
+        Cmd::Ls { dir, json } => commands::ls(&dir.unwrap_or_else(default_dir), json),
+        Cmd::Status { dir, json } => commands::status(&dir.unwrap_or_else(default_dir), json),
+        Cmd::Check { dir } => commands::check(&dir.unwrap_or_else(default_dir)),
+        Cmd::Dump { dir } => xml::dump(&dir.unwrap_or_else(default_dir)),
+        Cmd::Restore(args) => xml::restore(&args),
+        Cmd::Serve { dir, exports, listen, read_only, commit_interval_ms, workers } => {
+            let default_pool = dir.is_none();
+            let dir = dir.unwrap_or_else(default_dir);
+            serve::serve(
+                &dir,
+                serve::ServeArgs {
+                    exports,
+                    listen,
+                    read_only,
+                    commit_interval_ms,
+                    workers,
+                    create_default: default_pool,
+                },
+            )
+        }
+        Cmd::Create { .. } | Cmd::Snapshot { .. } | Cmd::Delete { .. } | Cmd::Discard { .. } | Cmd::Resize { .. } => {
+            Err(msg("internal error: a change was not dispatched"))
+        }
+    }
 }
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
-    match commands::run(cli) {
+    let cli = Cli::parse();
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(CliError::Exit(code)) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
-            eprintln!("error: {}", commands::describe(&e));
+            eprintln!("error: {}", error::describe(&e));
             ExitCode::from(1)
         }
     }
