@@ -453,3 +453,55 @@ mod epoch_tests {
         assert!(reused > 5, "the scenario must actually reuse blocks ({reused} times)");
     }
 }
+
+#[cfg(test)]
+mod commit_tests {
+    use super::*;
+    use crate::io::{CrashStorage, MemStorage};
+
+    #[test]
+    fn concurrent_flushes_share_commits() {
+        let meta = CrashStorage::new(256);
+        let mut p = Pool::create_with(meta.clone(), MemStorage::new(64 * 65536), 128).expect("pool");
+        p.create_thin(0).expect("thin");
+        p.commit().expect("commit");
+        let svc = Service::new(p);
+        let before = meta.lock().faults.syncs;
+        let threads: Vec<_> = (0..8u64)
+            .map(|t| {
+                let svc = Arc::clone(&svc);
+                std::thread::spawn(move || {
+                    for i in 0..20u64 {
+                        svc.write(0, (t * 20 + i) % 64 * 65536, &[t as u8 + 1; 4096]).expect("write");
+                        svc.flush().expect("flush");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        // Each metadata commit syncs twice (blocks, then superblock).
+        let commits = (meta.lock().faults.syncs - before) / 2;
+        assert!(commits > 0, "flushes commit");
+        assert!(commits < 160, "160 flushes from 8 threads took {commits} commits: none was shared");
+    }
+
+    #[test]
+    fn a_flush_after_a_write_makes_that_write_durable() {
+        let meta = CrashStorage::new(256);
+        let data = CrashStorage::with_len(8 * 65536);
+        let mut p = Pool::create_with(meta.clone(), data.clone(), 128).expect("pool");
+        p.create_thin(0).expect("thin");
+        let svc = Service::new(p);
+        svc.write(0, 65536, &[7u8; 65536]).expect("write");
+        svc.flush().expect("flush");
+        drop(svc);
+        meta.lock().crash();
+        data.lock().crash();
+        let mut p = Pool::open_with(meta, data, crate::pool::OpenOptions { read_only: true }).expect("open");
+        let mut buf = vec![0u8; 65536];
+        p.read(0, 65536, &mut buf).expect("read");
+        assert!(buf.iter().all(|&b| b == 7), "the flushed write survived the crash");
+    }
+}
