@@ -188,6 +188,19 @@ pub enum PoolError {
 }
 
 impl PoolError {
+    /// Is this "no space left" of any kind: data blocks, metadata blocks, or the
+    /// host file system under the data file (ENOSPC, EDQUOT)? Clients see ENOSPC.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            PoolError::NoSpace { .. } | PoolError::Meta(MetaError::NoMetadataSpace { .. }) => true,
+            PoolError::DataIo(e) => matches!(
+                e.raw_os_error().map(nix::errno::Errno::from_raw),
+                Some(nix::errno::Errno::ENOSPC | nix::errno::Errno::EDQUOT)
+            ),
+            _ => false,
+        }
+    }
+
     /// Shorthand for [`PoolError::Invalid`].
     pub fn invalid(s: impl Into<String>) -> PoolError {
         PoolError::Invalid(s.into())

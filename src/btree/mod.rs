@@ -148,6 +148,22 @@ pub fn lookup(t: &mut Txn, root: u64, key: u64, vk: Values) -> Result<Option<Val
     Err(too_deep(b).under(&path))
 }
 
+/// Number of levels of the tree (1 for a lone leaf), down the leftmost spine.
+pub fn depth(t: &mut Txn, root: u64, vk: Values) -> Result<u64, MetaError> {
+    let mut b = root;
+    let mut path = Vec::new();
+    for level in 1..=MAX_DEPTH as u64 {
+        let blk = t.node(b, vk.size()).map_err(|e| e.under(&path))?;
+        let h = node::header(blk);
+        if h.is_leaf() || h.nr_entries == 0 {
+            return Ok(level);
+        }
+        path.push(b);
+        b = node::value_u64(blk, &h, 0);
+    }
+    Err(too_deep(b).under(&path))
+}
+
 /// The largest key of the tree, found down the rightmost spine.
 pub fn last_key(t: &mut Txn, root: u64, vk: Values) -> Result<Option<u64>, MetaError> {
     let mut b = root;

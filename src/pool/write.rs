@@ -5,7 +5,7 @@
 use super::data::DataFile;
 use super::{Pool, CHUNK};
 use crate::error::PoolError;
-use crate::thin::DevId;
+use crate::thin::{DevId, MetaNeed};
 
 /// Where one piece of a write goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +111,11 @@ impl Pool {
     pub fn plan_write(&mut self, dev: DevId, offset: u64, len: u64) -> Result<WritePlan, PoolError> {
         let mut pieces = self.look_up_pieces(dev, offset, len)?;
         let need = pieces.iter().filter(|p| matches!(p.target, Target::New { .. })).count();
+        if need > 0 {
+            // Refuse before allocating when the mappings could not be inserted.
+            let cost = self.md.mapping_change_cost(dev)?;
+            self.md.ensure_metadata(MetaNeed::Grow(cost))?;
+        }
         let mut fresh = self.alloc_n(need)?.into_iter();
         for p in &mut pieces {
             if let Target::New { block, .. } = &mut p.target {

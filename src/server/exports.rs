@@ -21,7 +21,7 @@ pub struct ExportedDevice {
 /// Map pool errors to NBD export errors.
 fn export_err(e: PoolError) -> ExportError {
     match e {
-        PoolError::NoSpace { .. } => ExportError::NoSpace,
+        e if e.is_no_space() => ExportError::NoSpace,
         PoolError::ReadOnly => ExportError::ReadOnly,
         PoolError::DataIo(io) => ExportError::Io(io),
         PoolError::Invalid(s) => ExportError::Invalid(s),

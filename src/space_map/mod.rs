@@ -33,6 +33,9 @@ pub struct RefCounts {
     dirty_overflow: BTreeSet<u64>,
     /// Count was non-zero at the last commit.
     committed_used: BitVec,
+    /// Free blocks that were in use at the last commit (not allocatable before the
+    /// next one).
+    freed_uncommitted: u64,
     /// Blocks whose count changed since the last commit (deduplicated by `touched_flag`).
     touched: Vec<u64>,
     touched_flag: BitVec,
@@ -66,6 +69,7 @@ impl RefCounts {
             dirty_bitmaps: BTreeSet::new(),
             dirty_overflow: BTreeSet::new(),
             committed_used: BitVec::repeat(false, nr_blocks as usize),
+            freed_uncommitted: 0,
             touched: Vec::new(),
             touched_flag: BitVec::repeat(false, nr_blocks as usize),
             cursor: 0,
@@ -123,6 +127,12 @@ impl RefCounts {
         self.nr_blocks - self.nr_allocated
     }
 
+    /// Free blocks that can be allocated now (free and not in use at the last
+    /// commit).
+    pub fn nr_allocatable(&self) -> u64 {
+        self.nr_free() - self.freed_uncommitted
+    }
+
     /// Number of bitmaps.
     pub fn nr_bitmaps(&self) -> u64 {
         self.used_per_bitmap.len() as u64
@@ -166,6 +176,13 @@ impl RefCounts {
             self.nr_allocated -= 1;
             self.used_per_bitmap[bm as usize] -= 1;
             self.reuses += 1;
+        }
+        if self.committed_used[b as usize] {
+            if old != 0 && new == 0 {
+                self.freed_uncommitted += 1;
+            } else if old == 0 && new != 0 {
+                self.freed_uncommitted -= 1;
+            }
         }
         if old.min(3) != new.min(3) {
             self.dirty_bitmaps.insert(bm);
@@ -311,6 +328,7 @@ impl RefCounts {
     /// Returns the blocks released by the transaction.
     pub fn commit(&mut self) -> CommitOutcome {
         self.reuses += 1;
+        self.freed_uncommitted = 0;
         let mut released = Vec::new();
         for b in std::mem::take(&mut self.touched) {
             let i = b as usize;
@@ -334,6 +352,21 @@ impl RefCounts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blocks_freed_in_a_transaction_are_not_allocatable_before_it_commits() {
+        let mut rc = RefCounts::new("t", 4);
+        let a = rc.alloc().expect("a");
+        rc.commit();
+        assert_eq!(rc.nr_allocatable(), 3);
+        rc.dec(a).expect("dec");
+        assert_eq!((rc.nr_free(), rc.nr_allocatable()), (4, 3));
+        rc.inc(a).expect("inc again");
+        assert_eq!((rc.nr_free(), rc.nr_allocatable()), (3, 3));
+        rc.dec(a).expect("dec");
+        rc.commit();
+        assert_eq!(rc.nr_allocatable(), 4);
+    }
 
     #[test]
     fn a_block_freed_in_a_transaction_is_not_reused_before_commit() {

@@ -18,6 +18,8 @@ impl Metadata {
         if self.devices.contains_key(&id) {
             return Err(PoolError::DeviceExists(id));
         }
+        let cost = self.device_change_cost()?;
+        self.ensure_metadata(MetaNeed::Grow(cost + 1))?;
         let root = btree::empty(&mut self.t, MAPPING)?;
         self.set_top_level(id, root)?;
         let details = DeviceDetails {
@@ -40,6 +42,8 @@ impl Metadata {
             return Err(PoolError::DeviceExists(id));
         }
         let o = self.dev(origin)?.clone();
+        let cost = self.device_change_cost()?;
+        self.ensure_metadata(MetaNeed::Grow(cost))?;
         if self.time >= MAX_TIME {
             return Err(PoolError::TimeExhausted);
         }
@@ -67,6 +71,8 @@ impl Metadata {
         self.writable()?;
         let id = Self::check_id(id)?;
         let d = self.dev(id)?.clone();
+        let cost = self.device_change_cost()?;
+        self.ensure_metadata(MetaNeed::Shrink(2 * cost))?;
         if d.root != d.root_in_tree {
             self.set_top_level(id, d.root)?;
         }
@@ -75,6 +81,14 @@ impl Metadata {
         self.devices.remove(&id);
         self.changed = true;
         Ok(())
+    }
+
+    /// Metadata blocks one change of the top-level and details trees may take at
+    /// worst (a shadowed path, every node on it split once).
+    fn device_change_cost(&mut self) -> Result<u64, PoolError> {
+        let levels = btree::depth(&mut self.t, self.mapping_root, TOP_LEVEL)?
+            + btree::depth(&mut self.t, self.details_root, DETAILS)?;
+        Ok(2 * (levels + 2))
     }
 
     /// `set_transaction_id old new`.

@@ -105,6 +105,8 @@ impl Metadata {
     /// over), at the current pool time. The old mapping's block loses a reference.
     pub fn insert_mapping(&mut self, id: DevId, vblock: u64, data_block: u64) -> Result<(), PoolError> {
         self.writable()?;
+        let cost = self.mapping_change_cost(id)?;
+        self.ensure_metadata(MetaNeed::Grow(cost))?;
         self.map(id, vblock, data_block, self.time)
     }
 
@@ -131,6 +133,8 @@ impl Metadata {
         if btree::lookup(&mut self.t, root, vblock, MAPPING)?.is_none() {
             return Ok(false);
         }
+        let cost = self.mapping_change_cost(id)?;
+        self.ensure_metadata(MetaNeed::Shrink(cost))?;
         let root = self.touch(id)?;
         let (r, old) = btree::remove(&mut self.t, root, vblock, MAPPING)?;
         let d = self.devices.get_mut(&id).ok_or(PoolError::NoSuchDevice(id))?;

@@ -94,6 +94,48 @@ pub struct Status {
     pub held_root: u64,
     /// The needs_check flag.
     pub needs_check: bool,
+    /// What the pool can do now (dm-thin's vocabulary).
+    pub mode: PoolMode,
+}
+
+/// A pool's mode, in dm-thin's words (`dmsetup status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolMode {
+    /// Reads and writes work.
+    ReadWrite,
+    /// Every data block is in use: writes that need a new block fail (or wait).
+    OutOfDataSpace,
+    /// Free metadata is down to the reserve: changes that need new metadata fail;
+    /// reads, writes to mapped unshared blocks, discards, deletes and commits work.
+    OutOfMetadataSpace,
+    /// Open read-only.
+    ReadOnly,
+    /// A metadata write failed: nothing more is accepted until the pool is reopened.
+    Fail,
+}
+
+impl PoolMode {
+    /// The word `dmsetup status` and `thinctl status` print.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolMode::ReadWrite => "rw",
+            PoolMode::OutOfDataSpace => "out-of-data-space",
+            PoolMode::OutOfMetadataSpace => "out-of-metadata-space",
+            PoolMode::ReadOnly => "ro",
+            PoolMode::Fail => "fail",
+        }
+    }
+}
+
+/// How much metadata an operation may need, and whether it may use the reserve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetaNeed {
+    /// An operation that adds metadata (a new mapping, device or snapshot): it must
+    /// leave the whole reserve free.
+    Grow(u64),
+    /// An operation that frees space (discard, delete): it may use the reserve but
+    /// the commit's share of it.
+    Shrink(u64),
 }
 
 /// Per-device details (public view).
@@ -131,6 +173,8 @@ pub struct Metadata {
     sms: SpaceMaps,
     devices: BTreeMap<DevId, Device>,
     changed: bool,
+    /// The last metadata need refused (what `mode` tests again), if any.
+    last_refused: std::cell::Cell<Option<u64>>,
 }
 
 impl std::fmt::Debug for Metadata {
@@ -200,6 +244,7 @@ impl Metadata {
             sms,
             devices: BTreeMap::new(),
             changed: true,
+            last_refused: Default::default(),
         };
         md.commit(&mut || Ok(()))?;
         Ok(md)
@@ -292,6 +337,7 @@ impl Metadata {
             sms,
             devices,
             changed: false,
+            last_refused: Default::default(),
             sb,
         })
     }
@@ -347,7 +393,56 @@ impl Metadata {
             metadata_used_blocks: self.t.meta_counts().nr_allocated(),
             held_root: self.held_root,
             needs_check: self.sb.flags & superblock::FLAG_NEEDS_CHECK != 0,
+            mode: self.mode(),
         }
+    }
+
+    /// The pool's mode now.
+    pub fn mode(&self) -> PoolMode {
+        if self.t.is_poisoned() {
+            PoolMode::Fail
+        } else if self.read_only || self.sb.flags & superblock::FLAG_NEEDS_CHECK != 0 {
+            PoolMode::ReadOnly
+        } else if self.room_for(MetaNeed::Grow(self.last_refused.get().unwrap_or(1))).is_err() {
+            PoolMode::OutOfMetadataSpace
+        } else if self.t.data_counts().nr_allocated() >= self.t.data_counts().nr_blocks() {
+            PoolMode::OutOfDataSpace
+        } else {
+            PoolMode::ReadWrite
+        }
+    }
+
+    /// Is there room for an operation needing `need` metadata blocks? Refusing
+    /// before anything changes is what keeps a full metadata area from poisoning
+    /// the pool: an operation that passed never runs out half way.
+    pub fn ensure_metadata(&self, need: MetaNeed) -> Result<(), PoolError> {
+        let r = self.room_for(need);
+        if let MetaNeed::Grow(n) = need {
+            self.last_refused.set(r.is_err().then_some(n));
+        }
+        r
+    }
+
+    fn room_for(&self, need: MetaNeed) -> Result<(), PoolError> {
+        let have = self.t.meta_counts().nr_allocatable();
+        let (keep, n) = match need {
+            MetaNeed::Grow(n) => (self.t.meta_reserve(), n),
+            MetaNeed::Shrink(n) => (self.t.commit_share(), n),
+        };
+        if have < keep.saturating_add(n) {
+            return Err(MetaError::NoMetadataSpace { nr_blocks: self.t.meta_counts().nr_blocks() }.into());
+        }
+        Ok(())
+    }
+
+    /// Metadata blocks one change to a device's mappings may take at worst: a path
+    /// through the top-level tree and through the device's tree shadowed, and every
+    /// node on both split once.
+    pub fn mapping_change_cost(&mut self, id: DevId) -> Result<u64, PoolError> {
+        let root = self.dev(id)?.root;
+        let levels =
+            btree::depth(&mut self.t, root, MAPPING)? + btree::depth(&mut self.t, self.mapping_root, TOP_LEVEL)?;
+        Ok(2 * (levels + 2))
     }
 
     /// Reference count of a data block (tests and tools).

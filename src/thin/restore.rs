@@ -34,7 +34,8 @@ impl Metadata {
         if time > MAX_TIME {
             return Err(PoolError::invalid(format!("mapping time {time} exceeds 24 bits")));
         }
-        self.dev(id)?;
+        let cost = self.mapping_change_cost(id)?;
+        self.ensure_metadata(MetaNeed::Grow(cost))?;
         self.t.data_counts_mut().inc(data_block)?;
         self.map(id, vblock, data_block, time)
     }

@@ -40,8 +40,6 @@ pub struct Txn {
     meta: RefCounts,
     /// Counts of data blocks.
     data: RefCounts,
-    /// Free metadata blocks kept back for commits.
-    meta_reserve: u64,
     /// When set, allocations may dig into the reserve (during commit).
     committing: bool,
 }
@@ -59,7 +57,6 @@ impl std::fmt::Debug for Txn {
 impl Txn {
     /// A transaction manager over `storage` with the given counts.
     pub fn new(storage: Box<dyn MetaStorage>, meta: RefCounts, data: RefCounts) -> Txn {
-        let meta_reserve = (meta.nr_blocks() / 50).clamp(8, 1024);
         Txn {
             storage,
             cache: HashMap::new(),
@@ -69,7 +66,6 @@ impl Txn {
             poisoned: false,
             meta,
             data,
-            meta_reserve,
             committing: false,
         }
     }
@@ -118,6 +114,18 @@ impl Txn {
     /// Drop a reference on data block `b`; returns the new count.
     pub fn dec_data(&mut self, b: u64) -> Result<u32, MetaError> {
         self.data.dec(b)
+    }
+
+    /// Metadata blocks kept back: operations that add metadata must leave this many
+    /// allocatable; deletes and discards may use half of it; the other half is a
+    /// commit's.
+    pub fn meta_reserve(&self) -> u64 {
+        (self.meta.nr_blocks() / 50).clamp(16, 1024)
+    }
+
+    /// The part of the reserve only a commit may use.
+    pub fn commit_share(&self) -> u64 {
+        self.meta_reserve() / 2
     }
 
     /// While set, metadata allocations may use the blocks kept back for commits.
@@ -251,8 +259,9 @@ impl Txn {
     /// Allocate a metadata block (count 1) for this transaction.
     pub fn alloc_meta(&mut self) -> Result<u64, MetaError> {
         self.ensure_ok()?;
-        let usable = self.meta.nr_free();
-        if !self.committing && usable <= self.meta_reserve {
+        // Operations check for room before they start (the thin layer's
+        // `ensure_metadata`); this is the backstop that keeps a commit's share.
+        if !self.committing && self.meta.nr_allocatable() <= self.commit_share() {
             return Err(MetaError::NoMetadataSpace { nr_blocks: self.meta.nr_blocks() });
         }
         let b = self.meta.alloc().ok_or(MetaError::NoMetadataSpace { nr_blocks: self.meta.nr_blocks() })?;
