@@ -73,3 +73,58 @@ fn metadata_exhaustion_refuses_only_what_needs_new_metadata_and_recovers() {
     drop(svc);
     common::assert_checks_pass(&dir.path().join("metadata"));
 }
+
+fn full_service(blocks: u64) -> (tempfile::TempDir, std::sync::Arc<Service>) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (m, d) = common::pool_files(dir.path(), 1 << 20, blocks * BS);
+    let mut p = Pool::create(m, d, (BS / 512) as u32).expect("pool");
+    p.create_thin(0).expect("thin");
+    for b in 0..blocks {
+        p.write(0, b * BS, &[5u8; 512]).expect("fill");
+    }
+    p.commit().expect("commit");
+    (dir, Service::new(p))
+}
+
+#[test]
+fn a_write_queued_on_a_full_pool_completes_when_a_discard_frees_a_block() {
+    use std::time::{Duration, Instant};
+    use thinpool::server::service::NoSpacePolicy;
+    let (_dir, svc) = full_service(4);
+    svc.set_no_space_policy(NoSpacePolicy::Queue(Duration::from_secs(20)));
+    let writer = {
+        let svc = std::sync::Arc::clone(&svc);
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            svc.write(0, 10 * BS, &[6u8; 512]).map(|()| t.elapsed())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!writer.is_finished(), "the write waits for space");
+    svc.discard(0, 0, BS).expect("discard frees a block");
+    let waited = writer.join().expect("writer").expect("the queued write completes");
+    assert!(waited >= Duration::from_millis(250), "it waited ({waited:?})");
+    let mut buf = vec![0u8; 512];
+    svc.read(0, 10 * BS, &mut buf).expect("read");
+    assert!(buf.iter().all(|&b| b == 6));
+}
+
+#[test]
+fn a_queued_write_times_out_with_no_space_and_error_mode_fails_at_once() {
+    use std::time::{Duration, Instant};
+    use thinpool::server::service::NoSpacePolicy;
+    let (_dir, svc) = full_service(4);
+    svc.set_no_space_policy(NoSpacePolicy::Queue(Duration::from_millis(400)));
+    let t = Instant::now();
+    let e = svc.write(0, 10 * BS, &[6u8; 512]).expect_err("no space");
+    assert!(matches!(e, PoolError::NoSpace { .. }), "{e}");
+    assert!(t.elapsed() >= Duration::from_millis(400), "it waited for the timeout");
+    svc.set_no_space_policy(NoSpacePolicy::Error);
+    let t = Instant::now();
+    let e = svc.write(0, 11 * BS, &[6u8; 512]).expect_err("no space");
+    assert!(matches!(e, PoolError::NoSpace { .. }), "{e}");
+    assert!(t.elapsed() < Duration::from_millis(400), "error mode does not wait");
+    // Everything that needs no new block still works.
+    svc.write(0, 0, &[7u8; 512]).expect("in-place write");
+    svc.flush().expect("flush");
+}

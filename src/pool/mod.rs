@@ -50,6 +50,9 @@ pub struct Pool {
     /// The data reuse epoch shared with readers outside the pool's lock: it moves
     /// before a data block that may have held other data is written again.
     reuse_epoch: Arc<AtomicU64>,
+    /// When out of data blocks but the transaction freed some, commit and retry
+    /// (off when a serving core owns the commits).
+    commit_when_full: bool,
 }
 
 impl std::fmt::Debug for Pool {
@@ -86,7 +89,7 @@ impl Pool {
         let nr = data.len().checked_div(block_bytes).unwrap_or(0);
         let md = Metadata::format(Box::new(metadata), data_block_sectors, nr)?;
         let data = Arc::new(DataFile::new(Arc::new(data), block_bytes));
-        Ok(Pool { md, data, block_bytes, reuse_epoch: Arc::default() })
+        Ok(Pool { md, data, block_bytes, reuse_epoch: Arc::default(), commit_when_full: true })
     }
 
     /// Open an existing pool. A data file longer than the data space map, or a
@@ -114,7 +117,7 @@ impl Pool {
         let nr = data.len() / block_bytes;
         let have = md.status().data_total_blocks;
         let data = Arc::new(DataFile::new(data, block_bytes));
-        let mut pool = Pool { md, data, block_bytes, reuse_epoch: Arc::default() };
+        let mut pool = Pool { md, data, block_bytes, reuse_epoch: Arc::default(), commit_when_full: true };
         if nr < have {
             return Err(PoolError::invalid(format!(
                 "the data file holds {nr} blocks of {block_bytes} bytes but the pool has {have}: it is too short"
@@ -197,6 +200,19 @@ impl Pool {
         self.publish_reuses();
         self.data.punch_released(released_data);
         Ok(())
+    }
+
+    /// Whether a write that finds no free data block commits by itself when the
+    /// transaction freed blocks (the default), or fails with
+    /// [`PoolError::NoSpace`] and leaves the commit to its caller (a serving core
+    /// that must not commit while other writes are half done).
+    pub fn set_commit_when_full(&mut self, on: bool) {
+        self.commit_when_full = on;
+    }
+
+    /// Are there data blocks that only a commit would make allocatable?
+    pub fn commit_would_free_data(&self) -> bool {
+        self.md.commit_would_free_data()
     }
 
     /// The data reuse epoch: reads done outside the pool's lock compare it before and

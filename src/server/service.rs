@@ -127,6 +127,56 @@ impl Drop for ChangeGuard<'_> {
     }
 }
 
+/// What a write that needs a new data block does when the pool has none: dm-thin's
+/// `error_if_no_space` (fail at once) or its default queueing, bounded like its
+/// `no_space_timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoSpacePolicy {
+    /// Fail with ENOSPC at once.
+    Error,
+    /// Wait up to this long for space to appear (a discard, a delete, a grow),
+    /// then fail with ENOSPC.
+    Queue(Duration),
+}
+
+impl Default for NoSpacePolicy {
+    fn default() -> Self {
+        NoSpacePolicy::Queue(Duration::from_secs(60))
+    }
+}
+
+/// Wakes writes waiting for data space whenever some may have appeared.
+#[derive(Default)]
+struct SpaceEvents {
+    generation: Mutex<u64>,
+    cond: Condvar,
+}
+
+impl SpaceEvents {
+    fn generation(&self) -> u64 {
+        *self.generation.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn notify(&self) {
+        *self.generation.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.cond.notify_all();
+    }
+
+    /// Wait until the generation moves past `seen` or `until` passes; true if it
+    /// moved.
+    fn wait(&self, seen: u64, until: std::time::Instant) -> bool {
+        let mut g = self.generation.lock().unwrap_or_else(|e| e.into_inner());
+        while *g == seen {
+            let now = std::time::Instant::now();
+            if now >= until {
+                return false;
+            }
+            g = self.cond.wait_timeout(g, until - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        true
+    }
+}
+
 /// A pool shared between threads.
 pub struct Service {
     inner: Mutex<Inner>,
@@ -137,6 +187,8 @@ pub struct Service {
     cells: Cells,
     gate: RwLock<()>,
     commits: Commits,
+    no_space: Mutex<NoSpacePolicy>,
+    space: SpaceEvents,
 }
 
 impl std::fmt::Debug for Service {
@@ -147,7 +199,8 @@ impl std::fmt::Debug for Service {
 
 impl Service {
     /// Share `pool`.
-    pub fn new(pool: Pool) -> Arc<Service> {
+    pub fn new(mut pool: Pool) -> Arc<Service> {
+        pool.set_commit_when_full(false);
         let data = pool.data_file();
         let reuse_epoch = pool.data_reuse_epoch();
         let block_bytes = pool.block_bytes();
@@ -159,6 +212,8 @@ impl Service {
             cells: Cells::default(),
             gate: RwLock::new(()),
             commits: Commits::default(),
+            no_space: Mutex::new(NoSpacePolicy::default()),
+            space: SpaceEvents::default(),
         })
     }
 
@@ -186,7 +241,9 @@ impl Service {
     pub fn with_pool<R>(&self, f: impl FnOnce(&mut Pool) -> R) -> R {
         let _quiet = self.quiesce();
         let _change = self.commits.change();
-        f(&mut self.lock().pool)
+        let r = f(&mut self.lock().pool);
+        self.space.notify();
+        r
     }
 
     /// Read from a device. The mapping is looked up under the lock and the data read
@@ -218,6 +275,32 @@ impl Service {
     /// `pwrite`; one that needs new blocks allocates them under the metadata lock,
     /// fills them outside it, and maps them under it again.
     pub fn write(&self, dev: DevId, offset: u64, data: &[u8]) -> Result<(), PoolError> {
+        let mut deadline = None;
+        let mut committed = false;
+        loop {
+            let space_seen = self.space.generation();
+            match self.try_write(dev, offset, data) {
+                Err(PoolError::NoSpace { .. }) if !committed && self.lock().pool.commit_would_free_data() => {
+                    // Blocks freed in this transaction become usable after a commit.
+                    committed = true;
+                    self.flush()?;
+                }
+                Err(e @ PoolError::NoSpace { .. }) => {
+                    let NoSpacePolicy::Queue(wait) = self.no_space_policy() else { return Err(e) };
+                    let until = *deadline.get_or_insert_with(|| std::time::Instant::now() + wait);
+                    if !self.space.wait(space_seen, until) {
+                        return Err(e);
+                    }
+                    committed = false;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One attempt at a write (see [`Service::write`]), holding the I/O gate and
+    /// the cells of its blocks only while it runs.
+    fn try_write(&self, dev: DevId, offset: u64, data: &[u8]) -> Result<(), PoolError> {
         let _io = self.io_gate();
         let keys: Vec<(DevId, u64)> =
             crate::units::pieces(offset, data.len() as u64, self.block_bytes).map(|p| (dev, p.block)).collect();
@@ -231,6 +314,17 @@ impl Service {
         let plan = self.lock().pool.plan_write(dev, offset, data.len() as u64)?;
         let r = plan.write_data(&self.data, data);
         self.lock().pool.finish_write(plan, r)
+    }
+
+    /// What a write that finds the pool out of data space does.
+    pub fn no_space_policy(&self) -> NoSpacePolicy {
+        *self.no_space.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Set what a write that finds the pool out of data space does.
+    pub fn set_no_space_policy(&self, policy: NoSpacePolicy) {
+        *self.no_space.lock().unwrap_or_else(|e| e.into_inner()) = policy;
+        self.space.notify();
     }
 
     /// Commit: every write completed so far becomes durable. Concurrent callers
@@ -259,6 +353,7 @@ impl Service {
         }
         drop(s);
         let r = self.commit_now();
+        self.space.notify();
         let mut s = self.commits.lock();
         s.committing = false;
         s.finished = seq;
@@ -281,7 +376,9 @@ impl Service {
     pub fn discard(&self, dev: DevId, offset: u64, len: u64) -> Result<u64, PoolError> {
         let _quiet = self.quiesce();
         let _change = self.commits.change();
-        self.lock().pool.discard(dev, offset, len)
+        let r = self.lock().pool.discard(dev, offset, len);
+        self.space.notify();
+        r
     }
 
     /// Zero a range (see [`Pool::write_zeroes`]).
@@ -329,7 +426,10 @@ impl Service {
             )));
         }
         g.pool.delete(dev as u64)?;
-        g.pool.commit()
+        let r = g.pool.commit();
+        drop(g);
+        self.space.notify();
+        r
     }
 
     /// Has anything changed since the last commit?
