@@ -17,6 +17,8 @@ fn metadata_exhaustion_refuses_only_what_needs_new_metadata_and_recovers() {
     // 64 metadata blocks (256 KiB), plenty of data.
     let (m, d) = common::pool_files(dir.path(), 64 * 4096, 4096 * BS);
     let mut p = Pool::create(m, d, (BS / 512) as u32).expect("pool");
+    // The metadata file may not grow by itself here.
+    p.set_metadata_max_bytes(0);
     p.create_thin(0).expect("thin");
     // A device never snapshotted: its mapped blocks stay unshared.
     p.create_thin(1000).expect("thin");
@@ -127,4 +129,30 @@ fn a_queued_write_times_out_with_no_space_and_error_mode_fails_at_once() {
     // Everything that needs no new block still works.
     svc.write(0, 0, &[7u8; 512]).expect("in-place write");
     svc.flush().expect("flush");
+}
+
+#[test]
+fn metadata_grows_by_itself_before_it_runs_short() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (m, d) = common::pool_files(dir.path(), 64 * 4096, 4096 * BS);
+    let mut p = Pool::create(m, d, (BS / 512) as u32).expect("pool");
+    p.create_thin(0).expect("thin");
+    p.commit().expect("commit");
+    let svc = Service::new(p);
+    for round in 0..60u64 {
+        for i in 0..16u64 {
+            let vb = (round * 7919 + i * 104_729) % 4000;
+            svc.write(0, vb * BS, &[2u8; 512]).expect("write: metadata grows instead of running out");
+        }
+        if round % 3 == 0 {
+            svc.with_pool(|p| p.create_snap(1 + round, 0)).expect("snapshot");
+        }
+        svc.flush().expect("flush");
+    }
+    let st = svc.with_pool(|p| p.meta().status());
+    assert!(st.metadata_total_blocks > 64, "the metadata space map grew ({} blocks)", st.metadata_total_blocks);
+    drop(svc);
+    let len = std::fs::metadata(dir.path().join("metadata")).expect("stat").len();
+    assert_eq!(len, st.metadata_total_blocks * 4096, "the file grew with it");
+    common::assert_checks_pass(&dir.path().join("metadata"));
 }

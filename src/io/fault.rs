@@ -184,6 +184,15 @@ impl Storage for CrashStorage {
     fn len(&self) -> u64 {
         self.lock().len()
     }
+    fn grow(&self, new_len: u64) -> io::Result<()> {
+        let mut img = self.lock();
+        img.faults.begin(false)?;
+        let blocks = new_len.div_ceil(BLOCK_SIZE as u64) as usize;
+        while img.durable.len() < blocks {
+            img.durable.push(Box::new([0u8; BLOCK_SIZE]));
+        }
+        Ok(())
+    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let mut img = self.lock();
         img.faults.begin(false)?;
@@ -259,6 +268,10 @@ impl<S: Storage> FaultStorage<S> {
 impl<S: Storage> Storage for FaultStorage<S> {
     fn len(&self) -> u64 {
         self.inner.len()
+    }
+    fn grow(&self, new_len: u64) -> io::Result<()> {
+        self.lock().begin(false)?;
+        self.inner.grow(new_len)
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.lock().begin(false)?;

@@ -5,6 +5,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::fcntl::{copy_file_range, fallocate, FallocateFlags};
 
@@ -15,14 +16,14 @@ use super::{check_range, copy_through_memory, Storage};
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
-    len: u64,
+    len: AtomicU64,
 }
 
 impl FileStorage {
     /// Use an open file; its current length is the storage's length.
     pub fn new(file: File) -> io::Result<FileStorage> {
         let len = file.metadata()?.len();
-        Ok(FileStorage { file, len })
+        Ok(FileStorage { file, len: AtomicU64::new(len) })
     }
 
     /// The file underneath.
@@ -33,14 +34,14 @@ impl FileStorage {
 
 impl Storage for FileStorage {
     fn len(&self) -> u64 {
-        self.len
+        self.len.load(Ordering::SeqCst)
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        check_range(offset, buf.len(), self.len)?;
+        check_range(offset, buf.len(), self.len())?;
         self.file.read_exact_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        check_range(offset, buf.len(), self.len)?;
+        check_range(offset, buf.len(), self.len())?;
         self.file.write_all_at(buf, offset)
     }
     fn sync(&self) -> io::Result<()> {
@@ -60,9 +61,16 @@ impl Storage for FileStorage {
             Err(e) => Err(e.into()),
         }
     }
+    fn grow(&self, new_len: u64) -> io::Result<()> {
+        if new_len > self.len() {
+            self.file.set_len(new_len)?;
+            self.len.store(new_len, Ordering::SeqCst);
+        }
+        Ok(())
+    }
     fn copy_range(&self, from: u64, to: u64, len: u64) -> io::Result<()> {
-        check_range(from, len as usize, self.len)?;
-        check_range(to, len as usize, self.len)?;
+        check_range(from, len as usize, self.len())?;
+        check_range(to, len as usize, self.len())?;
         let (mut src, mut dst) = (from as i64, to as i64);
         let mut left = len as usize;
         while left > 0 {

@@ -57,6 +57,13 @@ impl Storage for MemStorage {
         bytes[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
         Ok(())
     }
+    fn grow(&self, new_len: u64) -> io::Result<()> {
+        let mut bytes = self.write();
+        if new_len > bytes.len() as u64 {
+            bytes.resize(new_len as usize, 0);
+        }
+        Ok(())
+    }
     fn sync(&self) -> io::Result<()> {
         Ok(())
     }

@@ -59,6 +59,13 @@ pub trait Storage: Send + Sync {
     fn is_read_only(&self) -> bool {
         false
     }
+    /// Grow the storage to `new_len` bytes (the new bytes read as zeros; a file
+    /// grows sparse). A backend that cannot fails with
+    /// [`io::ErrorKind::Unsupported`] (the default).
+    fn grow(&self, new_len: u64) -> io::Result<()> {
+        let _ = new_len;
+        Err(io::Error::new(io::ErrorKind::Unsupported, "this storage cannot grow"))
+    }
     /// Copy `len` bytes from `from` to `to` inside the storage (the ranges do not
     /// overlap). The default reads and writes through a bounded buffer; a file
     /// uses `copy_file_range`, which shares extents where the file system can
@@ -108,6 +115,9 @@ macro_rules! forward_storage {
             }
             fn copy_range(&self, from: u64, to: u64, len: u64) -> io::Result<()> {
                 (**self).copy_range(from, to, len)
+            }
+            fn grow(&self, new_len: u64) -> io::Result<()> {
+                (**self).grow(new_len)
             }
         }
     };

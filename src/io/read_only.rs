@@ -51,6 +51,9 @@ impl<S: Storage> Storage for ReadOnlyStorage<S> {
     fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
         Err(read_only_error())
     }
+    fn grow(&self, _new_len: u64) -> io::Result<()> {
+        Err(read_only_error())
+    }
     fn sync(&self) -> io::Result<()> {
         Ok(())
     }

@@ -18,7 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::error::{MetaError, PoolError};
-use crate::io::{is_read_only_error, FileStorage, MetaStorage, ReadOnlyStorage, Storage};
+use crate::format::{BLOCK_SIZE, MAX_METADATA_BLOCKS};
+use crate::io::{is_read_only_error, FileStorage, ReadOnlyStorage, Storage};
 use crate::thin::{Committed, DevId, Metadata};
 
 mod data;
@@ -50,6 +51,10 @@ pub struct Pool {
     /// The data reuse epoch shared with readers outside the pool's lock: it moves
     /// before a data block that may have held other data is written again.
     reuse_epoch: Arc<AtomicU64>,
+    /// The metadata storage, kept to grow it.
+    meta_storage: Arc<dyn Storage>,
+    /// The metadata storage grows by itself up to this many bytes (0: never).
+    meta_max_bytes: u64,
     /// When out of data blocks but the transaction freed some, commit and retry
     /// (off when a serving core owns the commits).
     commit_when_full: bool,
@@ -87,9 +92,10 @@ impl Pool {
     ) -> Result<Pool, PoolError> {
         let block_bytes = data_block_sectors as u64 * SECTOR;
         let nr = data.len().checked_div(block_bytes).unwrap_or(0);
-        let md = Metadata::format(Box::new(metadata), data_block_sectors, nr)?;
+        let meta: Arc<dyn Storage> = Arc::new(metadata);
+        let md = Metadata::format(Box::new(Arc::clone(&meta)), data_block_sectors, nr)?;
         let data = Arc::new(DataFile::new(Arc::new(data), block_bytes));
-        Ok(Pool { md, data, block_bytes, reuse_epoch: Arc::default(), commit_when_full: true })
+        Ok(Pool::assemble(md, meta, data, block_bytes))
     }
 
     /// Open an existing pool. A data file longer than the data space map, or a
@@ -107,17 +113,17 @@ impl Pool {
         data: impl Storage + 'static,
         opts: OpenOptions,
     ) -> Result<Pool, PoolError> {
-        let (metadata, data): (Box<dyn MetaStorage>, Arc<dyn Storage>) = if opts.read_only {
-            (Box::new(ReadOnlyStorage::new(metadata)), Arc::new(ReadOnlyStorage::new(data)))
+        let (meta, data): (Arc<dyn Storage>, Arc<dyn Storage>) = if opts.read_only {
+            (Arc::new(ReadOnlyStorage::new(metadata)), Arc::new(ReadOnlyStorage::new(data)))
         } else {
-            (Box::new(metadata), Arc::new(data))
+            (Arc::new(metadata), Arc::new(data))
         };
-        let md = Metadata::open(metadata, opts.read_only)?;
+        let md = Metadata::open(Box::new(Arc::clone(&meta)), opts.read_only)?;
         let block_bytes = md.data_block_sectors() as u64 * SECTOR;
         let nr = data.len() / block_bytes;
         let have = md.status().data_total_blocks;
         let data = Arc::new(DataFile::new(data, block_bytes));
-        let mut pool = Pool { md, data, block_bytes, reuse_epoch: Arc::default(), commit_when_full: true };
+        let mut pool = Pool::assemble(md, meta, data, block_bytes);
         if nr < have {
             return Err(PoolError::invalid(format!(
                 "the data file holds {nr} blocks of {block_bytes} bytes but the pool has {have}: it is too short"
@@ -135,6 +141,47 @@ impl Pool {
             }
         }
         Ok(pool)
+    }
+
+    fn assemble(md: Metadata, meta_storage: Arc<dyn Storage>, data: Arc<DataFile>, block_bytes: u64) -> Pool {
+        Pool {
+            md,
+            data,
+            block_bytes,
+            reuse_epoch: Arc::default(),
+            meta_storage,
+            meta_max_bytes: MAX_METADATA_BLOCKS * BLOCK_SIZE as u64,
+            commit_when_full: true,
+        }
+    }
+
+    /// Let the metadata storage grow by itself up to `max_bytes` (at most dm-thin's
+    /// limit, about 16 GiB; 0 turns growing off). On by default, up to the limit.
+    pub fn set_metadata_max_bytes(&mut self, max_bytes: u64) {
+        self.meta_max_bytes = max_bytes.min(MAX_METADATA_BLOCKS * BLOCK_SIZE as u64);
+    }
+
+    /// Grow the metadata storage (sparse) and its space map before it runs short:
+    /// when fewer than an eighth of its blocks (at least 64) beyond the reserve are
+    /// free, by a quarter (at least 4 MiB), up to the configured maximum. Growing
+    /// is best effort: when the host refuses, the reserve rules still apply.
+    fn make_metadata_room(&mut self) -> Result<(), PoolError> {
+        let (free, total, reserve) = self.md.metadata_room();
+        if free >= reserve + (total / 8).max(64) || self.data.storage().is_read_only() {
+            return Ok(());
+        }
+        let cur = self.meta_storage.len();
+        let target = (cur + (cur / 4).max(4 << 20)).min(self.meta_max_bytes) / BLOCK_SIZE as u64 * BLOCK_SIZE as u64;
+        if target <= cur {
+            return Ok(());
+        }
+        match self.meta_storage.grow(target) {
+            Ok(()) => self.md.extend_metadata(),
+            Err(e) => {
+                eprintln!("thinpool: cannot grow the metadata file to {target} bytes: {e}");
+                Ok(())
+            }
+        }
     }
 
     /// The metadata (device management, status, mappings).
@@ -230,11 +277,13 @@ impl Pool {
 
     /// Create a thin device.
     pub fn create_thin(&mut self, id: u64) -> Result<(), PoolError> {
+        self.make_metadata_room()?;
         self.md.create_thin(id)
     }
 
     /// Snapshot `origin` as `id`.
     pub fn create_snap(&mut self, id: u64, origin: u64) -> Result<(), PoolError> {
+        self.make_metadata_room()?;
         self.md.create_snap(id, origin)
     }
 

@@ -112,6 +112,7 @@ impl Pool {
         let mut pieces = self.look_up_pieces(dev, offset, len)?;
         let need = pieces.iter().filter(|p| matches!(p.target, Target::New { .. })).count();
         if need > 0 {
+            self.make_metadata_room()?;
             // Refuse before allocating when the mappings could not be inserted.
             let cost = self.md.mapping_change_cost(dev)?;
             self.md.ensure_metadata(MetaNeed::Grow(cost))?;

@@ -397,6 +397,12 @@ impl Metadata {
         }
     }
 
+    /// Metadata blocks allocatable now, in all, and kept in reserve.
+    pub fn metadata_room(&self) -> (u64, u64, u64) {
+        let m = self.t.meta_counts();
+        (m.nr_allocatable(), m.nr_blocks(), self.t.meta_reserve())
+    }
+
     /// The pool's mode now.
     pub fn mode(&self) -> PoolMode {
         if self.t.is_poisoned() {
