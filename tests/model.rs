@@ -14,7 +14,7 @@
 //! hold either its committed value or a value written to it since; the model then
 //! takes what the device holds.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 mod common;
@@ -102,6 +102,8 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let mut committed: Model = BTreeMap::new();
     let mut since_commit: Vec<(u32, u64, Vec<u8>)> = Vec::new();
     let mut next_id = 0u64;
+    // Discarded bytes of mapped blocks, as the pool tracks them (in memory only).
+    let mut discarded: HashMap<(u32, u64), Vec<bool>> = HashMap::new();
     for op in ops {
         match op {
             Op::Create => {
@@ -122,6 +124,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let Some(id) = pick(&model, i) else { continue };
                 pool.delete(id as u64).expect("delete");
                 model.remove(&id);
+                discarded.retain(|&(d, _), _| d != id);
             }
             Op::Write { dev, off, len, seed } => {
                 let Some(id) = pick(&model, dev) else {
@@ -129,6 +132,13 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 };
                 let len = len.min(DEV_BYTES - off);
                 let data = pattern(seed, off, len);
+                // Written bytes are no longer discarded (even when the write fails for space).
+                for (vb, bytes) in discarded.iter_mut().filter(|((d, _), _)| *d == id).map(|((_, vb), b)| (*vb, b)) {
+                    let (s, e) = ((vb * BS).max(off), ((vb + 1) * BS).min(off + len));
+                    if s < e {
+                        bytes[(s - vb * BS) as usize..(e - vb * BS) as usize].fill(false);
+                    }
+                }
                 match pool.write(id, off, &data) {
                     Ok(()) => {
                         model.get_mut(&id).expect("dev")[off as usize..(off + len) as usize].copy_from_slice(&data);
@@ -144,12 +154,42 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     continue;
                 };
                 let len = len.min(DEV_BYTES - off);
-                pool.discard(id, off, len).expect("discard");
-                // Whole blocks inside the range read as zeros; partial blocks keep their bytes.
+                // Which partial blocks at the ends are mapped (only those are tracked).
                 let first = off.div_ceil(BS);
                 let end = (off + len) / BS;
+                let mut partial = Vec::new();
+                if first > end {
+                    partial.push((off / BS, off % BS, len));
+                } else {
+                    if off % BS != 0 {
+                        partial.push((off / BS, off % BS, first * BS - off));
+                    }
+                    if (off + len) % BS != 0 {
+                        partial.push((end, 0, (off + len) % BS));
+                    }
+                }
+                let mapped: Vec<bool> = partial
+                    .iter()
+                    .map(|&(vb, _, _)| pool.metadata().lookup(id, vb).expect("lookup").is_some())
+                    .collect();
+                pool.discard(id, off, len).expect("discard");
+                // Whole blocks inside the range read as zeros; a partial block keeps its
+                // bytes until every byte of it has been discarded.
+                let dev = model.get_mut(&id).expect("dev");
                 if first < end {
-                    model.get_mut(&id).expect("dev")[(first * BS) as usize..(end * BS) as usize].fill(0);
+                    dev[(first * BS) as usize..(end * BS) as usize].fill(0);
+                    discarded.retain(|&(d, vb), _| d != id || !(first..end).contains(&vb));
+                }
+                for (&(vb, within, l), m) in partial.iter().zip(mapped) {
+                    if !m || l == 0 {
+                        continue;
+                    }
+                    let bytes = discarded.entry((id, vb)).or_insert_with(|| vec![false; BS as usize]);
+                    bytes[within as usize..(within + l) as usize].fill(true);
+                    if bytes.iter().all(|&b| b) {
+                        discarded.remove(&(id, vb));
+                        dev[(vb * BS) as usize..((vb + 1) * BS) as usize].fill(0);
+                    }
                 }
                 prop_assert!(read_dev(&mut pool, id) == model[&id], "device {} differs after a discard", id);
             }
@@ -166,10 +206,12 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 since_commit.clear();
                 drop(pool);
                 pool = open(dir.path());
+                discarded.clear();
                 verify_all(&mut pool, &model)?;
             }
             Op::Crash => {
                 drop(pool);
+                discarded.clear();
                 common::checks(&dir.path().join("metadata")).map_err(TestCaseError::fail)?;
                 pool = open(dir.path());
                 model = committed.clone();

@@ -55,6 +55,8 @@ pub struct Pool {
     meta_storage: Arc<dyn Storage>,
     /// The metadata storage grows by itself up to this many bytes (0: never).
     meta_max_bytes: u64,
+    /// Discarded sub-ranges of mapped blocks (see `discard.rs`).
+    discarded: discard::PartialDiscards,
     /// When out of data blocks but the transaction freed some, commit and retry
     /// (off when a serving core owns the commits).
     commit_when_full: bool,
@@ -152,6 +154,7 @@ impl Pool {
             meta_storage,
             meta_max_bytes: MAX_METADATA_BLOCKS * BLOCK_SIZE as u64,
             commit_when_full: true,
+            discarded: Default::default(),
         }
     }
 
@@ -289,6 +292,8 @@ impl Pool {
 
     /// Delete a device.
     pub fn delete(&mut self, id: u64) -> Result<(), PoolError> {
-        self.md.delete(id)
+        self.md.delete(id)?;
+        self.discarded.forget_device(id as DevId);
+        Ok(())
     }
 }

@@ -142,6 +142,7 @@ impl Pool {
         self.check_dev(dev)?;
         let mut pieces = Vec::new();
         for (vb, within, n) in self.pieces(offset, len).collect::<Vec<_>>() {
+            self.discarded.written(dev, vb, within, n);
             let target = match self.md.lookup(dev, vb)? {
                 Some(m) if !m.shared => Target::InPlace(m.data_block),
                 found => Target::New { block: u64::MAX, old: found.map(|m| m.data_block) },
@@ -192,6 +193,9 @@ impl Pool {
                 let k = (n - done).min(zeros.len() as u64);
                 self.write(dev, vb * self.block_bytes + within + done, &zeros[..k as usize])?;
                 done += k;
+            }
+            if unmap {
+                self.zeroed(dev, vb, within, n)?;
             }
         }
         Ok(())
