@@ -156,3 +156,22 @@ fn metadata_grows_by_itself_before_it_runs_short() {
     assert_eq!(len, st.metadata_total_blocks * 4096, "the file grew with it");
     common::assert_checks_pass(&dir.path().join("metadata"));
 }
+
+#[test]
+fn a_served_pool_grows_online_and_the_next_write_uses_the_new_space() {
+    use thinpool::server::service::NoSpacePolicy;
+    let (dir, svc) = full_service(4);
+    svc.set_no_space_policy(NoSpacePolicy::Error);
+    assert!(svc.write(0, 10 * BS, &[6u8; 512]).expect_err("full").is_no_space());
+    svc.with_pool(|p| p.extend(Some(8 * BS), Some(2 << 20))).expect("extend");
+    svc.write(0, 10 * BS, &[6u8; 512]).expect("the new space is usable at once");
+    let e = svc.with_pool(|p| p.extend(Some(2 * BS), None)).expect_err("no shrinking");
+    assert!(e.to_string().contains("cannot shrink"), "{e}");
+    svc.flush().expect("flush");
+    let st = svc.with_pool(|p| p.meta().status());
+    assert_eq!(st.data_total_blocks, 8);
+    assert_eq!(st.metadata_total_blocks, 512);
+    drop(svc);
+    assert_eq!(std::fs::metadata(dir.path().join("data")).expect("stat").len(), 8 * BS);
+    common::assert_checks_pass(&dir.path().join("metadata"));
+}

@@ -187,6 +187,45 @@ impl Pool {
         }
     }
 
+    /// Grow the pool: the data file to `data_bytes` and/or the metadata file to
+    /// `metadata_bytes` (sparse), and their space maps, at once usable by the next
+    /// write; committed with the next commit. Shrinking the data is refused unless
+    /// no block past the new end is in use (and then it only stops short of
+    /// truncating the file: the format cannot drop space-map entries, as dm-thin
+    /// cannot); shrinking metadata is refused.
+    pub fn extend(&mut self, data_bytes: Option<u64>, metadata_bytes: Option<u64>) -> Result<(), PoolError> {
+        self.writable()?;
+        if let Some(bytes) = metadata_bytes {
+            let cur = self.meta_storage.len();
+            let max = MAX_METADATA_BLOCKS * BLOCK_SIZE as u64;
+            if bytes < cur {
+                return Err(PoolError::invalid(format!(
+                    "metadata cannot shrink: it is {cur} bytes, {bytes} asked for"
+                )));
+            }
+            if bytes > max {
+                return Err(PoolError::invalid(format!(
+                    "metadata of {bytes} bytes is past dm-thin's limit of {max} bytes"
+                )));
+            }
+            self.meta_storage.grow(bytes / BLOCK_SIZE as u64 * BLOCK_SIZE as u64).map_err(MetaError::Io)?;
+            self.md.extend_metadata()?;
+        }
+        if let Some(bytes) = data_bytes {
+            let nr = bytes / self.block_bytes;
+            let have = self.md.status().data_total_blocks;
+            if nr < have {
+                return Err(PoolError::invalid(format!(
+                    "the data cannot shrink from {have} to {nr} blocks of {} bytes (dm-thin cannot either)",
+                    self.block_bytes
+                )));
+            }
+            self.data.storage().grow(nr * self.block_bytes).map_err(data_err)?;
+            self.md.extend_data(nr)?;
+        }
+        Ok(())
+    }
+
     /// The metadata (device management, status, mappings).
     pub fn metadata(&mut self) -> &mut Metadata {
         &mut self.md
