@@ -176,7 +176,7 @@ pub fn check_name(name: &str) -> Result<(), PoolDirError> {
 pub const MAX_DEVICE_BYTES: u64 = i64::MAX as u64;
 
 /// Why [`MAX_DEVICE_BYTES`] is the limit, for messages.
-const MAX_DEVICE_WHY: &str = "8 EiB - 1, the largest size NBD clients accept (offsets are signed 64-bit)";
+const MAX_DEVICE_WHY: &str = "8 EiB - 1: NBD clients take offsets as signed 64-bit numbers";
 
 /// Is `size` acceptable as a virtual device size (1 ..= [`MAX_DEVICE_BYTES`])?
 pub fn check_size(size: u64) -> Result<(), PoolDirError> {
