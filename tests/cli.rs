@@ -14,6 +14,8 @@ mod commands;
 mod fixtures;
 #[path = "cli/images.rs"]
 mod images;
+#[path = "cli/safety.rs"]
+mod safety;
 #[path = "cli/serve.rs"]
 mod serve;
 #[path = "cli/xml.rs"]

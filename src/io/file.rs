@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -20,15 +20,40 @@ pub struct FileStorage {
 }
 
 impl FileStorage {
-    /// Use an open file; its current length is the storage's length.
+    /// Use an open file; its current length is the storage's length. Only a regular
+    /// file is accepted (an [`io::ErrorKind::InvalidInput`] error otherwise): a FIFO
+    /// or a character device could block every read, and a block device's metadata
+    /// gives no length.
     pub fn new(file: File) -> io::Result<FileStorage> {
-        let len = file.metadata()?.len();
-        Ok(FileStorage { file, len: AtomicU64::new(len) })
+        let m = file.metadata()?;
+        if !m.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("not a regular file ({}); pool storage must be a regular file", describe(m.file_type())),
+            ));
+        }
+        Ok(FileStorage { file, len: AtomicU64::new(m.len()) })
     }
 
     /// The file underneath.
     pub fn file(&self) -> &File {
         &self.file
+    }
+}
+
+fn describe(t: std::fs::FileType) -> &'static str {
+    if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_dir() {
+        "a directory"
+    } else {
+        "a special file"
     }
 }
 
@@ -114,5 +139,21 @@ mod tests {
             Err(e) => assert_eq!(e.kind(), io::ErrorKind::Unsupported),
         }
         assert!(s.write_at(&[1], 1 << 16).is_err(), "a write past the end does not grow the file");
+    }
+
+    #[test]
+    fn only_regular_files_are_storage() {
+        let t = tempfile::tempdir().expect("tmp");
+        let fifo = t.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+        // O_RDWR opens a FIFO without waiting for a writer.
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&fifo).expect("open fifo");
+        let e = FileStorage::new(f).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("a FIFO"), "{e}");
+        let e = FileStorage::new(File::open("/dev/null").expect("null")).unwrap_err();
+        assert!(e.to_string().contains("a character device"), "{e}");
+        let e = FileStorage::new(File::open(t.path()).expect("dir")).unwrap_err();
+        assert!(e.to_string().contains("a directory"), "{e}");
     }
 }

@@ -112,6 +112,13 @@ impl PoolConfig {
             if u64::from(e.id) > MAX_DEV_ID {
                 return Err(bad(format!("device \"{name}\": id {} is out of range (0..={MAX_DEV_ID})", e.id)));
             }
+            // 0 is allowed here: a recovered or adopted device with nothing mapped.
+            if e.size_bytes > MAX_DEVICE_BYTES {
+                return Err(bad(format!(
+                    "device \"{name}\": size_bytes = {} is too large: a device is at most {MAX_DEVICE_BYTES} bytes ({MAX_DEVICE_WHY})",
+                    e.size_bytes
+                )));
+            }
             if let Some(other) = ids.insert(e.id, name) {
                 return Err(bad(format!("devices \"{other}\" and \"{name}\" both have id {}", e.id)));
             }
@@ -157,9 +164,19 @@ pub fn check_name(name: &str) -> Result<(), PoolDirError> {
     Ok(())
 }
 
-/// Largest virtual device size: what `pool.toml` (TOML integers are signed 64-bit)
-/// can hold.
+/// Largest virtual device size: 2^63 − 1 bytes (8 EiB − 1).
+///
+/// Two limits apply and this is the smaller. dm-thin addresses a device's blocks with
+/// 64-bit virtual block numbers (the mapping tree's keys), so with blocks of at least
+/// 64 KiB its block addresses reach 2^80 bytes, far past any 64-bit byte count. NBD
+/// sends an export's size as a u64, but clients take offsets as signed 64-bit numbers
+/// (qemu and nbdkit refuse exports past `INT64_MAX`, and the kernel's block devices
+/// are limited by the signed `loff_t`), and a TOML integer is a signed 64-bit number
+/// too: so 2^63 − 1 bytes.
 pub const MAX_DEVICE_BYTES: u64 = i64::MAX as u64;
+
+/// Why [`MAX_DEVICE_BYTES`] is the limit, for messages.
+const MAX_DEVICE_WHY: &str = "8 EiB - 1: NBD clients take offsets as signed 64-bit numbers";
 
 /// Is `size` acceptable as a virtual device size (1 ..= [`MAX_DEVICE_BYTES`])?
 pub fn check_size(size: u64) -> Result<(), PoolDirError> {
@@ -167,7 +184,9 @@ pub fn check_size(size: u64) -> Result<(), PoolDirError> {
         return Err(PoolDirError::Invalid("a device size must be more than 0 bytes".into()));
     }
     if size > MAX_DEVICE_BYTES {
-        return Err(PoolDirError::Invalid(format!("a device size must be at most {MAX_DEVICE_BYTES} bytes (8 EiB)")));
+        return Err(PoolDirError::Invalid(format!(
+            "device size {size} bytes is too large: a device is at most {MAX_DEVICE_BYTES} bytes ({MAX_DEVICE_WHY})"
+        )));
     }
     Ok(())
 }
@@ -253,6 +272,16 @@ mod tests {
         assert!(PoolConfig::parse(typo, p).is_err());
         let big = "format = 1\n[devices.a]\nid = 16777216\nsize_bytes = 1\n";
         assert!(PoolConfig::parse(big, p).unwrap_err().to_string().contains("out of range"));
+        let huge = "format = 1\n[devices.a]\nid = 1\nsize_bytes = 18446744073709551615\n";
+        let e = PoolConfig::parse(huge, p).unwrap_err().to_string();
+        assert!(e.contains("too large") && e.contains("at most 9223372036854775807 bytes"), "{e}");
+        let max = format!("format = 1\n[devices.a]\nid = 1\nsize_bytes = {MAX_DEVICE_BYTES}\n");
+        assert_eq!(PoolConfig::parse(&max, p).expect("the limit itself").devices["a"].size_bytes, MAX_DEVICE_BYTES);
+        let empty = "format = 1\n[devices.a]\nid = 1\nsize_bytes = 0\n";
+        assert!(PoolConfig::parse(empty, p).is_ok(), "a recovered device with nothing mapped has size 0");
+        assert!(check_size(MAX_DEVICE_BYTES).is_ok());
+        assert!(check_size(MAX_DEVICE_BYTES + 1).unwrap_err().to_string().contains("at most 9223372036854775807"));
+        assert!(check_size(0).is_err());
         assert!(PoolConfig::parse("format = 2\n", p).unwrap_err().to_string().contains("format 2"));
         assert!(PoolConfig::parse("[[[", p).is_err());
     }

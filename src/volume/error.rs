@@ -42,6 +42,23 @@ pub enum PoolDirError {
         #[source]
         source: io::Error,
     },
+    /// The user may not read (or write) a pool file or the pool directory.
+    #[error("{what} {}: permission denied", .path.display())]
+    PermissionDenied {
+        /// What was being done ("cannot open", ...).
+        what: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+    },
+    /// A pool file (metadata, data, `pool.toml`) is a FIFO, a device, a socket or a
+    /// directory: it is never opened, since reading it could block forever.
+    #[error("{} is {kind}, not a regular file; a pool's metadata, data and pool.toml must be regular files", .path.display())]
+    NotRegular {
+        /// The file.
+        path: PathBuf,
+        /// What it is ("a FIFO", "a block device", ...).
+        kind: &'static str,
+    },
     /// `pool.toml` is malformed or inconsistent.
     #[error("{}: {msg}", .path.display())]
     Config {
@@ -101,6 +118,14 @@ fn known_list(known: &[String]) -> String {
     }
 }
 
+/// The error of a file operation on `path`: [`PoolDirError::PermissionDenied`] when
+/// the user may not, [`PoolDirError::Io`] otherwise.
 pub(super) fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> PoolDirError + 'a {
-    move |source| PoolDirError::Io { what, path: path.to_path_buf(), source }
+    move |source| {
+        if source.kind() == io::ErrorKind::PermissionDenied {
+            PoolDirError::PermissionDenied { what, path: path.to_path_buf() }
+        } else {
+            PoolDirError::Io { what, path: path.to_path_buf(), source }
+        }
+    }
 }

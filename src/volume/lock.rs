@@ -2,12 +2,12 @@
 //! exclusive for writers, never waited for.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io;
 use std::path::Path;
 
 use nix::fcntl::{Flock, FlockArg};
 
-use super::{io_err, PoolDirError, LOCK_FILE};
+use super::{create_private, io_err, PoolDirError, LOCK_FILE};
 
 /// How a pool directory is opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,9 +30,19 @@ pub fn lock_dir(dir: &Path, access: Access) -> Result<DirLock, PoolDirError> {
     Ok(DirLock { _flock: take_lock(dir, access)? })
 }
 
+/// Open `path` read-write, creating it with mode 0600 (whatever the umask) when it
+/// does not exist. An existing lock file keeps its mode: it may belong to another
+/// user who shares the pool.
+fn open_or_create(path: &Path) -> io::Result<File> {
+    match create_private(path) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => OpenOptions::new().read(true).write(true).open(path),
+        other => other,
+    }
+}
+
 fn take_lock(dir: &Path, access: Access) -> Result<Option<Flock<File>>, PoolDirError> {
     let path = dir.join(LOCK_FILE);
-    let file = match OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o644).open(&path) {
+    let file = match open_or_create(&path) {
         Ok(f) => f,
         // A reader of a pool on a read-only file system or in a directory it may not
         // write to cannot take the lock, and nobody else can change the pool either.

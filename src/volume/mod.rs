@@ -49,6 +49,7 @@
 mod changes;
 mod config;
 mod error;
+mod files;
 mod lock;
 
 pub use changes::{cut_after, discard_blocks, ChangeOutcome, PoolChange};
@@ -59,16 +60,18 @@ pub use config::{
     MIN_METADATA_BYTES,
 };
 pub use error::PoolDirError;
+pub use files::{create_private, make_dir_private, open_regular, DIR_MODE, FILE_MODE};
 pub use lock::{lock_dir, Access, DirLock};
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::{File, OpenOptions, Permissions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use config::mapped_end;
 use error::io_err;
+use files::{loose_mode, stat_regular};
 
 use crate::format::MAX_DATA_BLOCKS;
 use crate::pool::{OpenOptions as PoolOpenOptions, Pool};
@@ -84,9 +87,20 @@ pub struct PoolDir {
     warnings: Vec<String>,
 }
 
-/// Make `dir` ready for a new pool: create it, or accept it when it is empty.
-/// Returns whether it was created.
+/// Make `dir` ready for a new pool: create it, or accept it when it is empty; either
+/// way it gets mode 0700. Returns whether it was created.
 fn prepare_new_dir(dir: &Path) -> Result<bool, PoolDirError> {
+    let created = check_new_dir(dir)?;
+    if let Err(e) = make_dir_private(dir) {
+        if created {
+            let _ = std::fs::remove_dir(dir);
+        }
+        return Err(io_err("cannot set the mode of", dir)(e));
+    }
+    Ok(created)
+}
+
+fn check_new_dir(dir: &Path) -> Result<bool, PoolDirError> {
     match std::fs::read_dir(dir) {
         Ok(mut it) => {
             if dir.join(CONFIG_FILE).exists() {
@@ -142,8 +156,7 @@ impl Drop for Undo {
 }
 
 fn create_file(path: &Path, len: u64, undo: &mut Undo) -> Result<File, PoolDirError> {
-    let f =
-        OpenOptions::new().read(true).write(true).create_new(true).open(path).map_err(io_err("cannot create", path))?;
+    let f = create_private(path).map_err(io_err("cannot create", path))?;
     undo.files.push(path.to_path_buf());
     f.set_len(len).map_err(io_err("cannot size", path))?;
     Ok(f)
@@ -152,23 +165,54 @@ fn create_file(path: &Path, len: u64, undo: &mut Undo) -> Result<File, PoolDirEr
 impl PoolDir {
     /// Open the pool in `dir`: lock it and read `pool.toml`. The engine's files are
     /// opened by [`PoolDir::open_pool`].
+    ///
+    /// `pool.toml`, and the metadata and data files when they exist, must be regular
+    /// files ([`PoolDirError::NotRegular`]); a directory or file the user may not read
+    /// is [`PoolDirError::PermissionDenied`]. A pool directory, `pool.toml` or own
+    /// metadata or data file that other users may access gives a warning
+    /// ([`PoolDir::take_warnings`]).
     pub fn open(dir: &Path, access: Access) -> Result<PoolDir, PoolDirError> {
         let cfg_path = dir.join(CONFIG_FILE);
-        match std::fs::metadata(dir) {
-            Ok(m) if m.is_dir() => {}
+        let dir_meta = match std::fs::metadata(dir) {
+            Ok(m) if m.is_dir() => m,
             Ok(_) => return Err(PoolDirError::NotAPool { dir: dir.into(), why: "it is not a directory".into() }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(PoolDirError::NotAPool { dir: dir.into(), why: "the directory does not exist".into() })
             }
             Err(e) => return Err(io_err("cannot read", dir)(e)),
+        };
+        match std::fs::metadata(&cfg_path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(PoolDirError::NotAPool { dir: dir.into(), why: format!("it has no {CONFIG_FILE}") })
+            }
+            // Looking into a directory one may not search fails on its entries.
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                return Err(PoolDirError::PermissionDenied { what: "cannot read the pool directory", path: dir.into() })
+            }
+            Err(e) => return Err(io_err("cannot read", &cfg_path)(e)),
         }
-        if !cfg_path.exists() {
-            return Err(PoolDirError::NotAPool { dir: dir.into(), why: format!("it has no {CONFIG_FILE}") });
-        }
+        let cfg_file = open_regular(&cfg_path, false)?;
         let lock = lock_dir(dir, access)?;
-        let text = std::fs::read_to_string(&cfg_path).map_err(io_err("cannot read", &cfg_path))?;
+        let mut text = String::new();
+        (&cfg_file).read_to_string(&mut text).map_err(io_err("cannot read", &cfg_path))?;
         let config = PoolConfig::parse(&text, &cfg_path)?;
-        Ok(PoolDir { dir: dir.to_path_buf(), config, access, _lock: lock, warnings: Vec::new() })
+        let mut pd = PoolDir { dir: dir.to_path_buf(), config, access, _lock: lock, warnings: Vec::new() };
+        pd.warnings.extend(loose_mode(dir, &dir_meta, true));
+        let cfg_meta = cfg_file.metadata().map_err(io_err("cannot read", &cfg_path))?;
+        pd.warnings.extend(loose_mode(&cfg_path, &cfg_meta, false));
+        // The engine's files: refused now when they are not regular files (commands
+        // that read them without opening the pool, such as `check`, rely on this);
+        // their modes are only ours to judge when they live in the directory.
+        let own = [(pd.metadata_path(), pd.config.metadata.is_none()), (pd.data_path(), pd.config.data.is_none())];
+        for (path, own) in own {
+            if let Some(m) = stat_regular(&path)? {
+                if own {
+                    pd.warnings.extend(loose_mode(&path, &m, false));
+                }
+            }
+        }
+        Ok(pd)
     }
 
     /// Create a new pool in `dir` (which must not exist or be empty): a sparse data
@@ -244,8 +288,8 @@ impl PoolDir {
         if mabs == dabs {
             return Err(PoolDirError::Invalid("the metadata and data files are the same file".into()));
         }
-        let m = File::open(&mabs).map_err(io_err("cannot open", metadata))?;
-        let d = File::open(&dabs).map_err(io_err("cannot open", data))?;
+        let m = open_regular(Path::new(&mabs), false)?;
+        let d = open_regular(Path::new(&dabs), false)?;
         let mut pool = Pool::open(m, d, PoolOpenOptions { read_only: true })?;
         let ids = pool.meta().device_ids();
         if let Some(bad) = sizes.keys().find(|id| !ids.contains(id)) {
@@ -354,8 +398,8 @@ impl PoolDir {
             return Err(PoolDirError::ReadOnly { dir: self.dir.clone(), why: "options.read_only is set in pool.toml" });
         }
         let (mpath, dpath) = (self.metadata_path(), self.data_path());
-        let m = OpenOptions::new().read(true).write(write).open(&mpath).map_err(io_err("cannot open", &mpath))?;
-        let d = OpenOptions::new().read(true).write(write).open(&dpath).map_err(io_err("cannot open", &dpath))?;
+        let m = open_regular(&mpath, write)?;
+        let d = open_regular(&dpath, write)?;
         let mut pool = Pool::open(m, d, PoolOpenOptions { read_only: !write })?;
         if self.reconcile(&mut pool)? && write {
             self.save()?;
@@ -441,7 +485,8 @@ impl PoolDir {
         Ok(())
     }
 
-    /// Write `pool.toml` atomically: temporary file, fsync, rename, fsync directory.
+    /// Write `pool.toml` atomically: temporary file (mode 0600), fsync, rename, fsync
+    /// directory.
     pub fn save(&self) -> Result<(), PoolDirError> {
         let text = self.config.to_text()?;
         let path = self.dir.join(CONFIG_FILE);
@@ -451,9 +496,10 @@ impl PoolDir {
                 .write(true)
                 .create(true)
                 .truncate(true)
-                .mode(0o644)
+                .mode(FILE_MODE)
                 .open(&tmp)
                 .map_err(io_err("cannot create", &tmp))?;
+            f.set_permissions(Permissions::from_mode(FILE_MODE)).map_err(io_err("cannot set the mode of", &tmp))?;
             f.write_all(text.as_bytes()).map_err(io_err("cannot write", &tmp))?;
             f.sync_all().map_err(io_err("cannot sync", &tmp))?;
             std::fs::rename(&tmp, &path).map_err(io_err("cannot replace", &path))?;

@@ -6,6 +6,11 @@
 //! created (the directory, the data file, the temporary file) is removed again.
 //! `pool.toml` keeps the names of the devices that survive; new devices are named
 //! `thin<ID>`.
+//!
+//! Files a restore creates (the directory, the data file, the temporary metadata) get
+//! the pool's private modes (0700, 0600) whatever the umask, and an existing
+//! directory that becomes a pool is made 0700; an existing data file is used only
+//! when it is a regular file.
 
 use std::fs::{File, OpenOptions};
 use std::io::BufRead;
@@ -18,8 +23,8 @@ use crate::format::superblock::Superblock;
 use crate::io::{FileStorage, MetaStorage};
 use crate::pool::{OpenOptions as PoolOpenOptions, Pool};
 use crate::volume::{
-    default_metadata_bytes, lock_dir, Access, DirLock, PoolConfig, PoolDir, CONFIG_FILE, DATA_FILE, LOCK_FILE,
-    METADATA_FILE, MIN_METADATA_BYTES,
+    create_private, default_metadata_bytes, lock_dir, make_dir_private, open_regular, Access, DirLock, PoolConfig,
+    PoolDir, CONFIG_FILE, DATA_FILE, LOCK_FILE, METADATA_FILE, MIN_METADATA_BYTES,
 };
 
 /// How to restore into a directory.
@@ -92,14 +97,9 @@ fn tmp_path(metadata: &Path) -> PathBuf {
     metadata.with_file_name(name)
 }
 
-/// Create `path`, which must not exist, for reading and writing.
+/// Create `path`, which must not exist, for reading and writing, with mode 0600.
 fn create_new(path: &Path) -> Result<File, XmlError> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(XmlError::io(format!("cannot create {}", path.display())))
+    create_private(path).map_err(XmlError::io(format!("cannot create {}", path.display())))
 }
 
 impl DirTarget {
@@ -114,6 +114,10 @@ impl DirTarget {
         let created_dir = !dir.exists();
         if created_dir {
             std::fs::create_dir_all(&dir).map_err(XmlError::io(format!("cannot create {}", dir.display())))?;
+            if let Err(e) = make_dir_private(&dir) {
+                let _ = std::fs::remove_dir(&dir);
+                return Err(XmlError::Io { context: format!("cannot set the mode of {}", dir.display()), source: e });
+            }
         }
         let mut t = DirTarget {
             metadata: dir.join(METADATA_FILE),
@@ -146,6 +150,9 @@ impl DirTarget {
                 dir.display(),
                 name.to_string_lossy()
             )));
+        }
+        if !created_dir {
+            make_dir_private(&dir).map_err(XmlError::io(format!("cannot set the mode of {}", dir.display())))?;
         }
         Ok(t)
     }
@@ -190,8 +197,9 @@ impl DirTarget {
     /// The data file, big enough already, or created sparse.
     fn open_data(&mut self, nr_data_blocks: u64, bs: u64, data_bytes: u64) -> Result<File, XmlError> {
         let path = &self.data;
-        match OpenOptions::new().read(true).write(true).open(path) {
-            Ok(f) => {
+        match std::fs::metadata(path) {
+            Ok(_) => {
+                let f = open_regular(path, true)?;
                 let len = f.metadata().map_err(XmlError::io(format!("cannot read {}", path.display())))?.len();
                 if len < data_bytes {
                     return Err(XmlError::Invalid(format!(
@@ -247,8 +255,7 @@ impl DirTarget {
 
     /// `pool.toml` keeps the names of ids that survived.
     fn name_devices(&mut self, events: &mut dyn RestoreEvents) -> Result<(), XmlError> {
-        let open = |p: &Path| File::open(p).map_err(XmlError::io(format!("cannot open {}", p.display())));
-        let (m, d) = (open(&self.metadata)?, open(&self.data)?);
+        let (m, d) = (open_regular(&self.metadata, false)?, open_regular(&self.data, false)?);
         let mut pool = Pool::open(m, d, PoolOpenOptions { read_only: true })?;
         match self.existing.take() {
             Some(mut pd) => {
