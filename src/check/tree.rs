@@ -142,7 +142,8 @@ impl TreeCheck<'_, '_, '_, '_> {
             return;
         };
         let n = f.keys.len();
-        let key = f.keys[i];
+        // The walker reaches each child of an internal node once, in order.
+        let Some(&key) = f.keys.get(i) else { return };
         let mut found = Vec::new();
         f.summary.entries += cs.entries;
         if let Some(first) = cs.first {
@@ -244,7 +245,7 @@ impl NodeVisitor for TreeCheck<'_, '_, '_, '_> {
             f.summary.height = f.child_height.map_or(1, |h| h + 1);
         }
         self.c.summaries.insert(n.block, f.summary);
-        let i = self.stack.last().map(|p| p.reached - 1);
+        let i = self.stack.last().map(|p| p.reached.saturating_sub(1));
         self.summarised(i, n.block, f.summary);
         Ok(())
     }
