@@ -49,6 +49,8 @@ pub struct Pool {
     /// The data reuse epoch shared with readers outside the pool's lock: it moves
     /// before a data block that may have held other data is written again.
     reuse_epoch: Arc<AtomicU64>,
+    /// When out of data blocks but the transaction freed some, commit and retry.
+    commit_when_full: bool,
 }
 
 impl std::fmt::Debug for Pool {
@@ -84,7 +86,7 @@ impl Pool {
         let block_bytes = data_block_sectors as u64 * SECTOR;
         let nr = data.len().checked_div(block_bytes).unwrap_or(0);
         let md = Metadata::format(Box::new(metadata), data_block_sectors, nr)?;
-        Ok(Pool { md, data: Arc::new(data), block_bytes, punch: true, reuse_epoch: Arc::default() })
+        Ok(Pool { md, data: Arc::new(data), block_bytes, punch: true, reuse_epoch: Arc::default(), commit_when_full: true })
     }
 
     /// Open an existing pool. A data file longer than the data space map, or a
@@ -111,7 +113,7 @@ impl Pool {
         let block_bytes = md.data_block_sectors() as u64 * SECTOR;
         let nr = data.len() / block_bytes;
         let have = md.status().data_total_blocks;
-        let mut pool = Pool { md, data, block_bytes, punch: true, reuse_epoch: Arc::default() };
+        let mut pool = Pool { md, data, block_bytes, punch: true, reuse_epoch: Arc::default(), commit_when_full: true };
         if nr < have {
             return Err(PoolError::invalid(format!(
                 "the data file holds {nr} blocks of {block_bytes} bytes but the pool has {have}: it is too short"
@@ -182,6 +184,13 @@ impl Pool {
         self.publish_reuses();
         self.punch_released(released_data);
         Ok(())
+    }
+
+    /// Whether a write that finds no free data block commits by itself when the
+    /// transaction freed blocks (the default), or fails with
+    /// [`PoolError::NoSpace`] and leaves the commit to its caller.
+    pub fn set_commit_when_full(&mut self, on: bool) {
+        self.commit_when_full = on;
     }
 
     /// The data reuse epoch: reads done outside the pool's lock compare it before and

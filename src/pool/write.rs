@@ -27,7 +27,7 @@ impl Pool {
             for b in got {
                 self.md.release_data_block(b)?;
             }
-            if attempt == 0 && self.md.commit_would_free_data() {
+            if attempt == 0 && self.commit_when_full && self.md.commit_would_free_data() {
                 self.commit()?;
             } else {
                 break;
