@@ -86,7 +86,14 @@ impl Pool {
         let block_bytes = data_block_sectors as u64 * SECTOR;
         let nr = data.len().checked_div(block_bytes).unwrap_or(0);
         let md = Metadata::format(Box::new(metadata), data_block_sectors, nr)?;
-        Ok(Pool { md, data: Arc::new(data), block_bytes, punch: true, reuse_epoch: Arc::default(), commit_when_full: true })
+        Ok(Pool {
+            md,
+            data: Arc::new(data),
+            block_bytes,
+            punch: true,
+            reuse_epoch: Arc::default(),
+            commit_when_full: true,
+        })
     }
 
     /// Open an existing pool. A data file longer than the data space map, or a
