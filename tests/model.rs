@@ -68,7 +68,9 @@ fn pattern(seed: u8, off: u64, len: u64) -> Vec<u8> {
 type Model = BTreeMap<u32, Vec<u8>>;
 
 fn open(dir: &Path) -> Pool {
-    common::open_pool(dir, false)
+    let mut p = common::open_pool(dir, false);
+    p.set_commit_when_full(false);
+    p
 }
 
 fn read_dev(p: &mut Pool, id: u32) -> Vec<u8> {
@@ -98,6 +100,8 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().expect("tmp");
     let (m, d) = common::pool_files(dir.path(), 2 << 20, DATA_BLOCKS * BS);
     let mut pool = Pool::create(m, d, (BS / 512) as u32).expect("create");
+    // The model knows of commits only where it asks for them.
+    pool.set_commit_when_full(false);
     let mut model: Model = BTreeMap::new();
     let mut committed: Model = BTreeMap::new();
     let mut since_commit: Vec<(u32, u64, Vec<u8>)> = Vec::new();

@@ -87,6 +87,11 @@ pub trait NodeVisitor {
     }
     /// Every leaf entry inside the walk's key range, in key order.
     fn entry(&mut self, key: u64, value: &[u8]) -> Result<Step, MetaError>;
+    /// Every node [`node`](Self::node) descended into, after its entries or
+    /// children (post-order), unless the walk was stopped. The default does nothing.
+    fn leave(&mut self, _n: &Node<'_>) -> Result<(), MetaError> {
+        Ok(())
+    }
     /// A node that could not be read or may not be there (too deep, a cycle, reached
     /// twice). The default ends the walk with the error, noting the path; a visitor
     /// that reports problems and goes on returns `Ok`.
@@ -102,8 +107,8 @@ pub struct Walk {
     pub values: Values,
     /// Smallest key visited.
     pub lo: u64,
-    /// Keys at or above this are not visited.
-    pub hi: u64,
+    /// Keys at or above this are not visited; `None`: no upper bound.
+    pub hi: Option<u64>,
     /// Refuse a node reached twice within the walk (a valid tree never shares nodes
     /// inside itself; sharing is between trees).
     pub once: bool,
@@ -112,11 +117,11 @@ pub struct Walk {
 impl Walk {
     /// Every key of a tree of `values`, each node once.
     pub fn all(values: Values) -> Walk {
-        Walk { values, lo: 0, hi: u64::MAX, once: true }
+        Walk { values, lo: 0, hi: None, once: true }
     }
     /// Keys in `[lo, hi)` of a tree of `values`, each node once.
     pub fn range(values: Values, lo: u64, hi: u64) -> Walk {
-        Walk { values, lo, hi, once: true }
+        Walk { values, lo, hi: Some(hi), once: true }
     }
 }
 
@@ -153,25 +158,28 @@ impl<S: NodeSource + ?Sized, V: NodeVisitor + ?Sized> Walker<'_, '_, S, V> {
             other => return Ok(other),
         }
         let nr = h.nr_entries as usize;
-        let (lo, hi) = (self.cfg.lo, self.cfg.hi);
+        let lo = self.cfg.lo;
+        let hi = self.cfg.hi;
+        let past = move |k: u64| hi.is_some_and(|hi| k >= hi);
         if h.is_leaf() {
             let start = node::lower_bound(&blk, &h, lo).map_or(0, |i| if node::key(&blk, i) < lo { i + 1 } else { i });
             for i in start..nr {
                 let k = node::key(&blk, i);
-                if k >= hi {
+                if past(k) {
                     break;
                 }
                 if self.visitor.entry(k, node::value(&blk, &h, i))? == Step::Stop {
                     return Ok(Step::Stop);
                 }
             }
+            self.visitor.leave(&n)?;
             return Ok(Step::Descend);
         }
         let start = node::lower_bound(&blk, &h, lo).unwrap_or(0);
         self.path.push(b);
         for i in start..nr {
             let k = node::key(&blk, i);
-            if k >= hi {
+            if past(k) {
                 break;
             }
             let next = if i + 1 < nr { Some(node::key(&blk, i + 1)) } else { next_key };
@@ -181,6 +189,8 @@ impl<S: NodeSource + ?Sized, V: NodeVisitor + ?Sized> Walker<'_, '_, S, V> {
             }
         }
         self.path.pop();
+        let n = Node { block: b, data: &blk, header: h, path: &self.path, parent_key, next_key };
+        self.visitor.leave(&n)?;
         Ok(Step::Descend)
     }
 }

@@ -10,24 +10,29 @@
 //! and compared with the bitmaps and overflow trees of both space maps, leaks
 //! included, plus `nr_allocated` and bitmap entries past the end.
 //!
-//! Every walk is bounded (depth limit, each node walked once), memory is bounded by
-//! the metadata size, and nothing on disk can make it panic.
+//! Trees are walked by the one walker ([`crate::btree::walk`]) with the checking
+//! visitor of [`tree`] over nodes read straight from storage; the space maps are
+//! read by the one reader of on-disk counts ([`crate::space_map::disk::read_counts`])
+//! in [`space_maps`]. Every walk is bounded (depth limit, each node checked once),
+//! memory is bounded by the metadata size, and nothing on disk can make it panic.
 
 pub mod recount;
+mod space_maps;
+mod tree;
+
+use tree::{Summary, TreeKind};
 
 pub use recount::audit;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 
 use crate::format::checksum::{self, BlockKind, PrefixError};
-use crate::format::node::{self, NodeError};
+use crate::format::node::NodeError;
 use crate::format::space_map::{self as fsm, IndexEntry, ENTRIES_PER_BITMAP};
 use crate::format::superblock::{Superblock, SuperblockError};
-use crate::format::values::{unpack_block_time, DeviceDetails};
+use crate::format::values::DeviceDetails;
 use crate::format::{zeroed_block, Block, MAX_METADATA_BLOCKS};
 use crate::io::MetaStorage;
-
-const MAX_DEPTH: usize = 24;
 
 /// What is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,9 +41,21 @@ pub enum ProblemKind {
     /// The superblock is unusable.
     Superblock(SuperblockError),
     /// Checksum mismatch for the block's expected kind.
-    Checksum { kind: BlockKind, stored: u32, computed: u32 },
+    Checksum {
+        /// The kind the block was read as.
+        kind: BlockKind,
+        /// Stored checksum.
+        stored: u32,
+        /// Checksum computed with the kind's salt.
+        computed: u32,
+    },
     /// The block's blocknr is not its location.
-    BlockNr { kind: BlockKind, stored: u64 },
+    BlockNr {
+        /// The kind the block was read as.
+        kind: BlockKind,
+        /// Stored blocknr.
+        stored: u64,
+    },
     /// B-tree node structure (flags, geometry, count, value size, key order).
     Node(NodeError),
     /// max_entries not divisible by 3.
@@ -46,35 +63,115 @@ pub enum ProblemKind {
     /// An internal node with no entries.
     EmptyInternal,
     /// A non-root node below a third full (non-fatal in thin_check, still an error).
-    Underfull { nr_entries: u32, max_entries: u32 },
+    Underfull {
+        /// Entries held.
+        nr_entries: u32,
+        /// Room for entries.
+        max_entries: u32,
+    },
     /// A parent key above its child's first key.
-    ParentKey { parent_key: u64, child_first_key: u64 },
+    ParentKey {
+        /// The parent's key for the child.
+        parent_key: u64,
+        /// The child's first key.
+        child_first_key: u64,
+    },
     /// A child holds keys at or past the next parent key.
-    ChildPastNextKey { child_last_key: u64, next_key: u64 },
+    ChildPastNextKey {
+        /// The child's last key.
+        child_last_key: u64,
+        /// The parent's next key.
+        next_key: u64,
+    },
     /// Leaves at different depths.
-    Depth { expected: usize, found: usize },
+    Depth {
+        /// Depth of the other leaves.
+        expected: usize,
+        /// Depth of this leaf.
+        found: usize,
+    },
     /// A node reached twice in one tree, or a tree deeper than possible.
     Cycle,
     /// A reference to a block past the metadata device / space map.
-    PastEnd { nr_blocks: u64 },
+    PastEnd {
+        /// Blocks there are.
+        nr_blocks: u64,
+    },
     /// A mapping to a data block past the data device.
-    DataPastEnd { dev: u64, vblock: u64, data_block: u64, nr_blocks: u64 },
+    DataPastEnd {
+        /// Thin device id.
+        dev: u64,
+        /// Virtual block.
+        vblock: u64,
+        /// Data block.
+        data_block: u64,
+        /// Blocks there are.
+        nr_blocks: u64,
+    },
     /// Device in one of details / top-level trees but not the other.
-    DeviceSets { dev: u64, in_details: bool },
+    DeviceSets {
+        /// Thin device id.
+        dev: u64,
+        /// Found in the details tree (else in the top-level mapping tree).
+        in_details: bool,
+    },
     /// mapped_blocks differs from the counted mappings.
-    MappedBlocks { dev: u64, recorded: u64, counted: u64 },
+    MappedBlocks {
+        /// Thin device id.
+        dev: u64,
+        /// What is recorded.
+        recorded: u64,
+        /// What was counted.
+        counted: u64,
+    },
     /// Metadata block count on disk differs from the references found.
-    MetadataCount { expected: u32, on_disk: u32 },
+    MetadataCount {
+        /// References found.
+        expected: u32,
+        /// Count in the space map.
+        on_disk: u32,
+    },
     /// Data block count on disk differs from the number of distinct leaves mapping it.
-    DataCount { data_block: u64, expected: u32, on_disk: u32 },
+    DataCount {
+        /// Data block.
+        data_block: u64,
+        /// References found.
+        expected: u32,
+        /// Count in the space map.
+        on_disk: u32,
+    },
     /// Bitmap says 3 but the overflow tree has no entry, or the entry is below 3.
-    Overflow { sm: &'static str, block: u64, detail: String },
+    Overflow {
+        /// Which space map ("metadata" or "data").
+        sm: &'static str,
+        /// The block counted.
+        block: u64,
+        /// What is wrong.
+        detail: String,
+    },
     /// Bitmap entries past nr_blocks are not zero.
-    BitmapTail { sm: &'static str, first: u64 },
+    BitmapTail {
+        /// Which space map ("metadata" or "data").
+        sm: &'static str,
+        /// First block past the end with a non-zero entry.
+        first: u64,
+    },
     /// nr_allocated differs from the number of blocks in use.
-    NrAllocated { sm: &'static str, recorded: u64, counted: u64 },
+    NrAllocated {
+        /// Which space map ("metadata" or "data").
+        sm: &'static str,
+        /// What is recorded.
+        recorded: u64,
+        /// What was counted.
+        counted: u64,
+    },
     /// Space-map index problems.
-    Index { sm: &'static str, detail: String },
+    Index {
+        /// Which space map ("metadata" or "data").
+        sm: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
 }
 
 /// One problem found, with the metadata block it is about (when there is one).
@@ -164,23 +261,36 @@ impl std::fmt::Display for Problem {
 /// Numbers gathered while checking.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CheckStats {
+    /// Transaction id in the superblock.
     pub transaction_id: u64,
+    /// Snapshot time in the superblock.
     pub time: u32,
+    /// Data block size in 512-byte sectors.
     pub data_block_sectors: u32,
+    /// Blocks of the data device.
     pub data_nr_blocks: u64,
+    /// Data blocks with a non-zero count.
     pub data_blocks_in_use: u64,
+    /// Blocks of the metadata space map.
     pub metadata_nr_blocks: u64,
+    /// Metadata blocks with a non-zero count.
     pub metadata_blocks_in_use: u64,
+    /// Block of the held metadata snapshot (0: none).
     pub held_root: u64,
+    /// Each thin device with details.
     pub devices: Vec<DeviceStats>,
 }
 
 /// Per-device numbers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeviceStats {
+    /// Thin device id.
     pub dev_id: u64,
+    /// Mappings counted in its tree.
     pub mapped_blocks: u64,
+    /// Its details entry.
     pub details: DeviceDetails,
+    /// Its highest mapped virtual block.
     pub highest_mapped: Option<u64>,
 }
 
@@ -210,34 +320,6 @@ pub enum CheckError {
     /// Reading the metadata failed.
     #[error("cannot read the metadata: {0}")]
     Io(#[from] std::io::Error),
-}
-
-/// Callback for leaf entries: (checker, key, value, first visit).
-type LeafFn<'f, 'a> = dyn FnMut(&mut Checker<'a>, u64, &[u8], bool) + 'f;
-
-/// Summary of a subtree, remembered so shared subtrees are walked once.
-#[derive(Debug, Clone, Copy)]
-struct Summary {
-    entries: u64,
-    first: Option<u64>,
-    last: Option<u64>,
-    height: usize,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TreeKind {
-    Top,
-    Bottom,
-    Plain(u32),
-}
-
-impl TreeKind {
-    fn value_size(self) -> u32 {
-        match self {
-            TreeKind::Top | TreeKind::Bottom => 8,
-            TreeKind::Plain(n) => n,
-        }
-    }
 }
 
 struct Checker<'a> {
@@ -294,267 +376,6 @@ impl<'a> Checker<'a> {
                 None
             }
         }
-    }
-
-    /// Walk the tree at `b`, counting references; returns its summary.
-    /// `on_leaf` gets (key, value, first) for every leaf entry; `first` is false for
-    /// entries of a subtree already walked through another parent (its references
-    /// were counted then).
-    fn tree(
-        &mut self,
-        b: u64,
-        kind: TreeKind,
-        is_root: bool,
-        depth: usize,
-        path: &mut BTreeSet<u64>,
-        on_leaf: &mut LeafFn<'_, 'a>,
-    ) -> Option<Summary> {
-        if !self.reference(b) {
-            return None;
-        }
-        if depth >= MAX_DEPTH || path.contains(&b) {
-            self.problem(Some(b), ProblemKind::Cycle);
-            return None;
-        }
-        if let Some(s) = self.summaries.get(&b).copied() {
-            // Bottom-level entries of a shared subtree are not needed again (its
-            // summary has the counts); key sets of the other trees are.
-            if kind != TreeKind::Bottom {
-                self.enumerate(b, kind, depth, on_leaf);
-            }
-            return Some(s);
-        }
-        let blk = self.read(b, BlockKind::Node)?;
-        let h = match node::validate_structure(&blk, kind.value_size()) {
-            Ok(h) => h,
-            Err(e) => {
-                self.problem(Some(b), ProblemKind::Node(e));
-                return None;
-            }
-        };
-        if h.max_entries % 3 != 0 {
-            self.problem(Some(b), ProblemKind::MaxEntries(h.max_entries));
-        }
-        if !is_root && h.nr_entries < h.max_entries / 3 {
-            self.problem(Some(b), ProblemKind::Underfull { nr_entries: h.nr_entries, max_entries: h.max_entries });
-        }
-        let n = h.nr_entries as usize;
-        let mut summary = Summary {
-            entries: 0,
-            first: (n > 0).then(|| node::key(&blk, 0)),
-            last: (n > 0).then(|| node::key(&blk, n - 1)),
-            height: 0,
-        };
-        if h.is_leaf() {
-            summary.entries = n as u64;
-            for i in 0..n {
-                on_leaf(self, node::key(&blk, i), node::value(&blk, &h, i), true);
-            }
-        } else {
-            if n == 0 {
-                self.problem(Some(b), ProblemKind::EmptyInternal);
-            }
-            path.insert(b);
-            let mut height = None;
-            for i in 0..n {
-                let key = node::key(&blk, i);
-                let child = node::value_u64(&blk, &h, i);
-                let Some(cs) = self.tree(child, kind, false, depth + 1, path, on_leaf) else { continue };
-                summary.entries += cs.entries;
-                if let Some(first) = cs.first {
-                    if key > first {
-                        self.problem(Some(b), ProblemKind::ParentKey { parent_key: key, child_first_key: first });
-                    }
-                    if i == 0 {
-                        summary.first = Some(first);
-                    }
-                }
-                if let (Some(last), true) = (cs.last, i + 1 < n) {
-                    let next = node::key(&blk, i + 1);
-                    if last >= next {
-                        self.problem(
-                            Some(child),
-                            ProblemKind::ChildPastNextKey { child_last_key: last, next_key: next },
-                        );
-                    }
-                }
-                if cs.last.is_some() && i + 1 == n {
-                    summary.last = cs.last;
-                }
-                match height {
-                    None => height = Some(cs.height),
-                    Some(hgt) if hgt != cs.height => self.problem(
-                        Some(child),
-                        ProblemKind::Depth { expected: depth + 1 + hgt, found: depth + 1 + cs.height },
-                    ),
-                    Some(_) => {}
-                }
-            }
-            path.remove(&b);
-            summary.height = height.map_or(1, |x| x + 1);
-        }
-        self.summaries.insert(b, summary);
-        Some(summary)
-    }
-
-    /// Entries of an already checked subtree, read again without counting anything.
-    fn enumerate(&mut self, b: u64, kind: TreeKind, depth: usize, on_leaf: &mut LeafFn<'_, 'a>) {
-        if depth >= MAX_DEPTH {
-            return;
-        }
-        let mut blk = zeroed_block();
-        if self.storage.read_block(b, &mut blk).is_err() {
-            return;
-        }
-        let Ok(h) = node::validate_structure(&blk, kind.value_size()) else { return };
-        for i in 0..h.nr_entries as usize {
-            if h.is_leaf() {
-                on_leaf(self, node::key(&blk, i), node::value(&blk, &h, i), false);
-            } else {
-                let child = node::value_u64(&blk, &h, i);
-                if self.summaries.contains_key(&child) {
-                    self.enumerate(child, kind, depth + 1, on_leaf);
-                }
-            }
-        }
-    }
-
-    /// Walk a two-level mapping tree; returns dev -> (subtree root, summary), and
-    /// whether the top level was read whole (no problem found in it).
-    fn mapping_tree(&mut self, root: u64) -> (BTreeMap<u64, (u64, Option<Summary>)>, bool) {
-        let mut subtrees: Vec<(u64, u64, bool)> = Vec::new();
-        let before = self.problems.len();
-        self.tree(root, TreeKind::Top, true, 0, &mut BTreeSet::new(), &mut |_, k, v, first| {
-            subtrees.push((k, u64::from_le_bytes(v[..8].try_into().unwrap_or_default()), first));
-        });
-        let whole = self.problems.len() == before;
-        let mut out = BTreeMap::new();
-        for (dev, sub, first) in subtrees {
-            if !first {
-                // Counted through the other parent of this top-level leaf.
-                out.insert(dev, (sub, self.summaries.get(&sub).copied()));
-                continue;
-            }
-            let nr_data = self.nr_data;
-            let s = self.tree(sub, TreeKind::Bottom, true, 0, &mut BTreeSet::new(), &mut |c, vblock, v, first| {
-                if !first {
-                    return;
-                }
-                let (d, _) = unpack_block_time(u64::from_le_bytes(v[..8].try_into().unwrap_or_default()));
-                if d >= nr_data {
-                    c.problem(None, ProblemKind::DataPastEnd { dev, vblock, data_block: d, nr_blocks: nr_data });
-                } else {
-                    *c.data_refs.entry(d).or_default() += 1;
-                }
-            });
-            out.insert(dev, (sub, s));
-        }
-        (out, whole)
-    }
-
-    /// Walk a details tree; also whether it was read whole.
-    fn details_tree(&mut self, root: u64) -> (BTreeMap<u64, DeviceDetails>, bool) {
-        let mut details = BTreeMap::new();
-        let before = self.problems.len();
-        self.tree(root, TreeKind::Plain(24), true, 0, &mut BTreeSet::new(), &mut |_, k, v, _| {
-            details.insert(k, DeviceDetails::decode(v));
-        });
-        let whole = self.problems.len() == before;
-        (details, whole)
-    }
-
-    /// Read one space map's on-disk counts and compare them with `expected(b)`.
-    #[allow(clippy::too_many_arguments)]
-    fn compare_space_map(
-        &mut self,
-        sm: &'static str,
-        nr_blocks: u64,
-        nr_allocated: u64,
-        bitmaps: &[u64],
-        overflow: &BTreeMap<u64, u32>,
-        expected: &dyn Fn(&Self, u64) -> u32,
-    ) -> u64 {
-        let mut in_use = 0u64;
-        let mut seen_overflow = BTreeSet::new();
-        for (i, &loc) in bitmaps.iter().enumerate() {
-            let start = i as u64 * ENTRIES_PER_BITMAP;
-            let Some(blk) = self.read(loc, BlockKind::Bitmap) else { continue };
-            let mut tail_reported = false;
-            for e in 0..ENTRIES_PER_BITMAP {
-                let b = start + e;
-                let v = fsm::bitmap_get(&blk, e as usize);
-                if b >= nr_blocks {
-                    if v != 0 && !tail_reported {
-                        self.problem(Some(loc), ProblemKind::BitmapTail { sm, first: b });
-                        tail_reported = true;
-                    }
-                    continue;
-                }
-                let on_disk = if v == 3 {
-                    seen_overflow.insert(b);
-                    match overflow.get(&b) {
-                        Some(&c) if c >= 3 => c,
-                        Some(&c) => {
-                            self.problem(
-                                Some(loc),
-                                ProblemKind::Overflow {
-                                    sm,
-                                    block: b,
-                                    detail: format!("ref-count tree holds {c}, below 3"),
-                                },
-                            );
-                            c
-                        }
-                        None => {
-                            self.problem(
-                                Some(loc),
-                                ProblemKind::Overflow {
-                                    sm,
-                                    block: b,
-                                    detail: "bitmap says 3 or more but the ref-count tree has no entry".into(),
-                                },
-                            );
-                            3
-                        }
-                    }
-                } else {
-                    u32::from(v)
-                };
-                in_use += u64::from(on_disk != 0);
-                let want = expected(self, b);
-                if want != on_disk {
-                    if sm == "metadata" {
-                        self.problem(Some(b), ProblemKind::MetadataCount { expected: want, on_disk });
-                    } else {
-                        self.problem(Some(loc), ProblemKind::DataCount { data_block: b, expected: want, on_disk });
-                    }
-                }
-            }
-        }
-        for (&b, &c) in overflow {
-            if !seen_overflow.contains(&b) {
-                self.problem(
-                    None,
-                    ProblemKind::Overflow {
-                        sm,
-                        block: b,
-                        detail: format!("ref-count tree holds {c} but the bitmap entry is not 3"),
-                    },
-                );
-            }
-        }
-        if in_use != nr_allocated {
-            self.problem(None, ProblemKind::NrAllocated { sm, recorded: nr_allocated, counted: in_use });
-        }
-        in_use
-    }
-
-    fn overflow_tree(&mut self, root: u64) -> BTreeMap<u64, u32> {
-        let mut out = BTreeMap::new();
-        self.tree(root, TreeKind::Plain(4), true, 0, &mut BTreeSet::new(), &mut |_, k, v, _| {
-            out.insert(k, u32::from_le_bytes(v[..4].try_into().unwrap_or_default()));
-        });
-        out
     }
 }
 
@@ -632,7 +453,7 @@ pub fn check(storage: &dyn MetaStorage) -> Result<CheckReport, CheckError> {
     // Data space map: index tree, bitmaps, overflow tree.
     let data_bitmaps_n = dsm.nr_blocks.div_ceil(ENTRIES_PER_BITMAP);
     let mut index_entries: BTreeMap<u64, IndexEntry> = BTreeMap::new();
-    c.tree(dsm.bitmap_root, TreeKind::Plain(16), true, 0, &mut BTreeSet::new(), &mut |_, k, v, _| {
+    c.tree(dsm.bitmap_root, TreeKind::Plain(16), &mut |_, k, v, _| {
         index_entries.insert(k, IndexEntry::decode(v));
     });
     let mut data_bitmaps = Vec::new();
@@ -716,16 +537,14 @@ pub fn check(storage: &dyn MetaStorage) -> Result<CheckReport, CheckError> {
     // Compare counts with both space maps.
     report.stats.metadata_blocks_in_use = c.compare_space_map(
         "metadata",
-        nr_meta,
-        msm.nr_allocated,
+        (nr_meta, msm.nr_allocated),
         &meta_bitmaps,
         &meta_overflow,
         &|c: &Checker<'_>, b| c.meta_refs.get(b as usize).copied().unwrap_or(0),
     );
     report.stats.data_blocks_in_use = c.compare_space_map(
         "data",
-        dsm.nr_blocks,
-        dsm.nr_allocated,
+        (dsm.nr_blocks, dsm.nr_allocated),
         &data_bitmaps,
         &data_overflow,
         &|c: &Checker<'_>, b| c.data_refs.get(&b).copied().unwrap_or(0),

@@ -3,16 +3,18 @@
 //! ref-count trees for counts of 3 and more. [`SpaceMaps`] loads the in-memory
 //! [`RefCounts`] of both maps when a pool opens and writes them back at commit,
 //! repeating until the blocks used to write them are themselves counted (§5.11,
-//! "fixed point at commit").
+//! "fixed point at commit"). [`read_counts`] is the one reader of on-disk counts:
+//! the engine's load and the strict checker both use it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::RefCounts;
-use crate::btree::{self, Replace, Values};
+use crate::btree::{self, NodeVisitor, Replace, Step, Values, Walk};
 use crate::error::{Corruption, MetaError};
 use crate::format::checksum::BlockKind;
 use crate::format::space_map::{self as fsm, IndexEntry, SmRoot, ENTRIES_PER_BITMAP};
 use crate::format::superblock::Superblock;
+use crate::format::Block;
 use crate::transaction::Txn;
 
 /// Values of the data space map's index tree (16-byte index entries).
@@ -221,6 +223,178 @@ fn sync_overflow(t: &mut Txn, root: u64, b: u64, data: bool) -> Result<u64, Meta
     }
 }
 
+/// The entries of an overflow ref-count tree (block -> count, spec §4.4), gathered
+/// by walking the tree with it as the visitor, or by feeding it entries with
+/// [`add`](Self::add).
+#[derive(Debug, Clone, Default)]
+pub struct Overflow(pub BTreeMap<u64, u32>);
+
+impl Overflow {
+    /// Note one entry of the tree (a 32-bit little-endian count).
+    pub fn add(&mut self, key: u64, value: &[u8]) {
+        let mut c = [0u8; 4];
+        let n = value.len().min(4);
+        c[..n].copy_from_slice(&value[..n]);
+        self.0.insert(key, u32::from_le_bytes(c));
+    }
+}
+
+impl NodeVisitor for Overflow {
+    fn entry(&mut self, key: u64, value: &[u8]) -> Result<Step, MetaError> {
+        self.add(key, value);
+        Ok(Step::Descend)
+    }
+}
+
+/// A rule of the on-disk space map (spec §4) that [`read_counts`] found broken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// The bitmap at `loc` has non-zero entries past the end of the map, the first
+    /// for `block`.
+    Tail {
+        /// The bitmap.
+        loc: u64,
+        /// The first block past the end with a non-zero entry.
+        block: u64,
+    },
+    /// The bitmap at `loc` says 3 (or more) for `block`, but the ref-count tree holds
+    /// `count`, below 3. The count read is `count`.
+    Below3 {
+        /// The bitmap.
+        loc: u64,
+        /// The block counted.
+        block: u64,
+        /// What the ref-count tree holds.
+        count: u32,
+    },
+    /// The bitmap at `loc` says 3 (or more) for `block`, but the ref-count tree has no
+    /// entry for it. The count read is 3.
+    Missing {
+        /// The bitmap.
+        loc: u64,
+        /// The block counted.
+        block: u64,
+    },
+    /// The ref-count tree holds `count` for `block`, whose bitmap entry is not 3 (or
+    /// whose bitmap was not read).
+    Orphan {
+        /// The block.
+        block: u64,
+        /// What the ref-count tree holds.
+        count: u32,
+    },
+}
+
+/// A reader of one space map's on-disk counts, driven by [`read_counts`]: it says
+/// where bitmaps come from and what to do with each count and each broken rule.
+pub trait CountVisitor {
+    /// Bitmap `index` of the map, stored at `loc`, validated (checksum, blocknr);
+    /// `None` to go on without it.
+    fn bitmap(&mut self, index: usize, loc: u64) -> Result<Option<Box<Block>>, MetaError>;
+    /// The count of `block` (below the map's end), read from the bitmap at `loc` or,
+    /// when the bitmap says 3, from the ref-count tree.
+    fn count(&mut self, block: u64, count: u32, loc: u64) -> Result<(), MetaError>;
+    /// A broken rule; an error ends the read.
+    fn fault(&mut self, fault: Fault) -> Result<(), MetaError>;
+}
+
+/// Read the counts of a space map of `nr_blocks` blocks from its bitmaps (in index
+/// order) and its ref-count tree's entries: a bitmap entry of 0 to 2 is the count,
+/// 3 means the ref-count tree holds it (at least 3). Every entry of every bitmap
+/// read is looked at, so entries past the end and ref-count entries no bitmap asks
+/// for are reported too.
+pub fn read_counts<V: CountVisitor + ?Sized>(
+    nr_blocks: u64,
+    bitmaps: &[u64],
+    overflow: &Overflow,
+    v: &mut V,
+) -> Result<(), MetaError> {
+    let mut asked = BTreeSet::new();
+    for (i, &loc) in bitmaps.iter().enumerate() {
+        let Some(blk) = v.bitmap(i, loc)? else { continue };
+        let start = i as u64 * ENTRIES_PER_BITMAP;
+        let mut tail_reported = false;
+        for e in 0..ENTRIES_PER_BITMAP {
+            let block = start + e;
+            let bits = fsm::bitmap_get(&blk, e as usize);
+            if block >= nr_blocks {
+                if bits != 0 && !tail_reported {
+                    v.fault(Fault::Tail { loc, block })?;
+                    tail_reported = true;
+                }
+                continue;
+            }
+            let count = if bits == 3 {
+                asked.insert(block);
+                match overflow.0.get(&block) {
+                    Some(&c) if c >= 3 => c,
+                    Some(&count) => {
+                        v.fault(Fault::Below3 { loc, block, count })?;
+                        count
+                    }
+                    None => {
+                        v.fault(Fault::Missing { loc, block })?;
+                        3
+                    }
+                }
+            } else {
+                u32::from(bits)
+            };
+            v.count(block, count, loc)?;
+        }
+    }
+    for (&block, &count) in &overflow.0 {
+        if !asked.contains(&block) {
+            v.fault(Fault::Orphan { block, count })?;
+        }
+    }
+    Ok(())
+}
+
+/// The engine's reading of a space map: counts go into [`RefCounts`], and any
+/// broken rule that leaves a count unknown is an error.
+struct Load<'t> {
+    t: &'t mut Txn,
+    name: &'static str,
+    rc: RefCounts,
+    ref_root: u64,
+    index_block: u64,
+}
+
+impl CountVisitor for Load<'_> {
+    fn bitmap(&mut self, index: usize, loc: u64) -> Result<Option<Box<Block>>, MetaError> {
+        if loc == 0 {
+            let name = self.name;
+            return Err(MetaError::corrupt(
+                self.index_block,
+                sm_err(format!("{name} space-map index entry {index} has no bitmap block")),
+            ));
+        }
+        Ok(Some(Box::new(*self.t.bitmap(loc)?)))
+    }
+
+    fn count(&mut self, block: u64, count: u32, _loc: u64) -> Result<(), MetaError> {
+        self.rc.load(block, count);
+        Ok(())
+    }
+
+    fn fault(&mut self, fault: Fault) -> Result<(), MetaError> {
+        let name = self.name;
+        match fault {
+            Fault::Below3 { block, count, .. } => Err(MetaError::corrupt(
+                self.ref_root,
+                sm_err(format!("{name} ref-count tree holds {count} for block {block} (must be >= 3)")),
+            )),
+            Fault::Missing { loc, block } => Err(MetaError::corrupt(
+                loc,
+                sm_err(format!("{name} block {block} has bitmap count 3 but no ref-count tree entry")),
+            )),
+            // Nothing the engine counts depends on these.
+            Fault::Tail { .. } | Fault::Orphan { .. } => Ok(()),
+        }
+    }
+}
+
 /// Read a space map's bitmaps and overflow tree into counts.
 fn load_counts(
     t: &mut Txn,
@@ -230,48 +404,9 @@ fn load_counts(
     ref_root: u64,
     index_block: u64,
 ) -> Result<RefCounts, MetaError> {
-    let mut overflow: HashMap<u64, u32> = HashMap::new();
-    btree::visit(t, ref_root, REF_COUNTS, 0, u64::MAX, &mut |k, v| {
-        overflow.insert(k, u32::from_le_bytes(v[..4].try_into().unwrap_or_default()));
-        Ok(())
-    })?;
-    let mut rc = RefCounts::new(name, nr_blocks);
-    for (i, &loc) in bitmaps.iter().enumerate() {
-        if loc == 0 {
-            return Err(MetaError::corrupt(
-                index_block,
-                sm_err(format!("{name} space-map index entry {i} has no bitmap block")),
-            ));
-        }
-        let blk = t.bitmap(loc)?;
-        let start = i as u64 * ENTRIES_PER_BITMAP;
-        let end = (start + ENTRIES_PER_BITMAP).min(nr_blocks);
-        let mut threes = Vec::new();
-        for b in start..end {
-            let v = fsm::bitmap_get(blk, (b - start) as usize);
-            match v {
-                0 => {}
-                3 => threes.push(b),
-                v => rc.load(b, v as u32),
-            }
-        }
-        for b in threes {
-            match overflow.get(&b) {
-                Some(&c) if c >= 3 => rc.load(b, c),
-                Some(&c) => {
-                    return Err(MetaError::corrupt(
-                        ref_root,
-                        sm_err(format!("{name} ref-count tree holds {c} for block {b} (must be >= 3)")),
-                    ))
-                }
-                None => {
-                    return Err(MetaError::corrupt(
-                        loc,
-                        sm_err(format!("{name} block {b} has bitmap count 3 but no ref-count tree entry")),
-                    ))
-                }
-            }
-        }
-    }
-    Ok(rc)
+    let mut overflow = Overflow::default();
+    btree::walk(t, ref_root, Walk::all(REF_COUNTS), &mut overflow)?;
+    let mut load = Load { t, name, rc: RefCounts::new(name, nr_blocks), ref_root, index_block };
+    read_counts(nr_blocks, bitmaps, &overflow, &mut load)?;
+    Ok(load.rc)
 }
