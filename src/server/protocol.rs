@@ -183,15 +183,35 @@ pub enum PoolMode {
     Ro,
     /// Every data block is in use.
     OutOfDataSpace,
+    /// Free metadata is down to the reserve.
+    OutOfMetadataSpace,
+    /// A metadata write failed; nothing more is accepted until the pool reopens.
+    Fail,
 }
 
 impl PoolMode {
-    /// The mode as `status` prints it: `rw`, `ro`, `out-of-data-space`.
+    /// The mode as `status` prints it: `rw`, `ro`, `out-of-data-space`,
+    /// `out-of-metadata-space`, `fail`.
     pub fn as_str(self) -> &'static str {
         match self {
             PoolMode::Rw => "rw",
             PoolMode::Ro => "ro",
             PoolMode::OutOfDataSpace => "out-of-data-space",
+            PoolMode::OutOfMetadataSpace => "out-of-metadata-space",
+            PoolMode::Fail => "fail",
+        }
+    }
+}
+
+impl From<crate::thin::PoolMode> for PoolMode {
+    fn from(m: crate::thin::PoolMode) -> Self {
+        use crate::thin::PoolMode as E;
+        match m {
+            E::ReadWrite => PoolMode::Rw,
+            E::ReadOnly => PoolMode::Ro,
+            E::OutOfDataSpace => PoolMode::OutOfDataSpace,
+            E::OutOfMetadataSpace => PoolMode::OutOfMetadataSpace,
+            E::Fail => PoolMode::Fail,
         }
     }
 }

@@ -126,9 +126,10 @@ fn writable(path: &std::path::Path) -> bool {
     nix::unistd::access(path, nix::unistd::AccessFlags::W_OK).is_ok()
 }
 
-/// The status of an open pool: the metadata's numbers and the mode (`ro` when the
+/// The status of an open pool: the metadata's numbers and the mode: `ro` when the
 /// pool is read-only by option, needs a check, or its files are not writable by
-/// this process).
+/// this process; else the engine's mode, and for a pool opened read-only here
+/// (whose engine says so) `out-of-data-space` or `rw` from the data counts.
 pub fn status(pd: &PoolDir, pool: &Pool) -> PoolStatus {
     let st = pool.meta().status();
     let mode = if pd.config().options.read_only
@@ -137,6 +138,8 @@ pub fn status(pd: &PoolDir, pool: &Pool) -> PoolStatus {
         || !writable(&pd.data_path())
     {
         PoolMode::Ro
+    } else if st.mode != crate::thin::PoolMode::ReadOnly {
+        PoolMode::from(st.mode)
     } else if st.data_used_blocks >= st.data_total_blocks {
         PoolMode::OutOfDataSpace
     } else {
