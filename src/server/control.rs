@@ -1,56 +1,72 @@
-//! The control socket of a running server (`DIR/control.sock`, mode 0600).
+//! The control socket of a running server (`DIR/control.sock`, mode 0600): the
+//! transport of the typed protocol in [`protocol`](crate::server::protocol), the
+//! client's [`call`], and the [`Controller`] that runs requests against the pool the
+//! server holds.
 //!
-//! A client sends one JSON line `{"argv": ["snapshot", "thin0", "snap1"]}`: a
-//! `thinctl` command line without the program name and pool directory. The server
-//! runs it against the pool it holds open and answers with one JSON line
-//! `{"code": 0, "stdout": "...", "stderr": "..."}`. So `thinctl` commands that change
-//! a served pool behave exactly as they do on a pool that is not served.
+//! Each connection gets its own thread (at most [`MAX_CLIENTS`] at once; past that a
+//! client is answered [`ErrorKind::Busy`]), so a slow or silent client never holds
+//! up the others. A client must send its request line within [`REQUEST_TIMEOUT`];
+//! a silent one is answered with an error and dropped, and on shutdown every
+//! waiting connection is dropped at once. Requests themselves are serialised by the
+//! controller's lock on the pool directory.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use crate::error::{MetaError, PoolError};
+use crate::server::protocol::{
+    decode_request, encode, ControlError, ErrorKind, Request, RequestLine, Response, ResponseLine, MAX_LINE,
+    PROTOCOL_VERSION,
+};
+use crate::server::service::Service;
+use crate::server::usage;
+use crate::volume::{PoolChange, PoolDir, PoolDirError};
 
-/// Longest request line accepted.
-const MAX_LINE: u64 = 64 * 1024;
+/// Control connections served at once.
+pub const MAX_CLIENTS: usize = 16;
 
-/// A command sent to the server.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Request {
-    /// Command line without the program name and pool directory.
-    pub argv: Vec<String>,
+/// How long a client has to send its request line.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often a waiting connection looks at the stop flag.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Longest reply a client accepts (listings of many devices are long).
+const MAX_REPLY: u64 = 256 << 20;
+
+/// Runs requests for the control socket.
+pub type Handler = Arc<dyn Fn(Request) -> Response + Send + Sync>;
+
+/// Why [`call`] got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// Nobody listens on the socket (no server, or a socket file left by a crash).
+    #[error("cannot connect: {0}")]
+    Connect(#[source] io::Error),
+    /// The exchange failed after connecting.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The server's answer is not a response.
+    #[error("bad reply from the server: {0}")]
+    BadReply(String),
 }
 
-/// The outcome of a command.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Reply {
-    /// Exit code (0 ok, 1 failed, 2 usage).
-    pub code: i32,
-    /// What the command printed.
-    pub stdout: String,
-    /// Its error messages.
-    pub stderr: String,
-}
-
-/// Runs commands for the control socket.
-pub type Handler = Arc<dyn Fn(Vec<String>) -> Reply + Send + Sync>;
-
-/// Send `argv` to the server listening on `sock` and wait for its reply.
-pub fn call(sock: &Path, argv: &[String]) -> io::Result<Reply> {
-    let mut s = UnixStream::connect(sock)?;
-    let mut line = serde_json::to_string(&Request { argv: argv.to_vec() }).map_err(io::Error::other)?;
-    line.push('\n');
-    s.write_all(line.as_bytes())?;
+/// Send `request` to the server listening on `sock` and wait for its response.
+pub fn call(sock: &Path, request: &Request) -> Result<Response, CallError> {
+    let s = UnixStream::connect(sock).map_err(CallError::Connect)?;
+    (&s).write_all(encode(&RequestLine { version: PROTOCOL_VERSION, request: request.clone() }).as_bytes())?;
     let mut reply = String::new();
-    BufReader::new(s).read_line(&mut reply)?;
-    serde_json::from_str(&reply)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad reply from the server: {e}")))
+    BufReader::new((&s).take(MAX_REPLY)).read_line(&mut reply)?;
+    if reply.is_empty() {
+        return Err(CallError::BadReply("the server closed the connection without answering".into()));
+    }
+    serde_json::from_str::<ResponseLine>(&reply).map(|r| r.response).map_err(|e| CallError::BadReply(e.to_string()))
 }
 
 /// Listen on `sock` (replacing a stale socket file) until `stop` is set.
@@ -69,12 +85,30 @@ pub fn serve(sock: PathBuf, handler: Handler, stop: Arc<AtomicBool>) -> io::Resu
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
     listener.set_nonblocking(true)?;
     Ok(std::thread::spawn(move || {
+        let active = Arc::new(AtomicUsize::new(0));
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
         while !stop.load(Ordering::Relaxed) {
             match listener.accept() {
                 Ok((conn, _)) => {
-                    if let Err(e) = answer(conn, &handler) {
-                        eprintln!("thinpool control: {e}");
+                    threads.retain(|t| !t.is_finished());
+                    if active.load(Ordering::SeqCst) >= MAX_CLIENTS {
+                        let busy = ControlError::new(
+                            ErrorKind::Busy,
+                            format!("the server is answering {MAX_CLIENTS} control clients already; try again"),
+                        );
+                        let _ = conn.set_nonblocking(false);
+                        let _ = conn.set_write_timeout(Some(POLL));
+                        let _ = reply(&conn, Response::Error { error: busy });
+                        continue;
                     }
+                    active.fetch_add(1, Ordering::SeqCst);
+                    let (handler, stop, active) = (Arc::clone(&handler), Arc::clone(&stop), Arc::clone(&active));
+                    threads.push(std::thread::spawn(move || {
+                        if let Err(e) = answer(&conn, &handler, &stop) {
+                            eprintln!("thinpool control: {e}");
+                        }
+                        active.fetch_sub(1, Ordering::SeqCst);
+                    }));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(20)),
                 Err(e) => {
@@ -84,46 +118,349 @@ pub fn serve(sock: PathBuf, handler: Handler, stop: Arc<AtomicBool>) -> io::Resu
             }
         }
         let _ = std::fs::remove_file(&sock);
+        // Waiting connections see the stop flag within POLL; running requests finish.
+        for t in threads {
+            let _ = t.join();
+        }
     }))
 }
 
-fn answer(conn: UnixStream, handler: &Handler) -> io::Result<()> {
+fn reply(conn: &UnixStream, response: Response) -> io::Result<()> {
+    let mut w = conn;
+    w.write_all(encode(&ResponseLine { version: PROTOCOL_VERSION, response }).as_bytes())
+}
+
+/// Read one request line: `Ok(None)` when the client stopped talking (timeout,
+/// shutdown). A line over [`MAX_LINE`] is read to its end (or the timeout) and
+/// returned whole so that it is refused with an answer.
+fn read_request(conn: &UnixStream, stop: &AtomicBool) -> io::Result<Option<Vec<u8>>> {
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    let mut line = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match (&*conn).read(&mut chunk) {
+            Ok(0) => return Ok(Some(line)),
+            Ok(n) => {
+                let part = &chunk[..n];
+                if let Some(end) = part.iter().position(|&b| b == b'\n') {
+                    if line.len() <= MAX_LINE {
+                        line.extend_from_slice(&part[..end]);
+                    }
+                    return Ok(Some(line));
+                }
+                // Past the limit, keep only enough to know it is too long.
+                if line.len() <= MAX_LINE {
+                    line.extend_from_slice(part);
+                }
+            }
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(None);
+                }
+                if Instant::now() >= deadline {
+                    return Ok(if line.len() > MAX_LINE { Some(line) } else { None });
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn answer(conn: &UnixStream, handler: &Handler, stop: &AtomicBool) -> io::Result<()> {
     conn.set_nonblocking(false)?;
-    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut line = String::new();
-    BufReader::new((&conn).take(MAX_LINE)).read_line(&mut line)?;
-    let reply = match serde_json::from_str::<Request>(&line) {
-        Ok(req) => handler(req.argv),
-        Err(e) => Reply { code: 2, stdout: String::new(), stderr: format!("bad control request: {e}") },
+    conn.set_read_timeout(Some(POLL))?;
+    conn.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+    let Some(line) = read_request(conn, stop)? else {
+        let silent =
+            ControlError::new(ErrorKind::BadRequest, format!("no request line within {}s", REQUEST_TIMEOUT.as_secs()));
+        // The client may not be reading either: its loss.
+        let _ = reply(conn, Response::Error { error: silent });
+        return Ok(());
     };
-    let mut out = serde_json::to_string(&reply).map_err(io::Error::other)?;
-    out.push('\n');
-    (&conn).write_all(out.as_bytes())
+    if line.is_empty() {
+        // Connected and closed (a liveness probe): answer if it still listens.
+        let empty = ControlError::new(ErrorKind::BadRequest, "empty control request");
+        let _ = reply(conn, Response::Error { error: empty });
+        return Ok(());
+    }
+    let response = match decode_request(&line) {
+        Err(error) => Response::Error { error },
+        Ok(request) => {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(request))).unwrap_or_else(|_| {
+                Response::Error {
+                    error: ControlError::new(ErrorKind::Failed, "internal error: the request handler panicked"),
+                }
+            })
+        }
+    };
+    reply(conn, response)
+}
+
+impl From<PoolDirError> for ControlError {
+    fn from(e: PoolDirError) -> Self {
+        let kind = match &e {
+            PoolDirError::NoSuchDevice { .. } | PoolDirError::Pool(PoolError::NoSuchDevice(_)) => {
+                ErrorKind::NoSuchDevice
+            }
+            PoolDirError::ReadOnly { .. } | PoolDirError::Pool(PoolError::ReadOnly) => ErrorKind::ReadOnly,
+            PoolDirError::Pool(PoolError::NoSpace { .. }) => ErrorKind::NoSpace,
+            PoolDirError::Pool(PoolError::Meta(MetaError::Corrupt { .. })) => ErrorKind::Corrupt,
+            _ => ErrorKind::Failed,
+        };
+        ControlError::new(kind, e.to_string())
+    }
+}
+
+impl From<PoolError> for ControlError {
+    fn from(e: PoolError) -> Self {
+        PoolDirError::Pool(e).into()
+    }
+}
+
+/// Runs typed requests against the pool a server holds: its [`PoolDir`] (names and
+/// sizes) and its [`Service`] (the engine shared with the NBD exports).
+///
+/// - Changes run as [`PoolDir::apply`] inside [`Service::with_pool`], with the
+///   pool directory locked, exactly as `thinctl` applies them to a pool it opened.
+/// - A delete is one step: [`Service::delete`] refuses an attached device and
+///   deletes under one lock, so no client can attach between the check and the
+///   delete ([`PoolDir::delete_with`] then forgets the name).
+/// - `ls` walks the mappings in slices ([`usage::listing_served`]) without holding
+///   the pool directory or the pool for the walk.
+pub struct Controller {
+    service: Arc<Service>,
+    pd: Arc<Mutex<PoolDir>>,
+    read_only: bool,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller").field("read_only", &self.read_only).finish_non_exhaustive()
+    }
+}
+
+impl Controller {
+    /// A controller for `service` and `pd`; `read_only` refuses every change.
+    pub fn new(service: Arc<Service>, pd: Arc<Mutex<PoolDir>>, read_only: bool) -> Controller {
+        Controller { service, pd, read_only }
+    }
+
+    /// This controller as a socket [`Handler`].
+    pub fn into_handler(self) -> Handler {
+        Arc::new(move |request| self.handle(request))
+    }
+
+    fn dir(&self) -> MutexGuard<'_, PoolDir> {
+        // PoolDir saves pool.toml atomically: a panic leaves the old or the new file.
+        self.pd.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Run one request.
+    pub fn handle(&self, request: Request) -> Response {
+        let r = match request {
+            Request::Ls => usage::listing_served(&self.service, &self.pd)
+                .map(|listing| Response::Listing { listing })
+                .map_err(ControlError::from),
+            Request::Status => {
+                let pd = self.dir();
+                Ok(Response::Status { status: self.service.with_pool(|pool| usage::status(&pd, pool)) })
+            }
+            Request::Change { change } => self.change(&change),
+        };
+        r.unwrap_or_else(|error| Response::Error { error })
+    }
+
+    fn change(&self, change: &PoolChange) -> Result<Response, ControlError> {
+        let mut pd = self.dir();
+        if self.read_only {
+            return Err(ControlError::new(
+                ErrorKind::ReadOnly,
+                format!("pool {} is served read-only: it cannot be changed", pd.dir().display()),
+            ));
+        }
+        let outcome = match change {
+            PoolChange::Delete { name } => {
+                let id = pd.delete_with(name, |id| {
+                    self.service.delete(id).map_err(|e| match self.service.attached(id) {
+                        0 => ControlError::from(e),
+                        n => ControlError::new(
+                            ErrorKind::Attached,
+                            format!(
+                                "device \"{name}\" is attached by {n} NBD client(s); disconnect them before deleting it"
+                            ),
+                        ),
+                    })
+                })?;
+                crate::volume::ChangeOutcome::Deleted { id }
+            }
+            other => self.service.with_pool(|pool| pd.apply(pool, other))?,
+        };
+        Ok(Response::Changed { outcome, block_bytes: self.service.block_bytes() })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::protocol::Listing;
 
-    #[test]
-    fn a_command_sent_over_the_socket_is_run_and_answered() {
+    fn start(handler: Handler) -> (tempfile::TempDir, PathBuf, Arc<AtomicBool>, JoinHandle<()>) {
         let dir = tempfile::tempdir().expect("tmp");
         let sock = dir.path().join("control.sock");
         let stop = Arc::new(AtomicBool::new(false));
-        let handler: Handler = Arc::new(|argv: Vec<String>| Reply {
-            code: argv.len() as i32,
-            stdout: argv.join(" "),
-            stderr: String::new(),
-        });
         let t = serve(sock.clone(), handler, Arc::clone(&stop)).expect("serve");
+        (dir, sock, stop, t)
+    }
+
+    fn listing(n: usize) -> Response {
+        Response::Listing { listing: Listing { block_bytes: n as u64, devices: Vec::new() } }
+    }
+
+    /// Send raw bytes, half-close, and read the one reply line.
+    fn raw(sock: &Path, bytes: &[u8]) -> ResponseLine {
+        let s = UnixStream::connect(sock).expect("connect");
+        let mut w = &s;
+        let _ = w.write_all(bytes);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).expect("read");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    }
+
+    fn kind(r: &ResponseLine) -> ErrorKind {
+        match &r.response {
+            Response::Error { error } => error.kind,
+            other => panic!("not an error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_typed_request_sent_over_the_socket_is_answered() {
+        let handler: Handler = Arc::new(|r: Request| match r {
+            Request::Ls => listing(7),
+            _ => Response::Error { error: ControlError::new(ErrorKind::Failed, "no") },
+        });
+        let (_dir, sock, stop, t) = start(handler);
         let mode = std::fs::metadata(&sock).expect("socket").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let r = call(&sock, &["create".into(), "web".into()]).expect("call");
-        assert_eq!(r, Reply { code: 2, stdout: "create web".into(), stderr: String::new() });
+        assert_eq!(call(&sock, &Request::Ls).expect("call"), listing(7));
         // A second server on the same socket is refused while the first runs.
-        assert!(serve(sock.clone(), Arc::new(|_| Reply::default()), Arc::new(AtomicBool::new(false))).is_err());
+        assert!(serve(sock.clone(), Arc::new(|_| listing(0)), Arc::new(AtomicBool::new(false))).is_err());
         stop.store(true, Ordering::Relaxed);
         t.join().expect("join");
         assert!(!sock.exists());
+    }
+
+    #[test]
+    fn malformed_unknown_and_oversized_requests_get_errors_and_the_server_keeps_serving() {
+        let (_dir, sock, stop, t) = start(Arc::new(|_| listing(1)));
+        assert_eq!(kind(&raw(&sock, b"not json\n")), ErrorKind::BadRequest);
+        assert_eq!(kind(&raw(&sock, b"")), ErrorKind::BadRequest);
+        assert_eq!(kind(&raw(&sock, b"{\"argv\": [\"ls\"]}\n")), ErrorKind::BadRequest);
+        assert_eq!(kind(&raw(&sock, b"{\"version\":1,\"request\":{\"op\":\"rm_rf\"}}\n")), ErrorKind::BadRequest);
+        assert_eq!(kind(&raw(&sock, b"{\"version\":7,\"request\":{\"op\":\"ls\"}}\n")), ErrorKind::UnsupportedVersion);
+        let mut big = vec![b'x'; 4 * MAX_LINE];
+        big.push(b'\n');
+        assert_eq!(kind(&raw(&sock, &big)), ErrorKind::BadRequest);
+        // Without a newline, up to the end of the stream.
+        assert_eq!(kind(&raw(&sock, &vec![b' '; 2 * MAX_LINE])), ErrorKind::BadRequest);
+        assert_eq!(raw(&sock, b"{\"version\":1,\"request\":{\"op\":\"ls\"}}").response, listing(1));
+        assert_eq!(call(&sock, &Request::Ls).expect("still serving"), listing(1));
+        stop.store(true, Ordering::Relaxed);
+        t.join().expect("join");
+    }
+
+    #[test]
+    fn a_panicking_handler_answers_an_error() {
+        let (_dir, sock, stop, t) = start(Arc::new(|_| panic!("boom")));
+        match call(&sock, &Request::Status).expect("answered") {
+            Response::Error { error } => assert_eq!(error.kind, ErrorKind::Failed),
+            other => panic!("{other:?}"),
+        }
+        stop.store(true, Ordering::Relaxed);
+        t.join().expect("join");
+    }
+
+    #[test]
+    fn a_silent_client_blocks_neither_other_clients_nor_shutdown() {
+        let (_dir, sock, stop, t) = start(Arc::new(|_| listing(2)));
+        let silent: Vec<UnixStream> = (0..3).map(|_| UnixStream::connect(&sock).expect("connect")).collect();
+        let begin = Instant::now();
+        for _ in 0..5 {
+            assert_eq!(call(&sock, &Request::Ls).expect("call"), listing(2));
+        }
+        assert!(begin.elapsed() < Duration::from_secs(2), "others were held up: {:?}", begin.elapsed());
+        // A silent client is answered and dropped after the timeout.
+        let mut line = String::new();
+        BufReader::new(&silent[0]).read_line(&mut line).expect("read");
+        let r: ResponseLine = serde_json::from_str(&line).expect("reply");
+        assert_eq!(kind(&r), ErrorKind::BadRequest);
+        // Shutdown does not wait for silent clients.
+        let more: Vec<UnixStream> = (0..3).map(|_| UnixStream::connect(&sock).expect("connect")).collect();
+        std::thread::sleep(Duration::from_millis(100));
+        let begin = Instant::now();
+        stop.store(true, Ordering::Relaxed);
+        t.join().expect("join");
+        assert!(begin.elapsed() < Duration::from_secs(2), "shutdown waited for silent clients: {:?}", begin.elapsed());
+        drop((silent, more));
+    }
+
+    #[test]
+    fn too_many_clients_at_once_get_busy() {
+        let (_dir, sock, stop, t) = start(Arc::new(|_| listing(3)));
+        let silent: Vec<UnixStream> = (0..MAX_CLIENTS).map(|_| UnixStream::connect(&sock).expect("connect")).collect();
+        std::thread::sleep(Duration::from_millis(200));
+        match call(&sock, &Request::Ls).expect("answered") {
+            Response::Error { error } => assert_eq!(error.kind, ErrorKind::Busy),
+            other => panic!("{other:?}"),
+        }
+        drop(silent);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(call(&sock, &Request::Ls).expect("call"), listing(3));
+        stop.store(true, Ordering::Relaxed);
+        t.join().expect("join");
+    }
+
+    #[test]
+    fn the_controller_refuses_to_delete_an_attached_device_in_the_same_step_as_the_delete() {
+        use crate::volume::{ChangeOutcome, CreateOptions};
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (mut pd, mut pool) =
+            PoolDir::create(&tmp.path().join("p"), &CreateOptions { data_bytes: 16 << 20, ..Default::default() })
+                .expect("create");
+        pd.create_device(&mut pool, "web", 1 << 20, None).expect("web");
+        let service = Service::new(pool);
+        let pd = Arc::new(Mutex::new(pd));
+        let c = Controller::new(Arc::clone(&service), Arc::clone(&pd), false);
+        let delete = || c.handle(Request::Change { change: PoolChange::Delete { name: "web".into() } });
+        service.attach(0);
+        match delete() {
+            Response::Error { error } => {
+                assert_eq!(error.kind, ErrorKind::Attached);
+                assert!(error.message.contains("attached by 1 NBD client"), "{}", error.message);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(pd.lock().expect("pd").device("web").is_ok(), "the name stays");
+        assert!(service.with_pool(|p| p.meta().has_device(0)), "the device stays");
+        service.detach(0);
+        assert_eq!(
+            delete(),
+            Response::Changed { outcome: ChangeOutcome::Deleted { id: 0 }, block_bytes: service.block_bytes() }
+        );
+        assert!(pd.lock().expect("pd").device("web").is_err());
+        match delete() {
+            Response::Error { error } => assert_eq!(error.kind, ErrorKind::NoSuchDevice),
+            other => panic!("{other:?}"),
+        }
+        let ro = Controller::new(Arc::clone(&service), pd, true);
+        match ro.handle(Request::Change { change: PoolChange::Create { name: "x".into(), size_bytes: 4096, id: None } })
+        {
+            Response::Error { error } => assert_eq!(error.kind, ErrorKind::ReadOnly),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(ro.handle(Request::Status), Response::Status { .. }));
+        assert!(matches!(ro.handle(Request::Ls), Response::Listing { listing } if listing.devices.is_empty()));
     }
 }

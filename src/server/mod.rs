@@ -3,5 +3,7 @@
 
 pub mod control;
 pub mod exports;
+pub mod protocol;
 pub mod run;
 pub mod service;
+pub mod usage;

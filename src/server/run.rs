@@ -11,8 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::nbd::{Server, ServerConfig};
-use crate::server::control::{self, Handler, Reply};
+use crate::server::control::{self, Handler};
 use crate::server::exports::{ExportedDevice, PoolCatalog};
+use crate::server::protocol::{Request, Response};
 use crate::server::service::Service;
 
 /// How to serve.
@@ -64,8 +65,8 @@ pub fn run(
         Some((path, handler)) => {
             let cat = Arc::clone(&catalog);
             let devs = Arc::clone(&devices);
-            let wrapped: Handler = Arc::new(move |argv: Vec<String>| -> Reply {
-                let r = handler(argv);
+            let wrapped: Handler = Arc::new(move |request: Request| -> Response {
+                let r = handler(request);
                 let (list, default) = devs();
                 cat.set_devices(list, default);
                 r

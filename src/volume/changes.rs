@@ -190,10 +190,25 @@ impl PoolDir {
     /// Delete a device; returns its id. Snapshots of it keep their data and lose
     /// their `snapshot_of`.
     pub fn delete(&mut self, pool: &mut Pool, name: &str) -> Result<DevId, PoolDirError> {
+        self.delete_with(name, |id| {
+            pool.delete(id.into())?;
+            pool.commit().map_err(PoolDirError::from)
+        })
+    }
+
+    /// Delete a device whose engine-side delete is done by `delete_and_commit(id)`
+    /// (which must delete the thin device and commit, or fail changing nothing): a
+    /// server passes one step that also refuses an attached device. Then the name is
+    /// forgotten and `pool.toml` saved; returns the id. Snapshots of it lose their
+    /// `snapshot_of`.
+    pub fn delete_with<E: From<PoolDirError>>(
+        &mut self,
+        name: &str,
+        delete_and_commit: impl FnOnce(DevId) -> Result<(), E>,
+    ) -> Result<DevId, E> {
         self.writable()?;
         let id = self.device(name)?.id;
-        pool.delete(id.into())?;
-        pool.commit()?;
+        delete_and_commit(id)?;
         self.forget(name);
         self.save()?;
         Ok(id)

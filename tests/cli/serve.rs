@@ -139,3 +139,108 @@ fn a_read_only_server_refuses_changes() {
     assert_eq!(child.wait().expect("wait").code(), Some(0));
     assert!(sc.ok(&["ls", "p"]).contains("web"), "the device is still there");
 }
+
+/// Attach to `name` as an NBD client (fixed newstyle, OPT_GO) and stay attached
+/// until the stream is dropped.
+fn nbd_attach(addr: &str, name: &str) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).expect("connect");
+    let mut hello = [0u8; 18];
+    c.read_exact(&mut hello).expect("hello");
+    assert_eq!(&hello[..8], b"NBDMAGIC");
+    // Client flags: FIXED_NEWSTYLE | NO_ZEROES.
+    c.write_all(&3u32.to_be_bytes()).expect("flags");
+    let mut data = (name.len() as u32).to_be_bytes().to_vec();
+    data.extend_from_slice(name.as_bytes());
+    data.extend_from_slice(&0u16.to_be_bytes());
+    let mut opt = 0x4948_4156_454F_5054u64.to_be_bytes().to_vec(); // IHAVEOPT
+    opt.extend_from_slice(&7u32.to_be_bytes()); // OPT_GO
+    opt.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    opt.extend_from_slice(&data);
+    c.write_all(&opt).expect("OPT_GO");
+    loop {
+        let mut h = [0u8; 20];
+        c.read_exact(&mut h).expect("option reply");
+        let kind = u32::from_be_bytes(h[12..16].try_into().expect("4"));
+        let len = u32::from_be_bytes(h[16..20].try_into().expect("4"));
+        let mut d = vec![0u8; len as usize];
+        c.read_exact(&mut d).expect("option data");
+        match kind {
+            1 => return c,                                            // ACK: attached
+            3 => {}                                                   // INFO
+            other => panic!("OPT_GO for {name} answered {other:#x}"), // an error
+        }
+    }
+}
+
+#[test]
+fn a_device_an_nbd_client_holds_is_not_deleted_until_it_disconnects() {
+    let sc = Scratch::new();
+    let p = sc.pool("p", "64M");
+    sc.ok(&["create", "p", "web", "--size", "4M"]);
+    sc.ok(&["create", "p", "spare", "--size", "1M"]);
+    let server = Server::start(&sc, "p");
+    let client = nbd_attach(&server.addr, "web");
+    let err = sc.run(&["delete", "p", "web"]).fails(1).to_string();
+    assert_eq!(err.trim(), "error: device \"web\" is attached by 1 NBD client(s); disconnect them before deleting it");
+    assert_eq!(device_names(&sc, "p"), ["web", "spare"], "a refused delete changes nothing");
+    // Devices nobody holds are deleted as usual.
+    assert!(sc.ok(&["delete", "p", "spare"]).contains("deleted \"spare\""));
+    drop(client);
+    // The server sees the disconnect shortly after.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let r = sc.run(&["delete", "p", "web"]);
+        if r.code == 0 {
+            assert!(r.stdout.contains("deleted \"web\" (id 0)"), "{}", r.stdout);
+            break;
+        }
+        assert!(r.stderr.contains("is attached by"), "{}", r.stderr);
+        assert!(std::time::Instant::now() < deadline, "the detach was never seen");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(device_names(&sc, "p").is_empty());
+    assert_eq!(server.stop(), Some(0));
+    assert_thin_check(&p, "a delete after the client left");
+}
+
+#[test]
+fn the_control_socket_answers_bad_requests_and_silent_clients_hold_nobody_up() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let sc = Scratch::new();
+    let p = sc.pool("p", "64M");
+    let server = Server::start(&sc, "p");
+    let sock = p.join("control.sock");
+    let ask = |bytes: &[u8]| -> serde_json::Value {
+        let mut s = UnixStream::connect(&sock).expect("connect");
+        let _ = s.write_all(bytes);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("reply");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+    };
+    // The old command-line form is not a request any more.
+    let r = ask(b"{\"argv\": [\"delete\", \"web\"]}\n");
+    assert_eq!(r["response"]["result"], "error");
+    assert_eq!(r["response"]["error"]["kind"], "bad_request");
+    let r = ask(b"{\"version\": 1, \"request\": {\"op\": \"explode\"}}\n");
+    assert_eq!(r["response"]["error"]["kind"], "bad_request");
+    let r = ask(&[b'{'; 200_000]);
+    assert_eq!(r["response"]["error"]["kind"], "bad_request");
+    // A typed request by hand.
+    let r = ask(b"{\"version\": 1, \"request\": {\"op\": \"status\"}}\n");
+    assert_eq!(r["response"]["result"], "status");
+    assert_eq!(r["response"]["status"]["mode"], "rw");
+    // Clients that connect and say nothing do not hold up thinctl.
+    let silent: Vec<UnixStream> = (0..4).map(|_| UnixStream::connect(&sock).expect("connect")).collect();
+    let begin = std::time::Instant::now();
+    assert!(sc.ok(&["create", "p", "web", "--size", "1M"]).contains("created \"web\""));
+    assert!(sc.ok(&["ls", "p"]).contains("web"));
+    assert!(begin.elapsed() < std::time::Duration::from_secs(3), "{:?}", begin.elapsed());
+    // Nor the server's shutdown.
+    let begin = std::time::Instant::now();
+    assert_eq!(server.stop(), Some(0));
+    assert!(begin.elapsed() < std::time::Duration::from_secs(4), "{:?}", begin.elapsed());
+    drop(silent);
+}

@@ -6,6 +6,8 @@ use std::fs::File;
 use std::path::Path;
 
 use thinpool::io::FileStorage;
+use thinpool::server::protocol::{Request, Response};
+use thinpool::server::usage;
 use thinpool::volume::{Access, ChangeOutcome, CreateOptions, PoolChange, PoolDir, PoolDirError};
 
 use crate::error::{describe, msg, CliError, CliResult};
@@ -61,8 +63,13 @@ pub fn pool_adopt(dir: &Path, metadata: &Path, data: &Path, sizes: &[(u32, u64)]
 /// Apply one of the changes a server could also receive: sent to the server when
 /// one serves the pool, else applied here under the pool's lock.
 pub fn change(dir: &Path, change: PoolChange) -> CliResult {
-    if remote::forward(dir, &remote::change_argv(&change))? {
-        return Ok(());
+    match remote::forward(dir, Request::Change { change: change.clone() })? {
+        Some(Response::Changed { outcome, block_bytes }) => {
+            println!("{}", outcome_line(&change, outcome, block_bytes));
+            return Ok(());
+        }
+        Some(other) => return Err(remote::unexpected(dir, &other)),
+        None => {}
     }
     let (mut pd, mut pool) = open_pool(dir, Access::Write)?;
     let outcome = match &change {
@@ -84,29 +91,29 @@ pub fn change(dir: &Path, change: PoolChange) -> CliResult {
     Ok(())
 }
 
-/// Send `ls` or `status` to the server of `dir` when one runs (see [`remote::forward`]).
-fn forward_view(dir: &Path, command: &str, json: bool) -> CliResult<bool> {
-    let mut argv = vec![command.to_string()];
-    if json {
-        argv.push("--json".into());
-    }
-    remote::forward(dir, &argv)
-}
-
 /// `thinctl ls`.
 pub fn ls(dir: &Path, json: bool) -> CliResult {
-    if forward_view(dir, "ls", json)? {
-        return Ok(());
-    }
-    let (pd, mut pool) = open_pool(dir, Access::Read)?;
-    print!("{}", ls_output(dir, &pd, &mut pool, json)?);
+    let listing = match remote::forward(dir, Request::Ls)? {
+        Some(Response::Listing { listing }) => listing,
+        Some(other) => return Err(remote::unexpected(dir, &other)),
+        None => {
+            let (pd, mut pool) = open_pool(dir, Access::Read)?;
+            usage::listing(&pd, &mut pool)?
+        }
+    };
+    print!("{}", ls_output(dir, &listing, json)?);
     Ok(())
 }
 
 /// `thinctl status`.
 pub fn status(dir: &Path, json: bool) -> CliResult {
-    if forward_view(dir, "status", json)? {
-        return Ok(());
+    match remote::forward(dir, Request::Status)? {
+        Some(Response::Status { status }) => {
+            print!("{}", status_output(dir, &status, json, true)?);
+            return Ok(());
+        }
+        Some(other) => return Err(remote::unexpected(dir, &other)),
+        None => {}
     }
     let mut pd = PoolDir::open(dir, Access::Read)?;
     match pd.open_pool() {
@@ -117,7 +124,7 @@ pub fn status(dir: &Path, json: bool) -> CliResult {
         }
         Ok(pool) => {
             warn_all(pd.take_warnings());
-            print!("{}", status_output(dir, &pd, &pool, json, false)?);
+            print!("{}", status_output(dir, &usage::status(&pd, &pool), json, false)?);
             Ok(())
         }
     }

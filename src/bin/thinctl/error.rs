@@ -21,9 +21,9 @@ pub enum CliError {
     /// The command ran and its answer is "no" (check found problems); already reported.
     #[error("{0}")]
     Failed(String),
-    /// A server ran the command and reported its outcome already: exit with this code.
-    #[error("exit status {0}")]
-    Exit(i32),
+    /// The server of a served pool refused or failed the request.
+    #[error(transparent)]
+    Remote(#[from] thinpool::server::protocol::ControlError),
 }
 
 impl From<thinpool::xml::XmlError> for CliError {
@@ -45,20 +45,25 @@ pub fn msg(s: impl Into<String>) -> CliError {
     CliError::Msg(s.into())
 }
 
-/// The one-line message for an error, with what to do where that is known.
+/// The one-line message for an error, with what to do where that is known (the
+/// same for an error of a served pool, which arrives typed by kind).
 pub fn describe(e: &CliError) -> String {
+    use thinpool::server::protocol::ErrorKind;
     let base = e.to_string();
-    let engine = match e {
-        CliError::Pool(p) | CliError::Dir(PoolDirError::Pool(p)) => Some(p),
+    let kind = match e {
+        CliError::Pool(p) | CliError::Dir(PoolDirError::Pool(p)) => match p {
+            PoolError::NoSpace { .. } => Some(ErrorKind::NoSpace),
+            PoolError::Meta(MetaError::Corrupt { .. }) => Some(ErrorKind::Corrupt),
+            _ => None,
+        },
+        CliError::Remote(r) => Some(r.kind),
         _ => None,
     };
-    match engine {
-        Some(PoolError::NoSpace { .. }) => {
+    match kind {
+        Some(ErrorKind::NoSpace) => {
             format!("{base}: the pool is full; delete or discard devices, or grow the data file")
         }
-        Some(PoolError::Meta(MetaError::Corrupt { .. })) => {
-            format!("{base}; the metadata is damaged: `thinctl check` gives a full report")
-        }
+        Some(ErrorKind::Corrupt) => format!("{base}; the metadata is damaged: `thinctl check` gives a full report"),
         _ => base,
     }
 }

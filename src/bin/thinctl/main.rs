@@ -25,8 +25,8 @@
 //! (`thinctl serve` and the server side of the control socket) do the work through
 //! the library; `remote` (the client side of the control socket), `open` (opening a
 //! pool), `views` (what ls, status and changes print) and `error` are shared by them.
-//! Nothing imports this dispatcher: the server re-parses a control-socket command
-//! line with `cli` and runs it with `serve::handle`.
+//! Nothing imports this dispatcher: the control socket carries typed requests
+//! (`thinpool::server::protocol`), run in the server by its `Controller`.
 
 mod cli;
 mod commands;
@@ -47,7 +47,7 @@ use clap::Parser;
 use thinpool::volume::{CreateOptions, DEFAULT_BLOCK_BYTES, DEFAULT_DATA_BYTES};
 
 use crate::cli::{as_change, default_dir, split_dir, utf8, Cli, Cmd, PoolCmd};
-use crate::error::{msg, CliError, CliResult};
+use crate::error::{msg, CliResult};
 
 /// Run a parsed command line.
 fn run(cli: Cli) -> CliResult {
@@ -108,7 +108,6 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(CliError::Exit(code)) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
             eprintln!("error: {}", error::describe(&e));
             ExitCode::from(1)

@@ -1,84 +1,21 @@
-//! `thinctl serve`: serve a pool over NBD, and run the commands other `thinctl`s
-//! send to its control socket (see `remote` for the client side).
-//!
-//! A command line received on the socket is parsed again with the same `cli` and
-//! run here by [`handle`] on the pool the server holds (a later issue replaces the
-//! re-parse with typed requests).
+//! `thinctl serve`: serve a pool over NBD, with the control socket that other
+//! `thinctl`s send typed requests to (see `remote` for the client side). The
+//! requests are run by `thinpool::server::control::Controller` on the pool held here.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use clap::Parser;
-use thinpool::pool::Pool;
-use thinpool::server::control::{Handler, Reply};
+use thinpool::server::control::{Controller, Handler};
 use thinpool::server::exports::ExportedDevice;
 use thinpool::server::run::{self as serve, DeviceList};
 use thinpool::server::service::Service;
-use thinpool::volume::{Access, PoolChange, PoolDir};
+use thinpool::volume::{Access, PoolDir};
 
-use crate::cli::{as_change, Cli, Cmd};
-use crate::error::{describe, msg, CliError, CliResult};
+use crate::error::{msg, CliError, CliResult};
 use crate::open::open_pool;
 use crate::remote::CONTROL_SOCKET;
-use crate::views::{ls_output, outcome_line, status_output};
-
-/// Run a command line received on the control socket against the served pool.
-pub fn handle(service: &Service, pd: &Mutex<PoolDir>, dir: &Path, read_only: bool, argv: Vec<String>) -> Reply {
-    let cli = match Cli::try_parse_from(std::iter::once("thinctl".to_string()).chain(argv)) {
-        Ok(c) => c,
-        Err(e) => {
-            let code = if e.use_stderr() { 2 } else { 0 };
-            let text = e.to_string();
-            return if code == 0 {
-                Reply { code, stdout: text, stderr: String::new() }
-            } else {
-                Reply { code, stdout: String::new(), stderr: text }
-            };
-        }
-    };
-    let mut pd = pd.lock().unwrap_or_else(PoisonError::into_inner);
-    let result: CliResult<String> = match cli.cmd {
-        Cmd::Ls { json, .. } => service.with_pool(|pool| ls_output(dir, &pd, pool, json)),
-        Cmd::Status { json, .. } => service.with_pool(|pool| status_output(dir, &pd, pool, json, true)),
-        cmd => match as_change(cmd) {
-            Ok(Ok((_, change))) => {
-                if read_only {
-                    Err(msg(format!("pool {} is served read-only: it cannot be changed", dir.display())))
-                } else {
-                    apply(service, &mut pd, &change)
-                }
-            }
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(msg(format!(
-                "pool {} is busy: a server holds it; only create, snapshot, delete, discard, resize, ls and status go through its control socket (stop the server for the others)",
-                dir.display()
-            ))),
-        },
-    };
-    match result {
-        Ok(stdout) => Reply { code: 0, stdout, stderr: String::new() },
-        Err(CliError::Exit(code)) => Reply { code, stdout: String::new(), stderr: String::new() },
-        Err(e) => Reply { code: 1, stdout: String::new(), stderr: format!("error: {}\n", describe(&e)) },
-    }
-}
-
-fn apply(service: &Service, pd: &mut PoolDir, change: &PoolChange) -> CliResult<String> {
-    if let PoolChange::Delete { name } = change {
-        let id = pd.device(name)?.id;
-        let clients = service.attached(id);
-        if clients > 0 {
-            return Err(msg(format!(
-                "device \"{name}\" is attached by {clients} NBD client(s); disconnect them before deleting it"
-            )));
-        }
-    }
-    service.with_pool(|pool: &mut Pool| {
-        let outcome = pd.apply(pool, change)?;
-        Ok(format!("{}\n", outcome_line(change, outcome, pool.block_bytes())))
-    })
-}
 
 /// Options of `thinctl serve`.
 #[derive(Debug, Clone)]
@@ -147,10 +84,7 @@ pub fn serve(dir: &Path, args: ServeArgs) -> CliResult {
         })
     };
     let first = devices().1;
-    let handler: Handler = {
-        let (service, pd, dir) = (Arc::clone(&service), Arc::clone(&pd), dir.to_path_buf());
-        Arc::new(move |argv| handle(&service, &pd, &dir, read_only, argv))
-    };
+    let handler: Handler = Controller::new(Arc::clone(&service), Arc::clone(&pd), read_only).into_handler();
     let opts = serve::Options {
         listen,
         read_only,

@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use serde::Serialize;
-use thinpool::pool::Pool;
-use thinpool::volume::{ChangeOutcome, PoolChange, PoolDir};
+use thinpool::server::protocol::{Listing, PoolStatus};
+use thinpool::volume::{ChangeOutcome, PoolChange};
 
 use crate::error::{msg, CliResult};
 use crate::units::{format_size, format_time};
@@ -72,29 +72,27 @@ struct LsJson {
     devices: Vec<DeviceJson>,
 }
 
-/// What `ls` prints.
-pub fn ls_output(dir: &Path, pd: &PoolDir, pool: &mut Pool, json: bool) -> CliResult<String> {
-    let bs = pool.block_bytes();
-    let usage = pool.metadata().usage()?;
-    let mut devices = Vec::new();
-    for (name, e) in pd.devices() {
-        let info = pool.meta().device_info(e.id)?;
-        let (mapped, excl) = usage.get(&e.id).copied().unwrap_or((0, 0));
-        devices.push(DeviceJson {
-            name: name.to_string(),
-            id: e.id,
-            size_bytes: e.size_bytes,
-            mapped_bytes: mapped * bs,
-            exclusive_bytes: excl * bs,
-            creation_time: e.created,
-            snapshot_of: e.snapshot_of.clone(),
-            mapped_blocks: mapped,
-            exclusive_blocks: excl,
-            thin_creation_time: info.creation_time,
-            thin_snapshot_time: info.snapshotted_time,
-            thin_transaction_id: info.transaction_id,
-        });
-    }
+/// What `ls` prints for a listing (made here or by a server).
+pub fn ls_output(dir: &Path, listing: &Listing, json: bool) -> CliResult<String> {
+    let bs = listing.block_bytes;
+    let mut devices: Vec<DeviceJson> = listing
+        .devices
+        .iter()
+        .map(|d| DeviceJson {
+            name: d.name.clone(),
+            id: d.id,
+            size_bytes: d.size_bytes,
+            mapped_bytes: d.mapped_blocks * bs,
+            exclusive_bytes: d.exclusive_blocks * bs,
+            creation_time: d.creation_time,
+            snapshot_of: d.snapshot_of.clone(),
+            mapped_blocks: d.mapped_blocks,
+            exclusive_blocks: d.exclusive_blocks,
+            thin_creation_time: d.thin_creation_time,
+            thin_snapshot_time: d.thin_snapshot_time,
+            thin_transaction_id: d.thin_transaction_id,
+        })
+        .collect();
     devices.sort_by_key(|d| d.id);
     if json {
         return Ok(format!("{}\n", to_json(&LsJson { devices })?));
@@ -177,41 +175,26 @@ struct StatusJson {
     error: Option<String>,
 }
 
-fn writable(path: &Path) -> bool {
-    nix::unistd::access(path, nix::unistd::AccessFlags::W_OK).is_ok()
-}
-
-/// What `status` prints for an open pool; `served` when a server holds it.
-pub fn status_output(dir: &Path, pd: &PoolDir, pool: &Pool, json: bool, served: bool) -> CliResult<String> {
-    let st = pool.meta().status();
+/// What `status` prints for a pool's status (read here or by a server); `served`
+/// when a server holds the pool.
+pub fn status_output(dir: &Path, st: &PoolStatus, json: bool, served: bool) -> CliResult<String> {
     let total = st.metadata_total_blocks;
     // dmsetup counts the kernel's metadata reserve (min(4096, total / 10)) as used.
     let reserve = (total / 10).min(4096);
-    let mode = if pd.config().options.read_only
-        || st.needs_check
-        || !writable(&pd.metadata_path())
-        || !writable(&pd.data_path())
-    {
-        "ro"
-    } else if st.data_used_blocks >= st.data_total_blocks {
-        "out-of-data-space"
-    } else {
-        "rw"
-    };
     let out = StatusJson {
         transaction_id: Some(st.transaction_id),
         metadata_used_blocks: Some(st.metadata_used_blocks),
         metadata_total_blocks: Some(total),
         data_used_blocks: Some(st.data_used_blocks),
         data_total_blocks: Some(st.data_total_blocks),
-        data_block_size_bytes: Some(pool.block_bytes()),
-        mode,
-        held_root: (st.held_root != 0).then_some(st.held_root),
+        data_block_size_bytes: Some(st.data_block_size_bytes),
+        mode: st.mode.as_str(),
+        held_root: st.held_root,
         metadata_block_size_bytes: 4096,
         metadata_used_blocks_dmsetup: Some((st.metadata_used_blocks + reserve).min(total)),
         needs_check: Some(st.needs_check),
         time: Some(st.time),
-        devices: Some(pool.meta().device_ids().len()),
+        devices: Some(st.devices),
         served,
         error: None,
     };
