@@ -22,7 +22,8 @@
 //! reactor, which polls it with every other parked connection, so an idle client
 //! costs a file descriptor and a few hundred bytes, not a thread.
 
-use std::io::{self, Read, Write};
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -43,15 +44,21 @@ pub(super) const FLUSH_AT: usize = 256 << 10;
 pub(super) const HOLD: Duration = Duration::from_millis(50);
 /// The input buffer's usual size (one `recv` takes up to this much).
 const READ_CHUNK: usize = 64 << 10;
-/// Buffers larger than this are released when they empty.
-const KEEP_BUFFER: usize = 1 << 20;
+/// Buffers larger than this are released when they empty (smaller ones are kept,
+/// so that a stream of large reads does not allocate and fault in each reply).
+const KEEP_BUFFER: usize = 4 << 20;
 
-/// Replies not yet taken by the socket.
+/// Replies not yet taken by the socket: whole batches, written with `writev`
+/// (never copied into one buffer).
 #[derive(Default)]
 struct Outbox {
-    buf: Vec<u8>,
-    /// Bytes of `buf` already written.
+    chunks: VecDeque<Vec<u8>>,
+    /// Bytes of the first chunk already written.
     pos: usize,
+    /// Bytes waiting, over all chunks.
+    bytes: usize,
+    /// An emptied buffer kept for the next batch.
+    spare: Vec<u8>,
     /// A write failed (the client went away): the connection is to be closed.
     failed: bool,
 }
@@ -78,41 +85,62 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    /// Queue `data` (taking its allocation when the outbox is empty) and write what
+    /// Queue `data` (taking its buffer; it gets an empty one back) and write what
     /// the socket takes now.
     fn send(&self, data: &mut Vec<u8>) {
         let mut ob = lock(&self.out);
-        if ob.failed {
+        if ob.failed || data.is_empty() {
             data.clear();
             return;
         }
-        if ob.buf.is_empty() {
-            std::mem::swap(&mut ob.buf, data);
-        } else {
-            ob.buf.extend_from_slice(data);
-            data.clear();
-        }
+        let spare = std::mem::take(&mut ob.spare);
+        let chunk = std::mem::replace(data, spare);
+        ob.bytes += chunk.len();
+        ob.chunks.push_back(chunk);
         self.write_some(&mut ob);
     }
 
     /// Write the outbox until the socket would block.
     fn write_some(&self, ob: &mut Outbox) {
-        while ob.pos < ob.buf.len() && !ob.failed {
-            match (&self.sock).write(&ob.buf[ob.pos..]) {
+        while !ob.chunks.is_empty() && !ob.failed {
+            let written = {
+                let mut slices = [IoSlice::new(&[]); 16];
+                let mut n = 0;
+                for (i, c) in ob.chunks.iter().take(16).enumerate() {
+                    slices[i] = IoSlice::new(if i == 0 { &c[ob.pos..] } else { c });
+                    n += 1;
+                }
+                (&self.sock).write_vectored(&slices[..n])
+            };
+            match written {
                 Ok(0) => ob.failed = true,
-                Ok(n) => ob.pos += n,
+                Ok(mut n) => {
+                    ob.bytes -= n;
+                    while n > 0 {
+                        let left = ob.chunks[0].len() - ob.pos;
+                        if n < left {
+                            ob.pos += n;
+                            break;
+                        }
+                        n -= left;
+                        ob.pos = 0;
+                        if let Some(mut c) = ob.chunks.pop_front() {
+                            if c.capacity() <= KEEP_BUFFER && c.capacity() > ob.spare.capacity() {
+                                c.clear();
+                                ob.spare = c;
+                            }
+                        }
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => ob.failed = true,
             }
         }
-        if ob.pos == ob.buf.len() || ob.failed {
+        if ob.failed {
+            ob.chunks.clear();
+            ob.bytes = 0;
             ob.pos = 0;
-            if ob.buf.capacity() > KEEP_BUFFER || ob.failed {
-                ob.buf = Vec::new();
-            } else {
-                ob.buf.clear();
-            }
         }
     }
 
@@ -120,13 +148,12 @@ impl Shared {
     fn flush(&self) -> usize {
         let mut ob = lock(&self.out);
         self.write_some(&mut ob);
-        ob.buf.len() - ob.pos
+        ob.bytes
     }
 
     /// Bytes waiting in the outbox.
     fn pending(&self) -> usize {
-        let ob = lock(&self.out);
-        ob.buf.len() - ob.pos
+        lock(&self.out).bytes
     }
 
     fn failed(&self) -> bool {
@@ -299,7 +326,7 @@ impl Conn {
             self.flush_batch();
             let pending = self.shared.flush();
             if matches!(self.phase, Phase::Done) {
-                return self.finish(hub, pending);
+                return self.finish(hub);
             }
             let over = self.over_cap(pending);
             if batch_full && !over {
@@ -376,16 +403,18 @@ impl Conn {
     /// The end of a connection: wait for its requests on the blocking pool, then
     /// close once every reply is written (parked while the client is slow to read;
     /// on shutdown the reactor's grace period bounds that).
-    fn finish(&mut self, hub: &Hub, pending: usize) -> Outcome {
+    fn finish(&mut self, hub: &Hub) -> Outcome {
         self.wait_jobs(|j, _| j.count == 0);
-        let pending = if pending > 0 { self.shared.flush() } else { 0 };
-        if pending == 0 || self.shared.failed() || hub.forced() {
-            return Outcome::Close;
+        let mut pending = self.shared.flush();
+        loop {
+            if pending == 0 || self.shared.failed() || hub.forced() {
+                return Outcome::Close;
+            }
+            if !self.wait(PollFlags::POLLOUT, HOLD) {
+                return Outcome::Park;
+            }
+            pending = self.shared.flush();
         }
-        if self.wait(PollFlags::POLLOUT, HOLD) {
-            return self.finish(hub, pending);
-        }
-        Outcome::Park
     }
 
     /// Hand the batch of replies to the outbox.

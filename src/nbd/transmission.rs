@@ -147,13 +147,15 @@ pub(super) fn execute(s: &Session, req: &Request, payload: &[u8], out: &mut Vec<
     }
 }
 
-/// READ: a simple reply with the data (read straight into the reply buffer), or
-/// structured chunks where unmapped extents become hole chunks (unless DF asks for
-/// one piece).
+/// READ: a simple reply with the data, or structured chunks where unmapped extents
+/// become hole chunks (unless DF asks for one piece). Data is read straight into the
+/// reply buffer; on a read error whatever was appended for this request is
+/// replaced by the error reply.
 fn do_read(s: &Session, out: &mut Vec<u8>, req: &Request) {
     let len = req.length as usize;
+    let mark = out.len();
     if !s.structured {
-        let mark = out.len();
+        out.reserve(16 + len);
         out.extend_from_slice(&wire::simple_reply(0, req.cookie));
         out.resize(mark + 16 + len, 0);
         if let Err(e) = s.export().read(req.offset, &mut out[mark + 16..]) {
@@ -161,10 +163,6 @@ fn do_read(s: &Session, out: &mut Vec<u8>, req: &Request) {
             error_reply(s, out, Command::Read, req, errno(&e));
         }
         return;
-    }
-    let mut buf = vec![0u8; len];
-    if let Err(e) = s.export().read(req.offset, &mut buf) {
-        return error_reply(s, out, Command::Read, req, errno(&e));
     }
     if req.length == 0 {
         out.extend_from_slice(&wire::chunk_header(wire::REPLY_FLAG_DONE, wire::REPLY_TYPE_NONE, req.cookie, 0));
@@ -193,6 +191,7 @@ fn do_read(s: &Session, out: &mut Vec<u8>, req: &Request) {
     if pos < total {
         chunks.push((pos, total - pos, false));
     }
+    out.reserve(len + 32 * chunks.len());
     let last = chunks.len() - 1;
     for (i, (off, len, hole)) in chunks.into_iter().enumerate() {
         let flags = if i == last { wire::REPLY_FLAG_DONE } else { 0 };
@@ -204,10 +203,14 @@ fn do_read(s: &Session, out: &mut Vec<u8>, req: &Request) {
             out.extend_from_slice(&wire::chunk_header(flags, wire::REPLY_TYPE_OFFSET_HOLE, req.cookie, 12));
             out.extend_from_slice(&p);
         } else {
-            let data = &buf[off as usize..(off + len) as usize];
             out.extend_from_slice(&wire::chunk_header(flags, wire::REPLY_TYPE_OFFSET_DATA, req.cookie, 8 + len as u32));
             out.extend_from_slice(&abs);
-            out.extend_from_slice(data);
+            let at = out.len();
+            out.resize(at + len as usize, 0);
+            if let Err(e) = s.export().read(req.offset + off, &mut out[at..]) {
+                out.truncate(mark);
+                return error_reply(s, out, Command::Read, req, errno(&e));
+            }
         }
     }
 }
