@@ -331,6 +331,9 @@ impl Server {
         };
         let mut parked: Vec<Conn> = Vec::new();
         let mut grace_end: Option<Instant> = None;
+        // After a failed accept (out of file descriptors, say) the listener stays
+        // readable: leave it out of the poll set for a moment instead of spinning.
+        let mut accept_paused_until: Option<Instant> = None;
         loop {
             parked.append(&mut lock(&hub.parked));
             let now = Instant::now();
@@ -353,7 +356,7 @@ impl Server {
             let ready: Vec<bool> = {
                 let mut fds = Vec::with_capacity(parked.len() + 2);
                 fds.push(PollFd::new(wake_rx.as_fd(), PollFlags::POLLIN));
-                let accepting = grace_end.is_none();
+                let accepting = grace_end.is_none() && accept_paused_until.is_none_or(|t| now >= t);
                 if accepting {
                     fds.push(PollFd::new(self.listener.as_fd(), PollFlags::POLLIN));
                 }
@@ -380,9 +383,10 @@ impl Server {
                 while matches!((&*wake_rx).read(&mut b), Ok(n) if n > 0) {}
             }
             i += 1;
-            if grace_end.is_none() {
-                if ready[i] {
-                    self.accept_all(hub, &live, &refusing, &waker, &mut parked);
+            if grace_end.is_none() && accept_paused_until.is_none_or(|t| now >= t) {
+                accept_paused_until = None;
+                if ready[i] && !self.accept_all(&live, &refusing, &waker, &mut parked) {
+                    accept_paused_until = Some(Instant::now() + Duration::from_millis(100));
                 }
                 i += 1;
             }
@@ -397,23 +401,23 @@ impl Server {
         }
     }
 
+    /// Accept every pending connection; false when accepting failed.
     fn accept_all(
         &self,
-        hub: &Arc<Hub>,
         live: &Arc<AtomicUsize>,
         refusing: &Arc<AtomicUsize>,
         waker: &Arc<dyn Fn() + Send + Sync>,
         parked: &mut Vec<Conn>,
-    ) {
+    ) -> bool {
         loop {
             let stream = match self.listener.accept() {
                 Ok((s, _)) => s,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     // Out of file descriptors, say: leave the rest in the backlog.
                     eprintln!("thinpool nbd: accept failed: {e}");
-                    return;
+                    return false;
                 }
             };
             if stream.set_nonblocking(true).is_err() {
@@ -439,7 +443,6 @@ impl Server {
                 Arc::clone(counter),
                 Arc::clone(waker),
             );
-            let _ = hub;
             parked.push(conn);
         }
     }
