@@ -1,24 +1,30 @@
 //! The handshake: fixed newstyle greeting, then option haggling until the client
 //! chooses an export (EXPORT_NAME or GO), aborts, or goes away.
 //!
-//! Each option is read whole (its length checked against the limits first), parsed
-//! into its typed [`OptionCode`], and answered by one small function; the state the
-//! options build up (structured replies, `base:allocation`) lives in [`Negotiation`],
-//! and the agreed result is a [`Session`] for the transmission phase.
+//! This module does no I/O: the connection driver frames each message (the client
+//! flags, then each option, its length checked against the limits first) and hands
+//! it to [`Negotiation`], which appends its replies to a buffer. Each option is
+//! parsed into its typed [`OptionCode`] and answered by one small function; the state
+//! the options build up (structured replies, `base:allocation`) lives in
+//! [`Negotiation`], and the agreed result is a [`Session`] for the transmission phase.
+//!
+//! An export opened for INFO or GO is held by an [`Attachment`], a guard that gives
+//! it back to the catalog ([`Catalog::close`]) when dropped: on every exit path,
+//! including a client that resets while the replies are being written.
 
-use std::io::{self, Read, Write};
-use std::sync::{Arc, Mutex};
+use std::io;
+use std::sync::Arc;
 
 use byteorder::{BigEndian as BE, ByteOrder};
 
 use super::export::{Catalog, Export};
-use super::server::{send, MAX_PAYLOAD};
+use super::server::MAX_PAYLOAD;
 use super::wire::{self, OptionCode};
 
 /// Largest option payload read into memory.
-const MAX_OPTION: u32 = 64 << 10;
+pub(super) const MAX_OPTION: u32 = 64 << 10;
 /// Option payloads above this are not even skipped: the client is dropped.
-const MAX_OPTION_SKIP: u32 = 16 << 20;
+pub(super) const MAX_OPTION_SKIP: u32 = 16 << 20;
 /// Most metadata context queries in one LIST/SET_META_CONTEXT.
 const MAX_QUERIES: u32 = 1024;
 /// Longest export name or context query accepted inside INFO/GO/META_CONTEXT.
@@ -26,18 +32,89 @@ const MAX_STRING: u32 = 4096;
 /// Context id of `base:allocation`.
 pub(super) const CTX_BASE_ALLOCATION: u32 = 1;
 
+/// A catalog shared by the server's threads, or borrowed by a one-connection driver.
+#[derive(Clone)]
+pub(super) enum CatalogRef<'c> {
+    /// Owned by the server.
+    Shared(Arc<dyn Catalog>),
+    /// Borrowed for the life of one connection.
+    Borrowed(&'c dyn Catalog),
+}
+
+impl CatalogRef<'_> {
+    fn get(&self) -> &dyn Catalog {
+        match self {
+            CatalogRef::Shared(c) => c.as_ref(),
+            CatalogRef::Borrowed(c) => *c,
+        }
+    }
+}
+
+/// An export opened from the catalog; dropping it closes it ([`Catalog::close`]).
+pub(super) struct Attachment<'c> {
+    export: Arc<dyn Export>,
+    name: String,
+    catalog: CatalogRef<'c>,
+}
+
+impl Drop for Attachment<'_> {
+    fn drop(&mut self) {
+        self.catalog.get().close(&self.name);
+    }
+}
+
 /// What option haggling agreed on.
-pub(super) struct Session {
-    /// The chosen export.
-    pub(super) export: Arc<dyn Export>,
-    /// The name the client chose it by (given back to [`Catalog::close`]).
-    pub(super) name: String,
+pub(super) struct Session<'c> {
+    /// The chosen export, closed when the session is dropped.
+    attachment: Attachment<'c>,
     /// Structured replies were negotiated.
     pub(super) structured: bool,
     /// `base:allocation` was selected with SET_META_CONTEXT.
     pub(super) base_allocation: bool,
     /// Writes are refused (server setting or export).
     pub(super) read_only: bool,
+}
+
+impl Session<'_> {
+    /// The chosen export.
+    pub(super) fn export(&self) -> &dyn Export {
+        self.attachment.export.as_ref()
+    }
+}
+
+/// The server's greeting (fixed newstyle, NO_ZEROES offered).
+pub(super) fn greeting() -> [u8; 18] {
+    let mut hello = [0u8; 18];
+    BE::write_u64(&mut hello[0..], wire::NBDMAGIC);
+    BE::write_u64(&mut hello[8..], wire::IHAVEOPT);
+    BE::write_u16(&mut hello[16..], wire::FLAG_FIXED_NEWSTYLE | wire::FLAG_NO_ZEROES);
+    hello
+}
+
+/// How to read an option's payload, from its 16-byte header.
+pub(super) enum Frame {
+    /// Read this many payload bytes, then [`Negotiation::handle`] the option.
+    Read(OptionCode, u32),
+    /// Discard this many bytes, then answer [`Negotiation::too_big`].
+    Skip(OptionCode, u32),
+}
+
+/// Parse an option header and apply the size limits: an oversized payload is
+/// skipped (and answered with ERR_TOO_BIG), or drops the client when it is too
+/// large even to skip.
+pub(super) fn option_frame(head: &[u8; 16]) -> io::Result<Frame> {
+    if BE::read_u64(&head[0..]) != wire::IHAVEOPT {
+        return Err(invalid_data("bad option magic"));
+    }
+    let option = OptionCode::from_wire(BE::read_u32(&head[8..]));
+    let len = BE::read_u32(&head[12..]);
+    if len > MAX_OPTION {
+        if len > MAX_OPTION_SKIP || option == OptionCode::ExportName {
+            return Err(invalid_data("option too large"));
+        }
+        return Ok(Frame::Skip(option, len));
+    }
+    Ok(Frame::Read(option, len))
 }
 
 /// The preferred block size to advertise: NBD requires a power of two, and a pool's
@@ -59,22 +136,6 @@ fn transmission_flags(export: &dyn Export, read_only: bool, structured: bool) ->
         f |= wire::TF_SEND_DF;
     }
     f
-}
-
-fn read_u32<R: Read>(r: &mut R) -> io::Result<u32> {
-    let mut b = [0u8; 4];
-    r.read_exact(&mut b)?;
-    Ok(u32::from_be_bytes(b))
-}
-
-fn skip<R: Read>(r: &mut R, mut n: u64) -> io::Result<()> {
-    let mut buf = [0u8; 8192];
-    while n > 0 {
-        let k = n.min(buf.len() as u64) as usize;
-        r.read_exact(&mut buf[..k])?;
-        n -= k as u64;
-    }
-    Ok(())
 }
 
 fn invalid_data(msg: &str) -> io::Error {
@@ -137,194 +198,197 @@ fn parse_meta_context_request(data: &[u8]) -> Option<Vec<String>> {
 }
 
 /// What to do after an option.
-enum Step {
+pub(super) enum Step<'c> {
     /// Keep haggling.
     Next,
     /// Start transmission.
-    Serve(Session),
-    /// The client aborted.
+    Serve(Session<'c>),
+    /// The client aborted, or was refused and is to be closed.
     Abort,
 }
 
 /// The state of option haggling on one connection.
-struct Negotiation<'a, W> {
-    w: &'a Mutex<W>,
-    catalog: &'a dyn Catalog,
+pub(super) struct Negotiation<'c> {
+    catalog: CatalogRef<'c>,
     /// The server refuses writes on every export.
     read_only: bool,
     /// The client asked for no zero padding after EXPORT_NAME.
     no_zeroes: bool,
     structured: bool,
     base_allocation: bool,
+    /// Every option is refused with this message (the server is over its
+    /// connection limit, or shutting down) and this error.
+    refuse: Option<(u32, String)>,
 }
 
-/// Option haggling. Returns the session to serve, or `None` when the client
-/// aborted or went away before choosing an export.
-pub(super) fn negotiate<R: Read, W: Write>(
-    r: &mut R,
-    w: &Mutex<W>,
-    catalog: &dyn Catalog,
-    read_only: bool,
-) -> io::Result<Option<Session>> {
-    let mut hello = [0u8; 18];
-    BE::write_u64(&mut hello[0..], wire::NBDMAGIC);
-    BE::write_u64(&mut hello[8..], wire::IHAVEOPT);
-    BE::write_u16(&mut hello[16..], wire::FLAG_FIXED_NEWSTYLE | wire::FLAG_NO_ZEROES);
-    send(w, &[&hello])?;
-    let client_flags = read_u32(r)?;
-    if client_flags & !(wire::FLAG_C_FIXED_NEWSTYLE | wire::FLAG_C_NO_ZEROES) != 0 {
-        return Err(invalid_data("unknown client flags"));
-    }
-    let mut n = Negotiation {
-        w,
-        catalog,
-        read_only,
-        no_zeroes: client_flags & wire::FLAG_C_NO_ZEROES != 0,
-        structured: false,
-        base_allocation: false,
-    };
-    loop {
-        let Some((option, data)) = n.read_option(r)? else { continue };
-        match n.handle(option, &data)? {
-            Step::Next => {}
-            Step::Serve(session) => return Ok(Some(session)),
-            Step::Abort => return Ok(None),
+impl<'c> Negotiation<'c> {
+    /// After the greeting: `client_flags` are the 4 bytes the client sent first.
+    pub(super) fn new(catalog: CatalogRef<'c>, read_only: bool, client_flags: u32) -> io::Result<Negotiation<'c>> {
+        if client_flags & !(wire::FLAG_C_FIXED_NEWSTYLE | wire::FLAG_C_NO_ZEROES) != 0 {
+            return Err(invalid_data("unknown client flags"));
         }
-    }
-}
-
-impl<W: Write> Negotiation<'_, W> {
-    fn reply(&self, option: OptionCode, kind: u32, data: &[u8]) -> io::Result<()> {
-        send(self.w, &[&wire::option_reply(option.to_wire(), kind, data.len() as u32), data])
+        Ok(Negotiation {
+            catalog,
+            read_only,
+            no_zeroes: client_flags & wire::FLAG_C_NO_ZEROES != 0,
+            structured: false,
+            base_allocation: false,
+            refuse: None,
+        })
     }
 
-    /// Read one option header and, when its length is within the limits, its
-    /// payload. An oversized payload is skipped and answered with ERR_TOO_BIG
-    /// (`None`), or drops the client when it is too large even to skip.
-    fn read_option<R: Read>(&self, r: &mut R) -> io::Result<Option<(OptionCode, Vec<u8>)>> {
-        let mut head = [0u8; 16];
-        r.read_exact(&mut head)?;
-        if BE::read_u64(&head[0..]) != wire::IHAVEOPT {
-            return Err(invalid_data("bad option magic"));
-        }
-        let option = OptionCode::from_wire(BE::read_u32(&head[8..]));
-        let len = BE::read_u32(&head[12..]);
-        if len > MAX_OPTION {
-            if len > MAX_OPTION_SKIP || option == OptionCode::ExportName {
-                return Err(invalid_data("option too large"));
-            }
-            skip(r, len as u64)?;
-            self.reply(option, wire::REP_ERR_TOO_BIG, b"")?;
-            return Ok(None);
-        }
-        let mut data = vec![0u8; len as usize];
-        r.read_exact(&mut data)?;
-        Ok(Some((option, data)))
+    /// Answer every option from now on with `error` (`REP_ERR_POLICY` or
+    /// `REP_ERR_SHUTDOWN`) and `message`: ABORT is acknowledged, EXPORT_NAME (which
+    /// has no error reply) closes the connection.
+    pub(super) fn refuse_all(&mut self, error: u32, message: String) {
+        self.refuse = Some((error, message));
     }
 
-    fn handle(&mut self, option: OptionCode, data: &[u8]) -> io::Result<Step> {
+    fn reply(&self, out: &mut Vec<u8>, option: OptionCode, kind: u32, data: &[u8]) {
+        out.extend_from_slice(&wire::option_reply(option.to_wire(), kind, data.len() as u32));
+        out.extend_from_slice(data);
+    }
+
+    /// The answer to an option whose payload was too large and was skipped.
+    pub(super) fn too_big(&self, option: OptionCode, out: &mut Vec<u8>) {
+        self.reply(out, option, wire::REP_ERR_TOO_BIG, b"");
+    }
+
+    /// Handle one option with its payload; replies are appended to `out`.
+    pub(super) fn handle(&mut self, option: OptionCode, data: &[u8], out: &mut Vec<u8>) -> io::Result<Step<'c>> {
+        if let Some((error, message)) = &self.refuse {
+            return match option {
+                OptionCode::Abort => {
+                    self.reply(out, option, wire::REP_ACK, b"");
+                    Ok(Step::Abort)
+                }
+                OptionCode::ExportName => Err(io::Error::other(message.clone())),
+                _ => {
+                    self.reply(out, option, *error, message.as_bytes());
+                    Ok(Step::Next)
+                }
+            };
+        }
         match option {
-            OptionCode::ExportName => self.export_name(data),
+            OptionCode::ExportName => self.export_name(data, out),
             OptionCode::Abort => {
-                let _ = self.reply(option, wire::REP_ACK, b"");
+                self.reply(out, option, wire::REP_ACK, b"");
                 Ok(Step::Abort)
             }
-            OptionCode::List => self.list(data).map(|()| Step::Next),
-            OptionCode::StructuredReply => self.structured_reply(data).map(|()| Step::Next),
-            OptionCode::Info | OptionCode::Go => self.info_or_go(option, data),
+            OptionCode::List => {
+                self.list(data, out);
+                Ok(Step::Next)
+            }
+            OptionCode::StructuredReply => {
+                self.structured_reply(data, out);
+                Ok(Step::Next)
+            }
+            OptionCode::Info | OptionCode::Go => Ok(self.info_or_go(option, data, out)),
             OptionCode::ListMetaContext | OptionCode::SetMetaContext => {
-                self.meta_context(option, data).map(|()| Step::Next)
+                self.meta_context(option, data, out);
+                Ok(Step::Next)
             }
             OptionCode::StartTls => {
-                self.reply(option, wire::REP_ERR_POLICY, b"TLS is not offered").map(|()| Step::Next)
+                self.reply(out, option, wire::REP_ERR_POLICY, b"TLS is not offered");
+                Ok(Step::Next)
             }
-            OptionCode::Unknown(_) => self.reply(option, wire::REP_ERR_UNSUP, b"").map(|()| Step::Next),
+            OptionCode::Unknown(_) => {
+                self.reply(out, option, wire::REP_ERR_UNSUP, b"");
+                Ok(Step::Next)
+            }
         }
+    }
+
+    /// Open `name`, held by a guard from this point on.
+    fn open(&self, name: &str) -> Option<Attachment<'c>> {
+        let export = self.catalog.get().open(name)?;
+        Some(Attachment { export, name: name.to_string(), catalog: self.catalog.clone() })
     }
 
     /// EXPORT_NAME: the old way to choose an export; an unknown name drops the client
     /// (this option has no error reply).
-    fn export_name(&self, data: &[u8]) -> io::Result<Step> {
+    fn export_name(&self, data: &[u8], out: &mut Vec<u8>) -> io::Result<Step<'c>> {
         let name = String::from_utf8_lossy(data).into_owned();
-        let Some(export) = self.catalog.open(&name) else {
+        let Some(attachment) = self.open(&name) else {
             return Err(io::Error::new(io::ErrorKind::NotFound, format!("no export named {name:?}")));
         };
-        let flags = transmission_flags(export.as_ref(), self.read_only, false);
+        let export = attachment.export.as_ref();
+        let flags = transmission_flags(export, self.read_only, false);
         let mut reply = vec![0u8; 10];
         BE::write_u64(&mut reply[0..], export.size());
         BE::write_u16(&mut reply[8..], flags);
         if !self.no_zeroes {
             reply.extend_from_slice(&[0u8; 124]);
         }
-        send(self.w, &[&reply])?;
+        out.extend_from_slice(&reply);
         let read_only = self.read_only || export.read_only();
-        Ok(Step::Serve(Session { export, name, structured: false, base_allocation: false, read_only }))
+        Ok(Step::Serve(Session { attachment, structured: false, base_allocation: false, read_only }))
     }
 
     /// LIST: one REP_SERVER per export, then ACK.
-    fn list(&self, data: &[u8]) -> io::Result<()> {
+    fn list(&self, data: &[u8], out: &mut Vec<u8>) {
         let option = OptionCode::List;
         if !data.is_empty() {
-            return self.reply(option, wire::REP_ERR_INVALID, b"");
+            return self.reply(out, option, wire::REP_ERR_INVALID, b"");
         }
-        for (name, _) in self.catalog.list() {
+        for (name, _) in self.catalog.get().list() {
             let mut d = (name.len() as u32).to_be_bytes().to_vec();
             d.extend_from_slice(name.as_bytes());
-            self.reply(option, wire::REP_SERVER, &d)?;
+            self.reply(out, option, wire::REP_SERVER, &d);
         }
-        self.reply(option, wire::REP_ACK, b"")
+        self.reply(out, option, wire::REP_ACK, b"")
     }
 
     /// STRUCTURED_REPLY: takes no payload.
-    fn structured_reply(&mut self, data: &[u8]) -> io::Result<()> {
+    fn structured_reply(&mut self, data: &[u8], out: &mut Vec<u8>) {
         let option = OptionCode::StructuredReply;
         if !data.is_empty() {
-            return self.reply(option, wire::REP_ERR_INVALID, b"");
+            return self.reply(out, option, wire::REP_ERR_INVALID, b"");
         }
         self.structured = true;
-        self.reply(option, wire::REP_ACK, b"")
+        self.reply(out, option, wire::REP_ACK, b"")
     }
 
     /// INFO and GO: describe the export (INFO_EXPORT, INFO_BLOCK_SIZE, then the
-    /// NAME/DESCRIPTION items asked for); GO then starts transmission on it.
-    fn info_or_go(&self, option: OptionCode, data: &[u8]) -> io::Result<Step> {
+    /// NAME/DESCRIPTION items asked for); GO then starts transmission on it. For
+    /// INFO the export is closed again when its guard drops at the end.
+    fn info_or_go(&self, option: OptionCode, data: &[u8], out: &mut Vec<u8>) -> Step<'c> {
         let Some((name, infos)) = parse_info_request(data) else {
-            self.reply(option, wire::REP_ERR_INVALID, b"")?;
-            return Ok(Step::Next);
+            self.reply(out, option, wire::REP_ERR_INVALID, b"");
+            return Step::Next;
         };
-        let Some(export) = self.catalog.open(&name) else {
-            self.reply(option, wire::REP_ERR_UNKNOWN, format!("no export named {name:?}").as_bytes())?;
-            return Ok(Step::Next);
+        let Some(attachment) = self.open(&name) else {
+            self.reply(out, option, wire::REP_ERR_UNKNOWN, format!("no export named {name:?}").as_bytes());
+            return Step::Next;
         };
-        let flags = transmission_flags(export.as_ref(), self.read_only, self.structured);
+        let export = attachment.export.as_ref();
+        let flags = transmission_flags(export, self.read_only, self.structured);
         let mut info = vec![0u8; 12];
         BE::write_u16(&mut info[0..], wire::INFO_EXPORT);
         BE::write_u64(&mut info[2..], export.size());
         BE::write_u16(&mut info[10..], flags);
-        self.reply(option, wire::REP_INFO, &info)?;
+        self.reply(out, option, wire::REP_INFO, &info);
         let mut bs = vec![0u8; 14];
         BE::write_u16(&mut bs[0..], wire::INFO_BLOCK_SIZE);
         BE::write_u32(&mut bs[2..], 1);
         BE::write_u32(&mut bs[6..], preferred_block_size(export.preferred_block_size()));
         BE::write_u32(&mut bs[10..], MAX_PAYLOAD);
-        self.reply(option, wire::REP_INFO, &bs)?;
+        self.reply(out, option, wire::REP_INFO, &bs);
         for i in infos {
             let Some(d) = self.info_item(i, &name) else { continue };
-            self.reply(option, wire::REP_INFO, &d)?;
+            self.reply(out, option, wire::REP_INFO, &d);
         }
-        self.reply(option, wire::REP_ACK, b"")?;
+        self.reply(out, option, wire::REP_ACK, b"");
         if option == OptionCode::Go {
             let read_only = self.read_only || export.read_only();
-            return Ok(Step::Serve(Session {
-                export,
-                name,
+            return Step::Serve(Session {
+                attachment,
                 structured: self.structured,
                 base_allocation: self.base_allocation,
                 read_only,
-            }));
+            });
         }
-        self.catalog.close(&name);
-        Ok(Step::Next)
+        Step::Next
     }
 
     /// The REP_INFO payload for one requested information type, `None` for the
@@ -338,7 +402,7 @@ impl<W: Write> Negotiation<'_, W> {
             }
             wire::INFO_DESCRIPTION => {
                 let desc =
-                    self.catalog.list().into_iter().find(|(n, _)| *n == name).map(|(_, d)| d).unwrap_or_default();
+                    self.catalog.get().list().into_iter().find(|(n, _)| *n == name).map(|(_, d)| d).unwrap_or_default();
                 d.extend_from_slice(&wire::INFO_DESCRIPTION.to_be_bytes());
                 d.extend_from_slice(desc.as_bytes());
             }
@@ -349,13 +413,13 @@ impl<W: Write> Negotiation<'_, W> {
 
     /// LIST_META_CONTEXT and SET_META_CONTEXT: the only context is
     /// `base:allocation`; SET needs structured replies first.
-    fn meta_context(&mut self, option: OptionCode, data: &[u8]) -> io::Result<()> {
+    fn meta_context(&mut self, option: OptionCode, data: &[u8], out: &mut Vec<u8>) {
         let set = option == OptionCode::SetMetaContext;
         if set && !self.structured {
-            return self.reply(option, wire::REP_ERR_INVALID, b"negotiate structured replies first");
+            return self.reply(out, option, wire::REP_ERR_INVALID, b"negotiate structured replies first");
         }
         let Some(queries) = parse_meta_context_request(data) else {
-            return self.reply(option, wire::REP_ERR_INVALID, b"");
+            return self.reply(out, option, wire::REP_ERR_INVALID, b"");
         };
         let matches = if queries.is_empty() {
             !set
@@ -368,9 +432,9 @@ impl<W: Write> Negotiation<'_, W> {
         if matches {
             let mut d = CTX_BASE_ALLOCATION.to_be_bytes().to_vec();
             d.extend_from_slice(b"base:allocation");
-            self.reply(option, wire::REP_META_CONTEXT, &d)?;
+            self.reply(out, option, wire::REP_META_CONTEXT, &d);
         }
-        self.reply(option, wire::REP_ACK, b"")
+        self.reply(out, option, wire::REP_ACK, b"")
     }
 }
 

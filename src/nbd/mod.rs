@@ -6,11 +6,15 @@
 //! before it is checked against the limits.
 //!
 //! - [`wire`]: constants, typed option and command codes, header encoding.
-//! - `handshake.rs`: the greeting and option haggling, one function per option.
-//! - `transmission.rs`: the request loop, validation and execution.
-//! - [`server`]: the listener, the accept loop and the per-connection driver.
+//! - `handshake.rs`: the greeting and option haggling, one function per option
+//!   (no I/O: replies go to a buffer); the attach guard.
+//! - `transmission.rs`: request framing, validation and execution (no I/O).
+//! - `conn.rs`: one TCP connection: buffers, backpressure, phases, its driver.
+//! - [`server`]: the reactor, the connection threads, the blocking pool, the
+//!   limits and shutdown; the byte-stream driver [`serve_connection`].
 //! - [`export`]: what the server needs from storage; [`mem`]: an in-memory one.
 
+mod conn;
 pub mod export;
 mod handshake;
 pub mod mem;
@@ -19,4 +23,4 @@ mod transmission;
 pub mod wire;
 
 pub use export::{Catalog, Export, ExportError, Extent};
-pub use server::{serve_connection, Server, ServerConfig};
+pub use server::{serve_connection, Limits, Server, ServerConfig};

@@ -1,148 +1,54 @@
-//! The transmission phase: read requests, validate them, execute them.
+//! The transmission phase without I/O: frame a request header, validate the request,
+//! execute it and append its reply to a buffer.
 //!
-//! The reader loop parses each request header into a typed [`Command`] (reading a
-//! WRITE's payload only after checking its length), then hands the [`Job`] to a
-//! worker thread, or executes it in place when there are no workers. Execution
-//! first validates the request against the session ([`check_request`]), then
-//! dispatches on the command; every export error becomes a wire errno through
-//! [`errno`]. Replies may complete out of order; each is written whole under the
-//! connection's writer lock.
+//! The connection driver (`conn.rs`, or the byte-stream driver in `server.rs`) reads
+//! a header, asks [`frame`] how many payload bytes follow (checking a WRITE's length
+//! before anything is read), then calls [`execute`] with the payload. Execution first
+//! validates the request against the session ([`check_request`]), then dispatches on
+//! the command; every export error becomes a wire errno through [`errno`]. A request
+//! always gets a reply: only the framing can end a connection.
 
-use std::io::{self, Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::io;
 
 use byteorder::{BigEndian as BE, ByteOrder};
 
 use super::export::{errno, ExportError};
 use super::handshake::{Session, CTX_BASE_ALLOCATION};
-use super::server::{send, MAX_PAYLOAD};
+use super::server::MAX_PAYLOAD;
 use super::wire::{self, Command, Request};
 
 /// Most extents in one block-status reply.
 const MAX_EXTENTS: usize = 1024;
 
-/// A request ready to execute.
-struct Job {
-    command: Command,
-    req: Request,
-    payload: Vec<u8>,
+/// Parse a request header: the request and the length of the payload that follows
+/// it (a WRITE's data; 0 otherwise). A wrong magic or a WRITE announcing more than
+/// [`MAX_PAYLOAD`] cannot be skipped safely and ends the connection.
+pub(super) fn frame(head: &[u8; wire::REQUEST_SIZE]) -> io::Result<(Request, usize)> {
+    let Some(req) = wire::parse_request(head) else {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "bad request magic"));
+    };
+    if req.command != Command::Write {
+        return Ok((req, 0));
+    }
+    if req.length > MAX_PAYLOAD {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "write larger than the maximum payload"));
+    }
+    Ok((req, req.length as usize))
 }
 
-/// Serve requests on `session` until the client disconnects (or `stop` is set
-/// between requests), with `workers` worker threads (0: execute on this thread).
-pub(super) fn transmission<R: Read, W: Write + Send + 'static>(
-    r: &mut R,
-    w: &Arc<Mutex<W>>,
-    session: Session,
-    workers: usize,
-    stop: &AtomicBool,
-) -> io::Result<()> {
-    let session = Arc::new(session);
-    let (tx, rx) = mpsc::channel::<Job>();
-    let rx = Arc::new(Mutex::new(rx));
-    let mut handles = Vec::new();
-    for _ in 0..workers {
-        let (rx, w, s) = (Arc::clone(&rx), Arc::clone(w), Arc::clone(&session));
-        handles.push(std::thread::spawn(move || loop {
-            let job = match rx.lock() {
-                Ok(g) => g.recv(),
-                Err(_) => return,
-            };
-            let Ok(job) = job else { return };
-            if execute(&s, &w, job).is_err() {
-                return;
-            }
-        }));
-    }
-    let result = read_requests(r, w, &session, workers, &tx, stop);
-    drop(tx);
-    for h in handles {
-        let _ = h.join();
-    }
-    result
-}
-
-/// Read a request header, tolerating read timeouts between requests (so a stop
-/// request is noticed) but not inside one.
-fn read_header<R: Read>(r: &mut R, stop: &AtomicBool) -> io::Result<Option<[u8; wire::REQUEST_SIZE]>> {
-    let mut b = [0u8; wire::REQUEST_SIZE];
-    let mut got = 0;
-    while got < b.len() {
-        match r.read(&mut b[got..]) {
-            Ok(0) if got == 0 => return Ok(None),
-            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "truncated request")),
-            Ok(n) => got += n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                if got == 0 && stop.load(Ordering::Relaxed) {
-                    return Ok(None);
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(Some(b))
-}
-
-fn read_payload<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<()> {
-    let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]) {
-            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "truncated write payload")),
-            Ok(n) => got += n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
-                ) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// The reader loop: parse each request (and a WRITE's payload), stop at DISC.
-fn read_requests<R: Read, W: Write + Send + 'static>(
-    r: &mut R,
-    w: &Arc<Mutex<W>>,
-    session: &Arc<Session>,
-    workers: usize,
-    tx: &mpsc::Sender<Job>,
-    stop: &AtomicBool,
-) -> io::Result<()> {
-    loop {
-        let Some(head) = read_header(r, stop)? else { return Ok(()) };
-        let Some(req) = wire::parse_request(&head) else {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "bad request magic"));
-        };
-        let command = req.command;
-        let mut payload = Vec::new();
-        match command {
-            Command::Write => {
-                if req.length > MAX_PAYLOAD {
-                    // The payload cannot be skipped safely: drop the client.
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, "write larger than the maximum payload"));
-                }
-                payload = vec![0u8; req.length as usize];
-                read_payload(r, &mut payload)?;
-            }
-            Command::Disc => return Ok(()),
-            _ => {}
-        }
-        let job = Job { command, req, payload };
-        if workers == 0 {
-            execute(session, w, job)?;
-        } else if tx.send(job).is_err() {
-            return Err(io::Error::other("workers stopped"));
-        }
+/// The request may block for long (a commit): FLUSH, and FUA on a write-like
+/// command. The server runs these on its blocking pool, everything else inline.
+pub(super) fn runs_long(req: &Request) -> bool {
+    match req.command {
+        Command::Flush => true,
+        Command::Write | Command::WriteZeroes | Command::Trim => req.flags & wire::CMD_FLAG_FUA != 0,
+        _ => false,
     }
 }
 
 /// Why a request failed, before or during execution.
-fn check_request(s: &Session, command: Command, req: &Request) -> Result<(), u32> {
-    let size = s.export.size();
+pub(super) fn check_request(s: &Session, command: Command, req: &Request) -> Result<(), u32> {
+    let size = s.export().size();
     let end = req.offset.checked_add(req.length as u64);
     let in_bounds = end.is_some_and(|e| e <= size);
     match command {
@@ -192,27 +98,29 @@ fn check_request(s: &Session, command: Command, req: &Request) -> Result<(), u32
     Ok(())
 }
 
-fn error_reply<W: Write>(s: &Session, w: &Mutex<W>, command: Command, req: &Request, err: u32) -> io::Result<()> {
+fn error_reply(s: &Session, out: &mut Vec<u8>, command: Command, req: &Request, err: u32) {
     if s.structured && matches!(command, Command::Read | Command::BlockStatus) {
         let mut p = [0u8; 6];
         BE::write_u32(&mut p[0..], err);
-        send(w, &[&wire::chunk_header(wire::REPLY_FLAG_DONE, wire::REPLY_TYPE_ERROR, req.cookie, 6), &p])
+        out.extend_from_slice(&wire::chunk_header(wire::REPLY_FLAG_DONE, wire::REPLY_TYPE_ERROR, req.cookie, 6));
+        out.extend_from_slice(&p);
     } else {
-        send(w, &[&wire::simple_reply(err, req.cookie)])
+        out.extend_from_slice(&wire::simple_reply(err, req.cookie));
     }
 }
 
-/// Validate, then execute one request and send its reply.
-fn execute<W: Write>(s: &Session, w: &Mutex<W>, job: Job) -> io::Result<()> {
-    let Job { command, req, payload } = job;
-    if let Err(e) = check_request(s, command, &req) {
-        return error_reply(s, w, command, &req, e);
+/// Validate, then execute one request (`payload`: a WRITE's data) and append its
+/// reply to `out`.
+pub(super) fn execute(s: &Session, req: &Request, payload: &[u8], out: &mut Vec<u8>) {
+    let command = req.command;
+    if let Err(e) = check_request(s, command, req) {
+        return error_reply(s, out, command, req, e);
     }
-    let ex = s.export.as_ref();
+    let ex = s.export();
     let r: Result<(), ExportError> = match command {
-        Command::Read => return do_read(s, w, &req),
-        Command::BlockStatus => return do_block_status(s, w, &req),
-        Command::Write => ex.write(req.offset, &payload),
+        Command::Read => return do_read(s, out, req),
+        Command::BlockStatus => return do_block_status(s, out, req),
+        Command::Write => ex.write(req.offset, payload),
         Command::Flush => ex.flush(),
         Command::Trim => ex.trim(req.offset, req.length as u64),
         Command::WriteZeroes => ex.write_zeroes(
@@ -234,29 +142,37 @@ fn execute<W: Write>(s: &Session, w: &Mutex<W>, job: Job) -> io::Result<()> {
         }
     });
     match r {
-        Ok(()) => send(w, &[&wire::simple_reply(0, req.cookie)]),
-        Err(e) => error_reply(s, w, command, &req, errno(&e)),
+        Ok(()) => out.extend_from_slice(&wire::simple_reply(0, req.cookie)),
+        Err(e) => error_reply(s, out, command, req, errno(&e)),
     }
 }
 
-/// READ: a simple reply with the data, or structured chunks where unmapped
-/// extents become hole chunks (unless DF asks for one piece).
-fn do_read<W: Write>(s: &Session, w: &Mutex<W>, req: &Request) -> io::Result<()> {
-    let mut buf = vec![0u8; req.length as usize];
-    if let Err(e) = s.export.read(req.offset, &mut buf) {
-        return error_reply(s, w, Command::Read, req, errno(&e));
-    }
+/// READ: a simple reply with the data, or structured chunks where unmapped extents
+/// become hole chunks (unless DF asks for one piece). Data is read straight into the
+/// reply buffer; on a read error whatever was appended for this request is
+/// replaced by the error reply.
+fn do_read(s: &Session, out: &mut Vec<u8>, req: &Request) {
+    let len = req.length as usize;
+    let mark = out.len();
     if !s.structured {
-        return send(w, &[&wire::simple_reply(0, req.cookie), &buf]);
+        out.reserve(16 + len);
+        out.extend_from_slice(&wire::simple_reply(0, req.cookie));
+        out.resize(mark + 16 + len, 0);
+        if let Err(e) = s.export().read(req.offset, &mut out[mark + 16..]) {
+            out.truncate(mark);
+            error_reply(s, out, Command::Read, req, errno(&e));
+        }
+        return;
     }
     if req.length == 0 {
-        return send(w, &[&wire::chunk_header(wire::REPLY_FLAG_DONE, wire::REPLY_TYPE_NONE, req.cookie, 0)]);
+        out.extend_from_slice(&wire::chunk_header(wire::REPLY_FLAG_DONE, wire::REPLY_TYPE_NONE, req.cookie, 0));
+        return;
     }
     // Holes become hole chunks unless the client asked for one piece (DF).
     let extents = if req.flags & wire::CMD_FLAG_DF != 0 {
         vec![(req.length as u64, false)]
     } else {
-        match s.export.block_status(req.offset, req.length as u64) {
+        match s.export().block_status(req.offset, req.length as u64) {
             Ok(x) => x.into_iter().map(|e| (e.length, e.hole && e.zero)).collect(),
             Err(_) => vec![(req.length as u64, false)],
         }
@@ -275,6 +191,7 @@ fn do_read<W: Write>(s: &Session, w: &Mutex<W>, req: &Request) -> io::Result<()>
     if pos < total {
         chunks.push((pos, total - pos, false));
     }
+    out.reserve(len + 32 * chunks.len());
     let last = chunks.len() - 1;
     for (i, (off, len, hole)) in chunks.into_iter().enumerate() {
         let flags = if i == last { wire::REPLY_FLAG_DONE } else { 0 };
@@ -283,23 +200,26 @@ fn do_read<W: Write>(s: &Session, w: &Mutex<W>, req: &Request) -> io::Result<()>
             let mut p = [0u8; 12];
             p[..8].copy_from_slice(&abs);
             BE::write_u32(&mut p[8..], len as u32);
-            send(w, &[&wire::chunk_header(flags, wire::REPLY_TYPE_OFFSET_HOLE, req.cookie, 12), &p])?;
+            out.extend_from_slice(&wire::chunk_header(flags, wire::REPLY_TYPE_OFFSET_HOLE, req.cookie, 12));
+            out.extend_from_slice(&p);
         } else {
-            let data = &buf[off as usize..(off + len) as usize];
-            send(
-                w,
-                &[&wire::chunk_header(flags, wire::REPLY_TYPE_OFFSET_DATA, req.cookie, 8 + len as u32), &abs, data],
-            )?;
+            out.extend_from_slice(&wire::chunk_header(flags, wire::REPLY_TYPE_OFFSET_DATA, req.cookie, 8 + len as u32));
+            out.extend_from_slice(&abs);
+            let at = out.len();
+            out.resize(at + len as usize, 0);
+            if let Err(e) = s.export().read(req.offset + off, &mut out[at..]) {
+                out.truncate(mark);
+                return error_reply(s, out, Command::Read, req, errno(&e));
+            }
         }
     }
-    Ok(())
 }
 
 /// BLOCK_STATUS: one `base:allocation` chunk of at most [`MAX_EXTENTS`] extents.
-fn do_block_status<W: Write>(s: &Session, w: &Mutex<W>, req: &Request) -> io::Result<()> {
-    let extents = match s.export.block_status(req.offset, req.length as u64) {
+fn do_block_status(s: &Session, out: &mut Vec<u8>, req: &Request) {
+    let extents = match s.export().block_status(req.offset, req.length as u64) {
         Ok(x) => x,
-        Err(e) => return error_reply(s, w, Command::BlockStatus, req, errno(&e)),
+        Err(e) => return error_reply(s, out, Command::BlockStatus, req, errno(&e)),
     };
     let mut payload = CTX_BASE_ALLOCATION.to_be_bytes().to_vec();
     let mut covered = 0u64;
@@ -322,13 +242,13 @@ fn do_block_status<W: Write>(s: &Session, w: &Mutex<W>, req: &Request) -> io::Re
         }
     }
     if payload.len() == 4 {
-        return error_reply(s, w, Command::BlockStatus, req, wire::EIO);
+        return error_reply(s, out, Command::BlockStatus, req, wire::EIO);
     }
-    send(
-        w,
-        &[
-            &wire::chunk_header(wire::REPLY_FLAG_DONE, wire::REPLY_TYPE_BLOCK_STATUS, req.cookie, payload.len() as u32),
-            &payload,
-        ],
-    )
+    out.extend_from_slice(&wire::chunk_header(
+        wire::REPLY_FLAG_DONE,
+        wire::REPLY_TYPE_BLOCK_STATUS,
+        req.cookie,
+        payload.len() as u32,
+    ));
+    out.extend_from_slice(&payload);
 }

@@ -1,4 +1,9 @@
 //! Thin devices as NBD exports: the glue between [`crate::nbd`] and a shared pool.
+//!
+//! An opened [`DeviceExport`] is the attachment: opening counts the device as
+//! attached and dropping the export (the last clone of it) releases the count, so
+//! the count is right on every exit path of a connection, whatever the NBD layer
+//! does or fails to do.
 
 use std::sync::{Arc, RwLock};
 
@@ -29,7 +34,7 @@ fn export_err(e: PoolError) -> ExportError {
     }
 }
 
-/// A thin device served over NBD.
+/// A thin device served over NBD, counted as attached while it lives.
 #[derive(Debug)]
 pub struct DeviceExport {
     service: Arc<Service>,
@@ -37,6 +42,12 @@ pub struct DeviceExport {
     size: u64,
     read_only: bool,
     block_bytes: u32,
+}
+
+impl Drop for DeviceExport {
+    fn drop(&mut self) {
+        self.service.detach(self.id);
+    }
 }
 
 impl Export for DeviceExport {
@@ -154,9 +165,7 @@ impl Catalog for PoolCatalog {
         }))
     }
 
-    fn close(&self, name: &str) {
-        if let Some(d) = self.find(name) {
-            self.service.detach(d.id);
-        }
-    }
+    /// Nothing to do: the export's `Drop` releases the attach count (by device id,
+    /// so a name that changed meanwhile cannot release the wrong device).
+    fn close(&self, _name: &str) {}
 }

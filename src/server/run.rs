@@ -1,8 +1,10 @@
 //! Serving a pool: the NBD server, the periodic committer, the control socket and
 //! signal handling, put together. `thinctl serve` calls [`run`].
 //!
-//! SIGINT and SIGTERM stop the server: it stops accepting, lets every connection
-//! finish its in-flight requests, commits, and returns.
+//! SIGINT and SIGTERM stop the server: it stops accepting, closes idle and
+//! handshaking connections, lets the others finish their in-flight requests within
+//! [`Options::shutdown_grace`], closes what is left, commits, and returns; a stalled
+//! client cannot hold it up (see [`crate::nbd::server`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::nbd::{Server, ServerConfig};
+use crate::nbd::{Limits, Server, ServerConfig};
 use crate::server::control::{self, Handler};
 use crate::server::exports::{ExportedDevice, PoolCatalog};
 use crate::server::protocol::{Request, Response};
@@ -25,17 +27,38 @@ pub struct Options {
     pub read_only: bool,
     /// Commit period for writes no client flushed (dm-thin: 1 s).
     pub commit_interval: Duration,
-    /// Worker threads per connection.
+    /// Threads of the blocking pool (shared by every connection) that runs FLUSH and
+    /// FUA requests; other requests run on the connection's own thread.
     pub workers: usize,
+    /// Connections served at once; more are refused (`NBD_REP_ERR_POLICY`).
+    pub max_connections: usize,
+    /// Time a client has from connecting to choosing an export.
+    pub handshake_timeout: Duration,
+    /// On shutdown, how long connections with requests in flight get.
+    pub shutdown_grace: Duration,
+    /// Threads driving connections that have work (idle connections hold none).
+    pub max_threads: usize,
+    /// Requests one connection may have queued for the blocking pool.
+    pub max_requests_per_connection: usize,
+    /// Unsent reply bytes plus queued payload bytes one connection may have; at
+    /// the cap (or the request cap) the server stops reading that connection.
+    pub max_bytes_per_connection: usize,
 }
 
 impl Default for Options {
     fn default() -> Self {
+        let l = Limits::default();
         Options {
             listen: "127.0.0.1:10809".into(),
             read_only: false,
             commit_interval: Duration::from_secs(1),
             workers: 4,
+            max_connections: l.max_connections,
+            handshake_timeout: l.handshake_timeout,
+            shutdown_grace: l.shutdown_grace,
+            max_threads: l.max_threads,
+            max_requests_per_connection: l.max_requests_per_connection,
+            max_bytes_per_connection: l.max_bytes_per_connection,
         }
     }
 }
@@ -59,7 +82,15 @@ pub fn run(
     let (list, default) = devices();
     let catalog = PoolCatalog::new(Arc::clone(&service), list, default, opts.read_only);
     let config = ServerConfig { read_only: opts.read_only, workers: opts.workers };
-    let server = Server::bind(&opts.listen, catalog.clone(), config)?;
+    let limits = Limits {
+        max_connections: opts.max_connections.max(1),
+        max_threads: opts.max_threads.max(1),
+        max_requests_per_connection: opts.max_requests_per_connection.max(1),
+        max_bytes_per_connection: opts.max_bytes_per_connection.max(1),
+        handshake_timeout: opts.handshake_timeout,
+        shutdown_grace: opts.shutdown_grace,
+    };
+    let server = Server::bind(&opts.listen, catalog.clone(), config)?.with_limits(limits);
     let committer = service.spawn_committer(opts.commit_interval, Arc::clone(&stop));
     let control_thread = match control {
         Some((path, handler)) => {

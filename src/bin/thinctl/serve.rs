@@ -90,6 +90,7 @@ pub fn serve(dir: &Path, args: ServeArgs) -> CliResult {
         read_only,
         commit_interval: Duration::from_millis(commit_interval_ms.max(1)),
         workers: workers.max(1),
+        ..Default::default()
     };
     let sock: PathBuf = dir.join(CONTROL_SOCKET);
     let stop = Arc::new(AtomicBool::new(false));
