@@ -145,10 +145,54 @@ pub enum Cmd {
         /// Commit period for writes no client flushed, in milliseconds.
         #[arg(long, default_value_t = 1000)]
         commit_interval_ms: u64,
-        /// Worker threads per connection.
-        #[arg(long, default_value_t = 4)]
-        workers: usize,
+        /// Limits and policies.
+        #[command(flatten)]
+        tuning: ServeTuning,
     },
+}
+
+/// What a write does when the pool has no free data block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NoSpaceMode {
+    /// Wait (up to --no-space-timeout) for space to appear, then fail with ENOSPC.
+    Queue,
+    /// Fail with ENOSPC at once (dm-thin's error_if_no_space).
+    Error,
+}
+
+/// `thinctl serve`'s limits and policies.
+#[derive(Debug, Clone, Args)]
+pub struct ServeTuning {
+    /// Threads of the blocking pool (FLUSH and FUA), shared by every connection.
+    #[arg(long, default_value_t = 4)]
+    pub workers: usize,
+    /// Connections served at once; more are refused (NBD_REP_ERR_POLICY).
+    #[arg(long, default_value_t = 512)]
+    pub max_connections: usize,
+    /// Time a client has from connecting to choosing an export, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub handshake_timeout_ms: u64,
+    /// On SIGTERM/SIGINT, how long connections with requests in flight get, in milliseconds.
+    #[arg(long, default_value_t = 2_000)]
+    pub shutdown_grace_ms: u64,
+    /// Threads driving connections that have work (idle connections hold none).
+    #[arg(long, default_value_t = 32)]
+    pub max_threads: usize,
+    /// Requests one connection may have queued for the blocking pool.
+    #[arg(long, default_value_t = 64)]
+    pub max_requests_per_connection: usize,
+    /// Unsent reply bytes plus queued payloads per connection before it stops being read.
+    #[arg(long, value_parser = parse_size, default_value = "64MiB")]
+    pub max_bytes_per_connection: u64,
+    /// When the pool is out of data space: queue writes or fail them.
+    #[arg(long, value_enum, default_value_t = NoSpaceMode::Queue)]
+    pub no_space: NoSpaceMode,
+    /// How long a queued write waits for space, in seconds (dm-thin's no_space_timeout).
+    #[arg(long, default_value_t = 60)]
+    pub no_space_timeout: u64,
+    /// Largest size the metadata file grows to by itself (0: never grows).
+    #[arg(long, value_parser = parse_size, default_value = "16GiB")]
+    pub metadata_max: u64,
 }
 
 #[derive(Debug, Args)]

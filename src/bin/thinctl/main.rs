@@ -83,7 +83,7 @@ fn run(cli: Cli) -> CliResult {
         Cmd::Check { dir } => commands::check(&dir.unwrap_or_else(default_dir)),
         Cmd::Dump { dir } => xml::dump(&dir.unwrap_or_else(default_dir)),
         Cmd::Restore(args) => xml::restore(&args),
-        Cmd::Serve { dir, exports, listen, read_only, commit_interval_ms, workers } => {
+        Cmd::Serve { dir, exports, listen, read_only, commit_interval_ms, tuning } => {
             let default_pool = dir.is_none();
             let dir = dir.unwrap_or_else(default_dir);
             serve::serve(
@@ -93,7 +93,7 @@ fn run(cli: Cli) -> CliResult {
                     listen,
                     read_only,
                     commit_interval_ms,
-                    workers,
+                    tuning,
                     create_default: default_pool,
                 },
             )

@@ -10,9 +10,10 @@ use std::time::Duration;
 use thinpool::server::control::{Controller, Handler};
 use thinpool::server::exports::ExportedDevice;
 use thinpool::server::run::{self as serve, DeviceList};
-use thinpool::server::service::Service;
+use thinpool::server::service::{NoSpacePolicy, Service};
 use thinpool::volume::{Access, PoolDir};
 
+use crate::cli::{NoSpaceMode, ServeTuning};
 use crate::error::{msg, CliError, CliResult};
 use crate::open::open_pool;
 use crate::remote::CONTROL_SOCKET;
@@ -28,8 +29,8 @@ pub struct ServeArgs {
     pub read_only: bool,
     /// Periodic commit, in milliseconds.
     pub commit_interval_ms: u64,
-    /// Worker threads per connection.
-    pub workers: usize,
+    /// Limits and policies.
+    pub tuning: ServeTuning,
     /// Create the default pool (8 GiB data, device thin0 of 1 GiB) when DIR is missing.
     pub create_default: bool,
 }
@@ -58,7 +59,7 @@ fn export_list(pd: &PoolDir, only: &[String]) -> (Vec<ExportedDevice>, Option<St
 /// `thinctl serve`: serve every device of the pool over NBD (export name = device
 /// name) until SIGINT or SIGTERM, with the control socket at `DIR/control.sock`.
 pub fn serve(dir: &Path, args: ServeArgs) -> CliResult {
-    let ServeArgs { exports, listen, read_only, commit_interval_ms, workers, create_default } = args;
+    let ServeArgs { exports, listen, read_only, commit_interval_ms, tuning, create_default } = args;
     if create_default && !dir.exists() {
         let opts = thinpool::volume::CreateOptions { data_bytes: DEFAULT_SERVE_DATA_BYTES, ..Default::default() };
         let (mut pd, mut pool) = PoolDir::create(dir, &opts).map_err(CliError::Dir)?;
@@ -70,11 +71,16 @@ pub fn serve(dir: &Path, args: ServeArgs) -> CliResult {
             dir.display()
         );
     }
-    let (pd, pool) = open_pool(dir, Access::Write)?;
+    let (pd, mut pool) = open_pool(dir, Access::Write)?;
     for name in &exports {
         pd.device(name).map_err(CliError::Dir)?;
     }
+    pool.set_metadata_max_bytes(tuning.metadata_max);
     let service = Service::new(pool);
+    service.set_no_space_policy(match tuning.no_space {
+        NoSpaceMode::Error => NoSpacePolicy::Error,
+        NoSpaceMode::Queue => NoSpacePolicy::Queue(Duration::from_secs(tuning.no_space_timeout)),
+    });
     let pd = Arc::new(Mutex::new(pd));
     let devices: DeviceList = {
         let pd = Arc::clone(&pd);
@@ -89,8 +95,13 @@ pub fn serve(dir: &Path, args: ServeArgs) -> CliResult {
         listen,
         read_only,
         commit_interval: Duration::from_millis(commit_interval_ms.max(1)),
-        workers: workers.max(1),
-        ..Default::default()
+        workers: tuning.workers.max(1),
+        max_connections: tuning.max_connections.max(1),
+        handshake_timeout: Duration::from_millis(tuning.handshake_timeout_ms.max(1)),
+        shutdown_grace: Duration::from_millis(tuning.shutdown_grace_ms),
+        max_threads: tuning.max_threads.max(1),
+        max_requests_per_connection: tuning.max_requests_per_connection.max(1),
+        max_bytes_per_connection: usize::try_from(tuning.max_bytes_per_connection).unwrap_or(usize::MAX).max(1 << 20),
     };
     let sock: PathBuf = dir.join(CONTROL_SOCKET);
     let stop = Arc::new(AtomicBool::new(false));
