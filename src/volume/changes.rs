@@ -54,6 +54,13 @@ pub enum PoolChange {
         /// Length of the range in bytes.
         length: Option<u64>,
     },
+    /// Grow the pool's data and/or metadata (files and space maps), online or not.
+    Extend {
+        /// The data's new size.
+        data: Option<Grow>,
+        /// The metadata's new size.
+        metadata: Option<Grow>,
+    },
     /// Change the virtual size; shrinking discards what is cut off.
     Resize {
         /// The device.
@@ -82,6 +89,13 @@ pub enum ChangeOutcome {
         /// Blocks unmapped.
         blocks: u64,
     },
+    /// The pool grew to these sizes.
+    Extended {
+        /// Data size in bytes now.
+        data_bytes: u64,
+        /// Metadata size in bytes now.
+        metadata_bytes: u64,
+    },
     /// The size changed; `blocks_discarded` were cut off.
     Resized {
         /// The size before.
@@ -91,6 +105,26 @@ pub enum ChangeOutcome {
         /// Blocks unmapped past the new end.
         blocks_discarded: u64,
     },
+}
+
+/// A new size: absolute, or added to the current one (`+SIZE` on the command line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Grow {
+    /// Exactly this many bytes.
+    To(u64),
+    /// This many bytes more.
+    By(u64),
+}
+
+impl Grow {
+    /// The size this asks for, given the current one.
+    pub fn from(self, current: u64) -> u64 {
+        match self {
+            Grow::To(n) => n,
+            Grow::By(n) => current.saturating_add(n),
+        }
+    }
 }
 
 fn now_unix() -> u64 {
@@ -295,6 +329,19 @@ impl PoolDir {
             PoolChange::Delete { name } => ChangeOutcome::Deleted { id: self.delete(pool, name)? },
             PoolChange::Discard { name, offset, length } => {
                 ChangeOutcome::Discarded { blocks: self.discard(pool, name, *offset, *length, &mut |_, _| {})? }
+            }
+            PoolChange::Extend { data, metadata } => {
+                self.writable()?;
+                let st = pool.meta().status();
+                let data_now = st.data_total_blocks * pool.block_bytes();
+                let meta_now = st.metadata_total_blocks * crate::format::BLOCK_SIZE as u64;
+                pool.extend(data.map(|g| g.from(data_now)), metadata.map(|g| g.from(meta_now)))?;
+                pool.commit()?;
+                let st = pool.meta().status();
+                ChangeOutcome::Extended {
+                    data_bytes: st.data_total_blocks * pool.block_bytes(),
+                    metadata_bytes: st.metadata_total_blocks * crate::format::BLOCK_SIZE as u64,
+                }
             }
             PoolChange::Resize { name, size_bytes } => {
                 let (old, n) = self.resize(pool, name, *size_bytes)?;

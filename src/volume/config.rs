@@ -203,6 +203,24 @@ pub fn default_metadata_bytes(data_bytes: u64, block_bytes: u64) -> u64 {
     want.div_ceil(4096) * 4096
 }
 
+/// Metadata a pool needs (`thinctl pool metadata-size`, like `thin_metadata_size`):
+/// every data block mapped once, in leaves as empty as the B-tree allows after
+/// splits (a third full: 84 mappings per 4 KiB leaf), plus the interior nodes, a
+/// copy of that for snapshots diverging from their origins, 16 blocks of tree
+/// roots, details and their copies per thin device, the space maps' bitmaps, and
+/// 1 MiB for commits in flight. An estimate on the generous side, in whole 4 KiB
+/// blocks, at most dm-thin's limit.
+pub fn metadata_bytes_needed(data_bytes: u64, block_bytes: u64, max_thins: u64) -> u64 {
+    let blocks = data_bytes.checked_div(block_bytes.max(1)).unwrap_or(0);
+    let leaves = blocks.div_ceil(84);
+    let interior = leaves.div_ceil(84) * 2;
+    let mapping = (leaves + interior).saturating_mul(2);
+    let thins = max_thins.saturating_mul(16);
+    let bitmaps = blocks.div_ceil(16_320) + 2;
+    let total = mapping.saturating_add(thins).saturating_add(bitmaps).saturating_add(256);
+    total.saturating_mul(4096).min(crate::format::MAX_METADATA_BLOCKS * 4096)
+}
+
 /// Parameters of a new pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CreateOptions {

@@ -52,12 +52,12 @@ mod error;
 mod files;
 mod lock;
 
-pub use changes::{cut_after, discard_blocks, ChangeOutcome, PoolChange};
+pub use changes::{cut_after, discard_blocks, ChangeOutcome, Grow, PoolChange};
 pub use config::{
-    block_sectors, check_name, check_size, default_metadata_bytes, CreateOptions, DeviceEntry, PoolConfig, PoolOptions,
-    CONFIG_FILE, CONFIG_FORMAT, DATA_FILE, DEFAULT_BLOCK_BYTES, DEFAULT_DATA_BYTES, DEFAULT_DIR, LOCK_FILE,
-    MAX_DEFAULT_METADATA_BYTES, MAX_DEVICE_BYTES, MAX_NAME_LEN, METADATA_FILE, MIN_DEFAULT_METADATA_BYTES,
-    MIN_METADATA_BYTES,
+    block_sectors, check_name, check_size, default_metadata_bytes, metadata_bytes_needed, CreateOptions, DeviceEntry,
+    PoolConfig, PoolOptions, CONFIG_FILE, CONFIG_FORMAT, DATA_FILE, DEFAULT_BLOCK_BYTES, DEFAULT_DATA_BYTES,
+    DEFAULT_DIR, LOCK_FILE, MAX_DEFAULT_METADATA_BYTES, MAX_DEVICE_BYTES, MAX_NAME_LEN, METADATA_FILE,
+    MIN_DEFAULT_METADATA_BYTES, MIN_METADATA_BYTES,
 };
 pub use error::PoolDirError;
 pub use files::{create_private, make_dir_private, open_regular, DIR_MODE, FILE_MODE};

@@ -244,3 +244,25 @@ fn the_control_socket_answers_bad_requests_and_silent_clients_hold_nobody_up() {
     assert!(begin.elapsed() < std::time::Duration::from_secs(4), "{:?}", begin.elapsed());
     drop(silent);
 }
+
+#[test]
+fn a_pool_grows_offline_and_while_served_and_refuses_to_shrink() {
+    let sc = Scratch::new();
+    let p = sc.pool("p", "64M");
+    sc.ok(&["create", "p", "web", "--size", "1G"]);
+    let out = sc.ok(&["pool", "extend", "p", "--data-size", "+64M", "--metadata-size", "8M"]);
+    assert!(out.contains("data 128 MiB (2048 blocks of 64 KiB), metadata 8 MiB"), "{out}");
+    let err = sc.run(&["pool", "extend", "p", "--data-size", "32M"]).fails(1).to_string();
+    assert!(err.contains("cannot shrink"), "{err}");
+    sc.run(&["pool", "extend", "p"]).fails(1);
+    let server = Server::start(&sc, "p");
+    let out = sc.ok(&["pool", "extend", "p", "--data-size", "256M"]);
+    assert!(out.contains("data 256 MiB (4096 blocks"), "served: {out}");
+    assert_eq!(status_json(&sc, "p")["data_total_blocks"], 4096);
+    assert_eq!(server.stop(), Some(0));
+    assert_eq!(std::fs::metadata(p.join("data")).expect("data").len(), 256 << 20);
+    assert_eq!(std::fs::metadata(p.join("metadata")).expect("metadata").len(), 8 << 20);
+    assert_thin_check(&p, "extend");
+    let out = sc.ok(&["pool", "metadata-size", "--data-size", "16G", "--max-thins", "200"]);
+    assert!(out.contains("bytes ("), "{out}");
+}

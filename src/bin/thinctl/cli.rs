@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use thinpool::volume::PoolChange;
+use thinpool::volume::{Grow, PoolChange};
 
 use crate::error::{msg, CliResult};
 use crate::units::{parse_id_size, parse_size};
@@ -242,6 +242,38 @@ pub enum PoolCmd {
         #[arg(long = "size", value_name = "ID=SIZE", value_parser = parse_id_size)]
         sizes: Vec<(u32, u64)>,
     },
+    /// Grow the data and/or the metadata, on a served pool too (no restart, no
+    /// disconnect): SIZE is the new size, +SIZE what to add.
+    Extend {
+        /// The pool directory.
+        dir: Option<PathBuf>,
+        /// New data size (SIZE or +SIZE); shrinking is refused.
+        #[arg(long, value_parser = parse_grow, value_name = "[+]SIZE")]
+        data_size: Option<Grow>,
+        /// New metadata size (SIZE or +SIZE, at most about 16 GiB); shrinking is refused.
+        #[arg(long, value_parser = parse_grow, value_name = "[+]SIZE")]
+        metadata_size: Option<Grow>,
+    },
+    /// How much metadata a pool needs (what thin_metadata_size answers).
+    MetadataSize {
+        /// Data size.
+        #[arg(long, value_parser = parse_size)]
+        data_size: u64,
+        /// Data block size [default: 64KiB].
+        #[arg(long, value_parser = parse_size, default_value = "64KiB")]
+        block_size: u64,
+        /// Thin devices and snapshots the pool will hold.
+        #[arg(long, default_value_t = 1)]
+        max_thins: u64,
+    },
+}
+
+/// `SIZE` or `+SIZE`.
+fn parse_grow(s: &str) -> Result<Grow, String> {
+    match s.strip_prefix('+') {
+        Some(rest) => parse_size(rest).map(Grow::By),
+        None => parse_size(s).map(Grow::To),
+    }
 }
 
 /// The default pool directory.

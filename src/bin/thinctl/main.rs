@@ -44,7 +44,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
-use thinpool::volume::{CreateOptions, DEFAULT_BLOCK_BYTES, DEFAULT_DATA_BYTES};
+use thinpool::volume::{CreateOptions, PoolChange, DEFAULT_BLOCK_BYTES, DEFAULT_DATA_BYTES};
 
 use crate::cli::{as_change, default_dir, split_dir, utf8, Cli, Cmd, PoolCmd};
 use crate::error::{msg, CliResult};
@@ -67,6 +67,20 @@ fn run(cli: Cli) -> CliResult {
                 metadata_bytes: metadata_size,
             },
         ),
+        Cmd::Pool(PoolCmd::Extend { dir, data_size, metadata_size }) => {
+            if data_size.is_none() && metadata_size.is_none() {
+                return Err(msg("pool extend: give --data-size and/or --metadata-size"));
+            }
+            commands::change(
+                &dir.unwrap_or_else(default_dir),
+                PoolChange::Extend { data: data_size, metadata: metadata_size },
+            )
+        }
+        Cmd::Pool(PoolCmd::MetadataSize { data_size, block_size, max_thins }) => {
+            let bytes = thinpool::volume::metadata_bytes_needed(data_size, block_size, max_thins);
+            println!("{bytes} bytes ({})", crate::units::format_size(bytes));
+            Ok(())
+        }
         Cmd::Pool(PoolCmd::Adopt { dir, metadata, data, sizes }) => {
             commands::pool_adopt(&dir.unwrap_or_else(default_dir), &metadata, &data, &sizes)
         }

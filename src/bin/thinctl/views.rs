@@ -21,6 +21,13 @@ pub fn outcome_line(change: &PoolChange, outcome: ChangeOutcome, bs: u64) -> Str
             format!("created \"{name}\" (id {id}), a snapshot of \"{origin}\"")
         }
         (PoolChange::Delete { name }, O::Deleted { id }) => format!("deleted \"{name}\" (id {id})"),
+        (PoolChange::Extend { .. }, O::Extended { data_bytes, metadata_bytes }) => format!(
+            "extended the pool: data {} ({} blocks of {}), metadata {}",
+            format_size(data_bytes),
+            data_bytes / bs,
+            format_size(bs),
+            format_size(metadata_bytes)
+        ),
         (PoolChange::Resize { name, .. }, O::Resized { old_bytes, new_bytes, blocks_discarded }) => {
             let cut = if new_bytes < old_bytes {
                 format!("; {blocks_discarded} blocks past the new end discarded")
