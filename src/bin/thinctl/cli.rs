@@ -294,6 +294,7 @@ pub fn split_dir(mut args: Vec<OsString>, rest: usize) -> (PathBuf, Vec<OsString
 
 /// The pool directory and [`PoolChange`] of the commands a server also accepts
 /// (create, snapshot, delete, discard, resize); any other command is handed back.
+#[allow(clippy::result_large_err)] // hands back the command it does not take, once per run
 pub fn as_change(cmd: Cmd) -> Result<CliResult<(PathBuf, PoolChange)>, Cmd> {
     let one = |args: Vec<OsString>, n: usize| -> CliResult<(PathBuf, Vec<String>)> {
         let (dir, rest) = split_dir(args, n);
