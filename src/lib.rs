@@ -9,7 +9,7 @@
 //!
 //! | layer | what it is | it may use |
 //! |---|---|---|
-//! | [`server`] | the serving process: the pool shared between threads, thin devices as NBD exports, the control socket, `run` | `nbd`, `pool`, `thin`, `io` |
+//! | [`server`] | the serving process: the pool shared between threads, thin devices as NBD exports, the typed control socket, `run` | `nbd`, `volume`, `pool`, `thin`, `io` |
 //! | [`nbd`] | the NBD protocol: wire format (typed commands and options), handshake, transmission, over an `Export` trait; knows nothing of pools | leaves |
 //! | [`volume`] | a pool directory: `pool.toml`, names and sizes, locking, create/adopt, reconcile, typed changes | `pool`, `thin` |
 //! | [`xml`] | `thin_dump` XML dump and restore through an intermediate representation | `volume`, `pool`, `thin`, `io` |
