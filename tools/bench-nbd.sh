@@ -90,6 +90,7 @@ THINCTL=${CARGO_TARGET_DIR:-$PWD/target}/release/thinctl
 WORK=$(mktemp -d /var/tmp/thinpool-bench.XXXXXX)
 RESULTS=$WORK/results.jsonl
 START=$(date +%s)
+LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 
 declare -A URI PID
 ALLPIDS=()
@@ -250,4 +251,4 @@ for k in "${!PID[@]}"; do echo "${k%%,*} ${PID[$k]}"; done | sort -u | while rea
   echo "$s $p $roles $(awk '/VmHWM/ {print $2}' "/proc/$p/status") $(tr '\0' ' ' <"/proc/$p/cmdline" | awk '{print $1}' | xargs basename)" >>"$RSS"
 done
 RSS_FILE=$RSS python3 "$LIB" report "$RESULTS" "${JSON:+$(cd "$ORIG_PWD" && realpath -m "$JSON")}"
-printf '(run took %s s)\n' $(( $(date +%s) - START ))
+printf '(run took %s s; load average at the start %s, at the end %s)\n' $(( $(date +%s) - START )) "$LOAD0" "$(cut -d' ' -f1-3 /proc/loadavg)"
