@@ -222,3 +222,148 @@ fn export_to_a_pipe_that_closes_early_fails_without_a_panic() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("cannot write") && !err.contains("panicked"), "{err}");
 }
+
+const BLOCK: usize = 65536;
+
+/// A sparse image of `len` bytes: holes except where `extents` put bytes (written
+/// with `pwrite`, so an all-zero extent is a data extent holding zeros).
+fn sparse_image(sc: &Scratch, name: &str, len: u64, extents: &[(u64, Vec<u8>)]) -> (std::path::PathBuf, Vec<u8>) {
+    use std::os::unix::fs::FileExt;
+    let path = sc.path(name);
+    let f = std::fs::File::create(&path).expect("create image");
+    f.set_len(len).expect("size image");
+    let mut bytes = vec![0u8; len as usize];
+    for (off, data) in extents {
+        f.write_all_at(data, *off).expect("write image");
+        bytes[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+    }
+    (path, bytes)
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    format!("{:x}", sha2::Sha256::digest(bytes))
+}
+
+/// The data extents of a file as `SEEK_DATA`/`SEEK_HOLE` see them.
+fn data_extents(path: &std::path::Path) -> Vec<(u64, u64)> {
+    use nix::unistd::{lseek, Whence};
+    let f = std::fs::File::open(path).expect("open");
+    let len = f.metadata().expect("stat").len() as i64;
+    let mut out = Vec::new();
+    let mut pos = 0i64;
+    while pos < len {
+        let Ok(start) = lseek(f.as_raw_fd(), pos, Whence::SeekData) else { break };
+        let end = lseek(f.as_raw_fd(), start, Whence::SeekHole).expect("SEEK_HOLE");
+        out.push((start as u64, end as u64));
+        pos = end;
+    }
+    out
+}
+
+/// Indexes of the blocks of `bytes` holding a non-zero byte.
+fn nonzero_blocks(bytes: &[u8]) -> Vec<usize> {
+    bytes.chunks(BLOCK).enumerate().filter(|(_, c)| c.iter().any(|&b| b != 0)).map(|(i, _)| i).collect()
+}
+
+/// Every data extent of `path` lies inside blocks of `bytes` that hold data.
+#[track_caller]
+fn assert_holes_where_zero(path: &std::path::Path, bytes: &[u8]) {
+    let nonzero = nonzero_blocks(bytes);
+    for (s, e) in data_extents(path) {
+        for b in s as usize / BLOCK..(e as usize).div_ceil(BLOCK) {
+            assert!(nonzero.contains(&b), "{}: data extent {s}..{e} covers all-zero block {b}", path.display());
+        }
+    }
+}
+
+#[test]
+fn a_sparse_image_round_trips_with_its_holes_and_a_partial_last_block() {
+    let sc = Scratch::new();
+    sc.pool("p", "64M");
+    // 20 MiB + 12345 bytes: extents at unaligned offsets, one straddling blocks, an
+    // extent of written zeros (a data extent that must stay unmapped), the tail.
+    let len = (20 << 20) + 12_345;
+    let extents = vec![
+        (100, pattern(30, 5000)),
+        (3 * BLOCK as u64 - 10, pattern(31, 20)),
+        (5 << 20, pattern(32, 2 << 20)),
+        (9 << 20, vec![0u8; 4 * BLOCK]),
+        (len - 7000, pattern(33, 7000)),
+    ];
+    let (img, bytes) = sparse_image(&sc, "img", len, &extents);
+    let nonzero = nonzero_blocks(&bytes);
+    let out = sc.ok(&["import", "p", "web", s(&img), "--create"]);
+    assert!(out.contains(&format!("{} blocks written, 0 unchanged, 0 unmapped", nonzero.len())), "{out}");
+    let d = device_json(&sc, "p", "web");
+    assert_eq!(d["size_bytes"], len);
+    assert_eq!(d["mapped_bytes"], (nonzero.len() * BLOCK) as u64, "only non-zero blocks are mapped");
+    sc.ok(&["export", "p", "web", "out"]);
+    let out = std::fs::read(sc.path("out")).expect("out");
+    assert_eq!(out.len() as u64, len);
+    assert_eq!(sha256(&out), sha256(&bytes));
+    assert_holes_where_zero(&sc.path("out"), &bytes);
+    // Streamed, the holes come out as zeros.
+    let r = sc.run(&["export", "p", "web", "-"]);
+    r.ok();
+    assert_eq!(sha256(&r.raw_stdout), sha256(&bytes));
+    assert_thin_check(&sc.path("p"), "import of a sparse image");
+}
+
+#[test]
+fn a_dense_image_round_trips_byte_for_byte() {
+    let sc = Scratch::new();
+    sc.pool("p", "64M");
+    let data = pattern(34, (6 << 20) + 777);
+    let img = sc.file("img", &data);
+    let out = sc.ok(&["import", "p", "web", s(&img), "--create"]);
+    let blocks = data.len().div_ceil(BLOCK);
+    assert!(out.contains(&format!("{blocks} blocks written, 0 unchanged, 0 unmapped")), "{out}");
+    sc.ok(&["export", "p", "web", "out"]);
+    assert_eq!(sha256(&std::fs::read(sc.path("out")).expect("out")), sha256(&data));
+    // Importing it again writes nothing.
+    let out = sc.ok(&["import", "p", "web", s(&img)]);
+    assert!(out.contains(&format!("0 blocks written, {blocks} unchanged, 0 unmapped")), "{out}");
+    assert_thin_check(&sc.path("p"), "import of a dense image");
+}
+
+#[test]
+fn importing_a_sparse_image_over_a_full_device_unmaps_its_holes() {
+    let sc = Scratch::new();
+    sc.pool("p", "64M");
+    sc.ok(&["create", "p", "web", "--size", "1M"]);
+    let dense = pattern(35, 1 << 20);
+    let img = sc.file("dense", &dense);
+    sc.ok(&["import", "p", "web", s(&img)]);
+    sc.ok(&["snapshot", "p", "web", "snap"]);
+    // Block 3 as before (unchanged), block 10 new (written), block 12 written zeros
+    // (a data extent: unmapped), everything else a hole (unmapped).
+    let extents = vec![
+        (3 * BLOCK as u64, dense[3 * BLOCK..4 * BLOCK].to_vec()),
+        (10 * BLOCK as u64, pattern(36, BLOCK)),
+        (12 * BLOCK as u64, vec![0u8; BLOCK]),
+    ];
+    let (sparse, bytes) = sparse_image(&sc, "sparse", 1 << 20, &extents);
+    let out = sc.ok(&["import", "p", "web", s(&sparse)]);
+    assert!(out.contains("1 blocks written, 1 unchanged, 14 unmapped"), "{out}");
+    assert_eq!(device_json(&sc, "p", "web")["mapped_bytes"], 2 * BLOCK as u64);
+    sc.ok(&["export", "p", "web", "out"]);
+    assert_eq!(sha256(&std::fs::read(sc.path("out")).expect("out")), sha256(&bytes));
+    assert_holes_where_zero(&sc.path("out"), &bytes);
+    sc.ok(&["export", "p", "snap", "orig"]);
+    assert_eq!(std::fs::read(sc.path("orig")).expect("orig"), dense, "the snapshot keeps the old bytes");
+    assert_thin_check(&sc.path("p"), "a sparse import over mapped blocks");
+}
+
+#[test]
+fn an_all_hole_image_maps_nothing_and_exports_as_a_hole() {
+    let sc = Scratch::new();
+    sc.pool("p", "64M");
+    let (img, bytes) = sparse_image(&sc, "img", 8 << 20, &[]);
+    let out = sc.ok(&["import", "p", "web", s(&img), "--create"]);
+    assert!(out.contains("0 blocks written, 0 unchanged, 0 unmapped"), "{out}");
+    assert_eq!(device_json(&sc, "p", "web")["mapped_bytes"], 0);
+    sc.ok(&["export", "p", "web", "out"]);
+    assert_eq!(std::fs::read(sc.path("out")).expect("out"), bytes);
+    assert!(data_extents(&sc.path("out")).is_empty(), "no data in the export");
+}
