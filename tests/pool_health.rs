@@ -175,3 +175,64 @@ fn a_served_pool_grows_online_and_the_next_write_uses_the_new_space() {
     assert_eq!(std::fs::metadata(dir.path().join("data")).expect("stat").len(), 8 * BS);
     common::assert_checks_pass(&dir.path().join("metadata"));
 }
+
+#[test]
+fn a_threshold_runs_its_command_once_per_crossing_and_autoextend_grows_the_data() {
+    use thinpool::server::health::{check, Crossings, HealthPolicy};
+    let dir = tempfile::tempdir().expect("tmp");
+    let (m, d) = common::pool_files(dir.path(), 1 << 20, 10 * BS);
+    let mut p = Pool::create(m, d, (BS / 512) as u32).expect("pool");
+    p.create_thin(0).expect("thin");
+    let svc = Service::new(p);
+    let log = dir.path().join("crossings");
+    let policy = HealthPolicy {
+        pool_dir: dir.path().to_path_buf(),
+        data_threshold: Some(50),
+        metadata_threshold: None,
+        on_threshold: Some(format!("echo \"$THINPOOL_KIND $THINPOOL_PERCENT\" >> {}", log.display())),
+        autoextend_percent: None,
+        autoextend_max: None,
+    };
+    let mut state = Crossings::default();
+    let lines = || {
+        // The command runs in the background: give it a moment.
+        for _ in 0..100 {
+            if let Ok(s) = std::fs::read_to_string(&log) {
+                return s.lines().map(str::to_string).collect::<Vec<_>>();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Vec::new()
+    };
+    check(&svc, &policy, &mut state);
+    assert!(!log.exists(), "below the threshold nothing runs");
+    for b in 0..6 {
+        svc.write(0, b * BS, &[1u8; 512]).expect("fill");
+    }
+    check(&svc, &policy, &mut state);
+    check(&svc, &policy, &mut state);
+    assert_eq!(lines(), ["data 60"], "once per crossing");
+    svc.discard(0, 0, 6 * BS).expect("discard");
+    svc.flush().expect("flush");
+    check(&svc, &policy, &mut state);
+    for b in 0..7 {
+        svc.write(0, b * BS, &[1u8; 512]).expect("fill again");
+    }
+    check(&svc, &policy, &mut state);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(lines(), ["data 60", "data 70"], "a second crossing after falling below");
+
+    // Autoextend: crossing the threshold grows the data by half, up to 16 blocks.
+    let policy =
+        HealthPolicy { autoextend_percent: Some(50), autoextend_max: Some(16 * BS), on_threshold: None, ..policy };
+    let mut state = Crossings::default();
+    check(&svc, &policy, &mut state);
+    assert_eq!(svc.status().data_total_blocks, 15, "10 blocks grown by half");
+    for b in 7..12 {
+        svc.write(0, b * BS, &[1u8; 512]).expect("fill the new space");
+    }
+    check(&svc, &policy, &mut state);
+    assert_eq!(svc.status().data_total_blocks, 16, "capped at the maximum");
+    drop(svc);
+    common::assert_checks_pass(&dir.path().join("metadata"));
+}

@@ -3,6 +3,7 @@
 
 pub mod control;
 pub mod exports;
+pub mod health;
 pub mod protocol;
 pub mod run;
 pub mod service;

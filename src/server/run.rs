@@ -43,6 +43,8 @@ pub struct Options {
     /// Unsent reply bytes plus queued payload bytes one connection may have; at
     /// the cap (or the request cap) the server stops reading that connection.
     pub max_bytes_per_connection: usize,
+    /// Thresholds, the threshold command and data autoextend.
+    pub health: crate::server::health::HealthPolicy,
 }
 
 impl Default for Options {
@@ -59,6 +61,7 @@ impl Default for Options {
             max_threads: l.max_threads,
             max_requests_per_connection: l.max_requests_per_connection,
             max_bytes_per_connection: l.max_bytes_per_connection,
+            health: Default::default(),
         }
     }
 }
@@ -92,6 +95,14 @@ pub fn run(
     };
     let server = Server::bind(&opts.listen, catalog.clone(), config)?.with_limits(limits);
     let committer = service.spawn_committer(opts.commit_interval, Arc::clone(&stop));
+    let monitor = opts.health.is_active().then(|| {
+        crate::server::health::spawn_monitor(
+            Arc::clone(&service),
+            opts.health.clone(),
+            Duration::from_millis(500),
+            Arc::clone(&stop),
+        )
+    });
     let control_thread = match control {
         Some((path, handler)) => {
             let cat = Arc::clone(&catalog);
@@ -113,5 +124,8 @@ pub fn run(
         let _ = t.join();
     }
     let _ = committer.join();
+    if let Some(m) = monitor {
+        let _ = m.join();
+    }
     r
 }

@@ -432,6 +432,11 @@ impl Service {
         r
     }
 
+    /// The pool's status, read under the metadata lock only (no I/O is paused).
+    pub fn status(&self) -> crate::thin::Status {
+        self.lock().pool.meta().status()
+    }
+
     /// Has anything changed since the last commit?
     fn dirty(&self) -> bool {
         self.lock().pool.meta().is_dirty()

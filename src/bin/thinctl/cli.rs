@@ -190,6 +190,22 @@ pub struct ServeTuning {
     /// How long a queued write waits for space, in seconds (dm-thin's no_space_timeout).
     #[arg(long, default_value_t = 60)]
     pub no_space_timeout: u64,
+    /// Data use (percent) at which to log, run --on-threshold and autoextend.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub data_threshold: Option<u8>,
+    /// Metadata use (percent) at which to log and run --on-threshold.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub metadata_threshold: Option<u8>,
+    /// Command (sh -c) run once per threshold crossing, with THINPOOL_DIR,
+    /// THINPOOL_KIND (data or metadata) and THINPOOL_PERCENT set.
+    #[arg(long, value_name = "CMD")]
+    pub on_threshold: Option<String>,
+    /// When --data-threshold is crossed, grow the data file by this percent.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub autoextend_percent: Option<u8>,
+    /// Largest size autoextend grows the data to.
+    #[arg(long, value_parser = parse_size)]
+    pub autoextend_max: Option<u64>,
     /// Largest size the metadata file grows to by itself (0: never grows).
     #[arg(long, value_parser = parse_size, default_value = "16GiB")]
     pub metadata_max: u64,

@@ -102,6 +102,14 @@ pub fn serve(dir: &Path, args: ServeArgs) -> CliResult {
         max_threads: tuning.max_threads.max(1),
         max_requests_per_connection: tuning.max_requests_per_connection.max(1),
         max_bytes_per_connection: usize::try_from(tuning.max_bytes_per_connection).unwrap_or(usize::MAX).max(1 << 20),
+        health: thinpool::server::health::HealthPolicy {
+            pool_dir: dir.to_path_buf(),
+            data_threshold: tuning.data_threshold,
+            metadata_threshold: tuning.metadata_threshold,
+            on_threshold: tuning.on_threshold.clone(),
+            autoextend_percent: tuning.autoextend_percent,
+            autoextend_max: tuning.autoextend_max,
+        },
     };
     let sock: PathBuf = dir.join(CONTROL_SOCKET);
     let stop = Arc::new(AtomicBool::new(false));
