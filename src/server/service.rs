@@ -33,7 +33,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLock
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::error::PoolError;
+use crate::error::{MetaError, PoolError};
 use crate::pool::{AllocRun, DataFile, Pool};
 use crate::thin::DevId;
 
@@ -189,6 +189,8 @@ pub struct Service {
     commits: Commits,
     no_space: Mutex<NoSpacePolicy>,
     space: SpaceEvents,
+    /// "Metadata space exhausted" was logged and no write has succeeded since.
+    meta_full_logged: AtomicBool,
 }
 
 impl std::fmt::Debug for Service {
@@ -214,6 +216,7 @@ impl Service {
             commits: Commits::default(),
             no_space: Mutex::new(NoSpacePolicy::default()),
             space: SpaceEvents::default(),
+            meta_full_logged: AtomicBool::new(false),
         })
     }
 
@@ -293,9 +296,30 @@ impl Service {
                     }
                     committed = false;
                 }
-                other => return other,
+                Err(e @ PoolError::Meta(MetaError::NoMetadataSpace { .. })) => {
+                    self.metadata_exhausted();
+                    return Err(e);
+                }
+                other => {
+                    if other.is_ok() {
+                        self.meta_full_logged.store(false, Ordering::Relaxed);
+                    }
+                    return other;
+                }
             }
         }
+    }
+
+    /// Say once (until a later write succeeds) that metadata ran out, and how to grow it.
+    fn metadata_exhausted(&self) {
+        if self.meta_full_logged.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let st = self.status();
+        eprintln!(
+            "thinpool: metadata space exhausted: {} of {} blocks used; grow it with `thinctl pool extend DIR --metadata-size +SIZE` (writes that need new metadata get ENOSPC until then)",
+            st.metadata_used_blocks, st.metadata_total_blocks
+        );
     }
 
     /// One attempt at a write (see [`Service::write`]), holding the I/O gate and
