@@ -98,8 +98,8 @@ fn main() {
     p.create_thin(1).expect("thin");
     let t = Instant::now();
     for v in 0..mappings {
-        let b = p.metadata().alloc_data_block().expect("alloc").expect("space");
-        p.metadata().insert_mapping(1, v, b).expect("map");
+        let b = p.metadata_mut().alloc_data_block().expect("alloc").expect("space");
+        p.metadata_mut().insert_mapping(1, v, b).expect("map");
     }
     report("map blocks sequentially (metadata only)", mappings, t.elapsed());
     let t = Instant::now();

@@ -223,7 +223,7 @@ fn crash_run(fail_data_sync: Option<u64>, fail_meta_sync: Option<u64>) -> (u64, 
     let report = thinpool::check::check(&meta).expect("check runs");
     assert!(report.is_clean(), "strict checker after a crash: {report:?}");
     for dev in p.meta().device_ids() {
-        for m in p.metadata().mappings(dev, 0, u64::MAX).expect("mappings") {
+        for m in p.mappings(dev, 0, u64::MAX).expect("mappings") {
             let mut buf = vec![0u8; BS as usize];
             p.read(dev, m.vblock * BS, &mut buf).expect("read");
             let owner = if dev >= 10 { 0 } else { dev };

@@ -39,7 +39,7 @@ fn step(p: &mut Pool, i: usize) -> Result<bool, PoolError> {
                 p.discard(1, 0, 2 * BS)?;
             }
             7 => p.delete(0)?,
-            8 => p.metadata().set_transaction_id(0, 9)?,
+            8 => p.set_transaction_id(0, 9)?,
             _ => return Ok(false),
         }
         p.commit()?;

@@ -111,14 +111,14 @@ fn thinpool_changes_to_kernel_pools_pass_both_checkers_and_spare_other_devices()
         p.create_snap(last as u64 + 1, first as u64).expect("snapshot");
         p.write(first, 0, &vec![0xc3; (bs + 7) as usize]).expect("write over shared");
         p.discard(last + 1, 0, 4 * bs).expect("discard");
-        p.metadata().reserve_metadata_snap(&mut || Ok(())).expect("hold");
+        p.metadata_mut().reserve_metadata_snap(&mut || Ok(())).expect("hold");
         p.write(first, 8 * bs, &vec![1; bs as usize]).expect("write under a held snapshot");
         p.commit().expect("commit");
         let (ok, out) = common::thin_check(&fx.metadata);
         assert!(ok, "{name}: thin_check: {out}");
         let r = strict_check(&fx.metadata);
         assert!(r.is_clean(), "{name}: {:?}", r.problems.iter().map(|p| p.to_string()).collect::<Vec<_>>());
-        p.metadata().release_metadata_snap(&mut || Ok(())).expect("release");
+        p.metadata_mut().release_metadata_snap(&mut || Ok(())).expect("release");
         drop(p);
         let r = strict_check(&fx.metadata);
         assert!(

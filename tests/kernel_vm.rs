@@ -251,7 +251,7 @@ fn the_kernel_reads_our_pools_and_we_read_what_the_kernel_wrote() {
         p.write(4, 0, &pattern(5, 100_000)).expect("write");
         p.delete(4).expect("delete");
         p.create_thin(5).expect("thin");
-        p.metadata().set_transaction_id(0, 17).expect("txid");
+        p.set_transaction_id(0, 17).expect("txid");
         p.commit().expect("commit");
         for (id, size) in sizes {
             shas.push((id, sha(&mut p, id, size)));

@@ -85,7 +85,7 @@ fn verify_all(p: &mut Pool, model: &Model) -> Result<(), TestCaseError> {
     for (&id, want) in model {
         prop_assert!(read_dev(p, id) == *want, "device {} differs from the model", id);
     }
-    thinpool::check::audit(p.metadata()).map_err(TestCaseError::fail)?;
+    thinpool::check::audit(p.metadata_mut()).map_err(TestCaseError::fail)?;
     Ok(())
 }
 
@@ -174,7 +174,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 }
                 let mapped: Vec<bool> = partial
                     .iter()
-                    .map(|&(vb, _, _)| pool.metadata().lookup(id, vb).expect("lookup").is_some())
+                    .map(|&(vb, _, _)| pool.metadata_mut().lookup(id, vb).expect("lookup").is_some())
                     .collect();
                 pool.discard(id, off, len).expect("discard");
                 // Whole blocks inside the range read as zeros; a partial block keeps its
@@ -240,11 +240,11 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 }
                 since_commit.clear();
                 committed = model.clone();
-                thinpool::check::audit(pool.metadata()).map_err(TestCaseError::fail)?;
+                thinpool::check::audit(pool.metadata_mut()).map_err(TestCaseError::fail)?;
                 next_id = next_id.max(model.keys().next_back().map_or(0, |&k| k as u64 + 1));
             }
         }
-        thinpool::check::audit(pool.metadata()).map_err(TestCaseError::fail)?;
+        thinpool::check::audit(pool.metadata_mut()).map_err(TestCaseError::fail)?;
     }
     pool.commit().expect("commit");
     common::checks(&dir.path().join("metadata")).map_err(TestCaseError::fail)?;
@@ -255,7 +255,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     }
     pool.commit().expect("commit");
     prop_assert_eq!(pool.meta().status().data_used_blocks, 0);
-    thinpool::check::audit(pool.metadata()).map_err(TestCaseError::fail)?;
+    thinpool::check::audit(pool.metadata_mut()).map_err(TestCaseError::fail)?;
     Ok(())
 }
 

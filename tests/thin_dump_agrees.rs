@@ -67,14 +67,14 @@ fn thin_dump_lists_exactly_the_mappings_the_engine_made() {
     p.write(3, 0, &[1u8; 65536 * 4]).expect("cow");
     p.create_snap(5, 4).expect("snap of snap");
     p.discard(4, 65536 * 700, 65536 * 100).expect("discard");
-    p.metadata().set_transaction_id(0, 42).expect("txid");
+    p.set_transaction_id(0, 42).expect("txid");
     p.commit().expect("commit");
 
     let mut want: Dump = BTreeMap::new();
     for id in p.meta().device_ids() {
         want.insert(
             id,
-            p.metadata()
+            p.metadata_mut()
                 .mappings(id, 0, u64::MAX)
                 .expect("mappings")
                 .into_iter()

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use crate::error::{MetaError, PoolError};
 use crate::format::{BLOCK_SIZE, MAX_METADATA_BLOCKS};
 use crate::io::{is_read_only_error, FileStorage, ReadOnlyStorage, Storage};
-use crate::thin::{Committed, DevId, Metadata};
+use crate::thin::{Committed, DevId, MappedBlock, Metadata};
 
 mod data;
 mod discard;
@@ -226,9 +226,47 @@ impl Pool {
         Ok(())
     }
 
-    /// The metadata (device management, status, mappings).
-    pub fn metadata(&mut self) -> &mut Metadata {
+    /// The metadata itself, around the pool: for what works on metadata alone
+    /// (restore, dump, the recount, held metadata snapshots, tests). The I/O paths
+    /// and device management go through the pool's own methods.
+    pub fn metadata_mut(&mut self) -> &mut Metadata {
         &mut self.md
+    }
+
+    /// Mappings of a device with `lo <= vblock < hi` (see [`Metadata::mappings`]).
+    pub fn mappings(&mut self, dev: DevId, lo: u64, hi: u64) -> Result<Vec<MappedBlock>, PoolError> {
+        self.md.mappings(dev, lo, hi)
+    }
+
+    /// The next batch of a device's mappings (see [`Metadata::mapping_window`]).
+    pub fn mapping_window(
+        &mut self,
+        dev: DevId,
+        from: u64,
+        hi: u64,
+        window: u64,
+    ) -> Result<Vec<MappedBlock>, PoolError> {
+        self.md.mapping_window(dev, from, hi, window)
+    }
+
+    /// The first mapped virtual block at or after `vblock`, with its data block.
+    pub fn next_mapped(&mut self, dev: DevId, vblock: u64) -> Result<Option<(u64, u64)>, PoolError> {
+        self.md.next_mapped(dev, vblock)
+    }
+
+    /// The highest mapped virtual block of a device.
+    pub fn highest_mapped(&mut self, dev: DevId) -> Result<Option<u64>, PoolError> {
+        self.md.highest_mapped(dev)
+    }
+
+    /// Mapped and exclusive block counts of every device (see [`Metadata::usage`]).
+    pub fn usage(&mut self) -> Result<std::collections::BTreeMap<DevId, (u64, u64)>, PoolError> {
+        self.md.usage()
+    }
+
+    /// `set_transaction_id old new`.
+    pub fn set_transaction_id(&mut self, old: u64, new: u64) -> Result<(), PoolError> {
+        self.md.set_transaction_id(old, new)
     }
 
     /// Read-only view of the metadata.

@@ -71,7 +71,7 @@ fn count(devices: &mut [DeviceUsage], blocks: &HashMap<DevId, Vec<u64>>) {
 /// The listing of a pool opened here (nothing else uses it).
 pub fn listing(pd: &PoolDir, pool: &mut Pool) -> Result<Listing, PoolError> {
     let mut devices = rows(pd, pool)?;
-    let usage = pool.metadata().usage()?;
+    let usage = pool.usage()?;
     for d in &mut devices {
         let (mapped, excl) = usage.get(&d.id).copied().unwrap_or((0, 0));
         d.mapped_blocks = mapped;
@@ -99,7 +99,7 @@ pub fn listing_walk(service: &Service, mut devices: Vec<DeviceUsage>) -> Result<
         let mut list = Vec::new();
         let mut from = 0u64;
         loop {
-            let slice = service.with_pool(|pool| pool.metadata().mapping_window(d.id, from, u64::MAX, SLICE_BLOCKS));
+            let slice = service.with_pool(|pool| pool.mapping_window(d.id, from, u64::MAX, SLICE_BLOCKS));
             let slice = match slice {
                 Ok(s) => s,
                 Err(PoolError::NoSuchDevice(_)) => {

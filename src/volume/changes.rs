@@ -363,7 +363,7 @@ pub fn discard_blocks(
     let bs = pool.block_bytes();
     let first = offset.div_ceil(bs);
     let mut end = offset.saturating_add(len) / bs;
-    if let Some(h) = pool.metadata().highest_mapped(dev)? {
+    if let Some(h) = pool.highest_mapped(dev)? {
         end = end.min(h.saturating_add(1));
     } else {
         return Ok(0);
@@ -372,7 +372,7 @@ pub fn discard_blocks(
     let mut vb = first;
     let mut n = 0;
     while vb < end {
-        let Some((k, _)) = pool.metadata().next_mapped(dev, vb)? else { break };
+        let Some((k, _)) = pool.next_mapped(dev, vb)? else { break };
         if k >= end {
             break;
         }

@@ -305,7 +305,7 @@ impl PoolDir {
         let bs = pool.block_bytes();
         let mut warnings = Vec::new();
         for id in ids {
-            let highest = pool.metadata().highest_mapped(id)?;
+            let highest = pool.highest_mapped(id)?;
             let mapped_end = mapped_end(highest, bs);
             let size = match sizes.get(&id) {
                 Some(&s) => {
@@ -424,7 +424,7 @@ impl PoolDir {
         let known: BTreeSet<DevId> = self.config.devices.values().map(|e| e.id).collect();
         let bs = pool.block_bytes();
         for id in ids.difference(&known).copied().collect::<Vec<_>>() {
-            let highest = pool.metadata().highest_mapped(id)?;
+            let highest = pool.highest_mapped(id)?;
             let size = mapped_end(highest, bs);
             let name = self.free_name(&format!("thin{id}"));
             self.warnings.push(format!(

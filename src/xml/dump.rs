@@ -154,7 +154,7 @@ impl<W: Write> MetadataVisitor for XmlWriter<W> {
 /// `out` is flushed at the end.
 pub fn dump(pool: &mut Pool, out: &mut dyn Write, progress: &mut dyn FnMut(u64, u64)) -> Result<(), XmlError> {
     let mut w = XmlWriter::new(&mut *out);
-    walk(pool.metadata(), &mut w, progress)?;
+    walk(pool.metadata_mut(), &mut w, progress)?;
     out.flush().map_err(write_failed)
 }
 

@@ -139,7 +139,7 @@ fn holes(runs: &[(u64, u64)], nblk: u64) -> Vec<(u64, u64)> {
 /// The current mappings of `[lo, hi)`: per block, `Some(shared)` when mapped.
 fn window_mappings(pool: &mut Pool, id: DevId, lo: u64, hi: u64, stime: u32) -> CliResult<Vec<Option<bool>>> {
     let mut out = vec![None; (hi - lo) as usize];
-    for m in pool.metadata().mappings(id, lo, hi)? {
+    for m in pool.mappings(id, lo, hi)? {
         if let Some(slot) = out.get_mut((m.vblock - lo) as usize) {
             *slot = Some(stime > m.time);
         }
@@ -517,7 +517,7 @@ pub fn export(dir: &Path, name: &str, dest: &OsStr) -> CliResult {
         let mut buf = Vec::new();
         let mut vb = 0;
         while vb < nblk {
-            let maps = pool.metadata().mapping_window(id, vb, nblk, w)?;
+            let maps = pool.mapping_window(id, vb, nblk, w)?;
             let Some(hi) = maps.last().map(|m| m.vblock + 1) else { break };
             let mut i = 0;
             while i < maps.len() {
