@@ -27,7 +27,7 @@ fn fill(seed: u8, len: usize) -> Vec<u8> {
 /// The scenario: each step changes the pool and commits. Writes only land on unmapped
 /// or shared blocks, so every byte a step writes goes to a new data block.
 fn step(p: &mut Pool, i: usize) -> Result<bool, PoolError> {
-    let r = (|| -> Result<bool, PoolError> {
+    (|| -> Result<bool, PoolError> {
         match i {
             0 => p.create_thin(0)?,
             1 => p.write(0, 0, &fill(1, (3 * BS) as usize))?,
@@ -44,8 +44,7 @@ fn step(p: &mut Pool, i: usize) -> Result<bool, PoolError> {
         }
         p.commit()?;
         Ok(true)
-    })();
-    r
+    })()
 }
 
 fn snapshot_state(p: &mut Pool) -> State {
