@@ -66,7 +66,8 @@ pub trait Export: Send + Sync {
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), ExportError>;
     /// Make every completed write on every connection and export durable.
     fn flush(&self) -> Result<(), ExportError>;
-    /// Discard: whole pool blocks in the range are unmapped.
+    /// Discard: whole pool blocks in the range are unmapped, and a partly discarded
+    /// block once every byte of it has been discarded.
     fn trim(&self, offset: u64, len: u64) -> Result<(), ExportError>;
     /// Zero a range; `may_unmap` = !NO_HOLE; `fast` = FAST_ZERO.
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, fast: bool) -> Result<(), ExportError>;

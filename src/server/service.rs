@@ -396,7 +396,8 @@ impl Service {
         self.lock().pool.commit_with(&mut || Ok(()))
     }
 
-    /// Discard whole blocks.
+    /// Discard a range: whole blocks are unmapped, partial ones once every byte of
+    /// them has been discarded (see [`Pool::discard`]).
     pub fn discard(&self, dev: DevId, offset: u64, len: u64) -> Result<u64, PoolError> {
         let _quiet = self.quiesce();
         let _change = self.commits.change();
