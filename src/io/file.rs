@@ -87,11 +87,18 @@ impl Storage for FileStorage {
         }
     }
     fn grow(&self, new_len: u64) -> io::Result<()> {
-        if new_len > self.len() {
+        let old = self.len();
+        if new_len > old {
             self.file.set_len(new_len)?;
             self.len.store(new_len, Ordering::SeqCst);
         }
         Ok(())
+    }
+    fn allocate(&self) -> io::Result<()> {
+        match fallocate(self.file.as_raw_fd(), FallocateFlags::empty(), 0, self.len() as i64) {
+            Ok(()) | Err(nix::errno::Errno::EOPNOTSUPP) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
     fn copy_range(&self, from: u64, to: u64, len: u64) -> io::Result<()> {
         check_range(from, len as usize, self.len())?;

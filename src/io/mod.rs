@@ -66,6 +66,12 @@ pub trait Storage: Send + Sync {
         let _ = new_len;
         Err(io::Error::new(io::ErrorKind::Unsupported, "this storage cannot grow"))
     }
+    /// Make sure every byte of the storage has space on the host, so that later
+    /// writes cannot fail for lack of it (a file: `fallocate`). The default does
+    /// nothing (memory has its space).
+    fn allocate(&self) -> io::Result<()> {
+        Ok(())
+    }
     /// Copy `len` bytes from `from` to `to` inside the storage (the ranges do not
     /// overlap). The default reads and writes through a bounded buffer; a file
     /// uses `copy_file_range`, which shares extents where the file system can
@@ -118,6 +124,9 @@ macro_rules! forward_storage {
             }
             fn grow(&self, new_len: u64) -> io::Result<()> {
                 (**self).grow(new_len)
+            }
+            fn allocate(&self) -> io::Result<()> {
+                (**self).allocate()
             }
         }
     };

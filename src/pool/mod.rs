@@ -95,6 +95,9 @@ impl Pool {
         let block_bytes = data_block_sectors as u64 * SECTOR;
         let nr = data.len().checked_div(block_bytes).unwrap_or(0);
         let meta: Arc<dyn Storage> = Arc::new(metadata);
+        // Metadata gets its host space now: a full host file system later must not
+        // make a commit fail half way (the data file stays sparse).
+        meta.allocate().map_err(MetaError::Io)?;
         let md = Metadata::format(Box::new(Arc::clone(&meta)), data_block_sectors, nr)?;
         let data = Arc::new(DataFile::new(Arc::new(data), block_bytes));
         Ok(Pool::assemble(md, meta, data, block_bytes))
@@ -121,6 +124,11 @@ impl Pool {
             (Arc::new(metadata), Arc::new(data))
         };
         let md = Metadata::open(Box::new(Arc::clone(&meta)), opts.read_only)?;
+        if !opts.read_only {
+            if let Err(e) = meta.allocate() {
+                eprintln!("thinpool: warning: cannot reserve host space for the metadata file: {e}; a full host file system could stop commits");
+            }
+        }
         let block_bytes = md.data_block_sectors() as u64 * SECTOR;
         let nr = data.len() / block_bytes;
         let have = md.status().data_total_blocks;
@@ -170,7 +178,7 @@ impl Pool {
     /// is best effort: when the host refuses, the reserve rules still apply.
     fn make_metadata_room(&mut self) -> Result<(), PoolError> {
         let (free, total, reserve) = self.md.metadata_room();
-        if free >= reserve + (total / 8).max(64) || self.data.storage().is_read_only() {
+        if free >= reserve + (total / 8).max(16) || self.data.storage().is_read_only() {
             return Ok(());
         }
         let cur = self.meta_storage.len();
@@ -178,7 +186,7 @@ impl Pool {
         if target <= cur {
             return Ok(());
         }
-        match self.meta_storage.grow(target) {
+        match self.meta_storage.grow(target).and_then(|()| self.meta_storage.allocate()) {
             Ok(()) => self.md.extend_metadata(),
             Err(e) => {
                 eprintln!("thinpool: cannot grow the metadata file to {target} bytes: {e}");

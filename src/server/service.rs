@@ -382,6 +382,9 @@ impl Service {
         s.committing = false;
         s.finished = seq;
         if let Err(e) = &r {
+            if s.failed.is_none() {
+                eprintln!("thinpool: commit failed: {e}; the pool now refuses changes until it is reopened (the last commit is intact)");
+            }
             s.failed = Some((seq, e.to_string()));
         }
         drop(s);
