@@ -20,7 +20,7 @@
 //! | [`space_map`] | reference counts in memory (no I/O; the transaction manager keeps them) and their on-disk form (`space_map::disk`, written through `btree` at commit) | `btree`, `transaction` (disk form only) |
 //! | [`transaction`] | the block cache, shadowing, the two maps' counts, sticky failure | `io`, `space_map` counts |
 //! | [`io`] | one storage trait for both files: real file, memory, fault injection, read-only | `format` |
-//! | [`format`], [`units`], [`error`] | on-disk byte tables (pure encode/decode), block-address newtypes and the range splitter, error types | nothing |
+//! | [`mod@format`], [`units`], [`error`] | on-disk byte tables (pure encode/decode), block-address newtypes and the range splitter, error types | nothing |
 //!
 //! [`fuzzing`] holds the fuzz targets' bodies so that `cargo test` replays their seeds.
 #![forbid(unsafe_code)]

@@ -1,5 +1,5 @@
 //! Copy-on-write B-trees in the dm-thin node format: lookup here, changes in
-//! [`mutate`], and the one walker every reader of a tree uses in [`walk`].
+//! [`mutate`], and the one walker every reader of a tree uses in [`mod@walk`].
 //!
 //! Every change shadows the path it touches (spec §5.1): a block allocated in the
 //! current transaction and not shared is changed in place; any other block is copied

@@ -10,10 +10,10 @@
 //! and compared with the bitmaps and overflow trees of both space maps, leaks
 //! included, plus `nr_allocated` and bitmap entries past the end.
 //!
-//! Trees are walked by the one walker ([`crate::btree::walk`]) with the checking
-//! visitor of [`tree`] over nodes read straight from storage; the space maps are
+//! Trees are walked by the one walker ([`crate::btree::walk()`]) with the checking
+//! visitor of `tree.rs` over nodes read straight from storage; the space maps are
 //! read by the one reader of on-disk counts ([`crate::space_map::disk::read_counts`])
-//! in [`space_maps`]. Every walk is bounded (depth limit, each node checked once),
+//! in `space_maps.rs`. Every walk is bounded (depth limit, each node checked once),
 //! memory is bounded by the metadata size, and nothing on disk can make it panic.
 
 pub mod recount;

@@ -1,7 +1,7 @@
 //! The recount the model tests use: every reference recomputed from the live
 //! (possibly uncommitted) trees through the transaction manager and compared with
 //! the in-memory space maps. The strict checker ([`super::check`]) does the same for
-//! what is on disk; both walk trees with [`crate::btree::walk`].
+//! what is on disk; both walk trees with [`crate::btree::walk()`].
 
 use std::collections::{HashMap, HashSet};
 

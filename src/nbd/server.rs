@@ -10,7 +10,7 @@
 //! because every request went from the connection's reading thread over a channel
 //! to a worker and back through a mutex on the socket, with one `send` per reply. A
 //! B-tree lookup is about 1% of a read. So requests now run where they are read
-//! ([`conn`](super::conn)): no hand-off per request, and the replies of everything a
+//! (`conn.rs`): no hand-off per request, and the replies of everything a
 //! client pipelined are written with one `send`. Only requests that may block for
 //! long — FLUSH and FUA, which commit — go to the blocking pool
 //! ([`ServerConfig::workers`] threads shared by all connections), so a commit does
