@@ -178,7 +178,8 @@ fn a_served_pool_grows_online_and_the_next_write_uses_the_new_space() {
 
 #[test]
 fn a_threshold_runs_its_command_once_per_crossing_and_autoextend_grows_the_data() {
-    use thinpool::server::health::{check, Crossings, HealthPolicy};
+    use thinpool::server::health::{check, Crossings, HealthPolicy, LiveSettings};
+    use thinpool::volume::{HealthChange, HealthOptions, Setting};
     let dir = tempfile::tempdir().expect("tmp");
     let (m, d) = common::pool_files(dir.path(), 1 << 20, 10 * BS);
     let mut p = Pool::create(m, d, (BS / 512) as u32).expect("pool");
@@ -187,11 +188,8 @@ fn a_threshold_runs_its_command_once_per_crossing_and_autoextend_grows_the_data(
     let log = dir.path().join("crossings");
     let policy = HealthPolicy {
         pool_dir: dir.path().to_path_buf(),
-        data_threshold: Some(50),
-        metadata_threshold: None,
         on_threshold: Some(format!("echo \"$THINPOOL_KIND $THINPOOL_PERCENT\" >> {}", log.display())),
-        autoextend_percent: None,
-        autoextend_max: None,
+        settings: LiveSettings::new(HealthOptions { data_threshold: Some(50), ..Default::default() }),
     };
     let mut state = Crossings::default();
     let lines = || {
@@ -222,9 +220,15 @@ fn a_threshold_runs_its_command_once_per_crossing_and_autoextend_grows_the_data(
     std::thread::sleep(std::time::Duration::from_millis(200));
     assert_eq!(lines(), ["data 60", "data 70"], "a second crossing after falling below");
 
-    // Autoextend: crossing the threshold grows the data by half, up to 16 blocks.
-    let policy =
-        HealthPolicy { autoextend_percent: Some(50), autoextend_max: Some(16 * BS), on_threshold: None, ..policy };
+    // Autoextend, switched on while the monitor runs (as `thinctl pool set` does on a
+    // served pool): crossing the threshold grows the data by half, up to 16 blocks.
+    let policy = HealthPolicy { on_threshold: None, ..policy };
+    let change = HealthChange {
+        autoextend_percent: Some(Setting::To(50)),
+        autoextend_max_bytes: Some(Setting::To(16 * BS)),
+        ..Default::default()
+    };
+    policy.settings.apply(&change, &svc).expect("apply");
     let mut state = Crossings::default();
     check(&svc, &policy, &mut state);
     assert_eq!(svc.status().data_total_blocks, 15, "10 blocks grown by half");
@@ -233,6 +237,27 @@ fn a_threshold_runs_its_command_once_per_crossing_and_autoextend_grows_the_data(
     }
     check(&svc, &policy, &mut state);
     assert_eq!(svc.status().data_total_blocks, 16, "capped at the maximum");
+
+    // A metadata threshold set later is watched too (the two kinds share one check).
+    let log2 = dir.path().join("meta-crossings");
+    let policy =
+        HealthPolicy { on_threshold: Some(format!("echo \"$THINPOOL_KIND\" >> {}", log2.display())), ..policy };
+    let change = HealthChange { metadata_threshold: Some(Setting::To(1)), ..Default::default() };
+    policy.settings.apply(&change, &svc).expect("apply");
+    check(&svc, &policy, &mut state);
+    check(&svc, &policy, &mut state);
+    let mut got = Vec::new();
+    for _ in 0..100 {
+        got = std::fs::read_to_string(&log2).map(|s| s.lines().map(str::to_string).collect()).unwrap_or_default();
+        if !got.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(got, ["metadata"], "the metadata threshold ran its command once");
+    let bad = HealthChange { data_threshold: Some(Setting::To(0)), ..Default::default() };
+    assert!(policy.settings.apply(&bad, &svc).is_err(), "0% is refused");
+    assert_eq!(policy.settings.get().data_threshold, Some(50), "a refused change changes nothing");
     drop(svc);
     common::assert_checks_pass(&dir.path().join("metadata"));
 }

@@ -504,3 +504,147 @@ fn queue_mode_times_out_with_enospc_and_lets_a_waiting_write_through_after_a_tri
     common::assert_checks_pass(&dir.join("metadata"));
     thinctl_ok(&["check", &d]);
 }
+
+/// Debian's `thin_restore` writes a pool whose 256 KiB of metadata holds 6000
+/// mappings (58 of 64 blocks used: below the reserve of 16 free); adopted as `dir`
+/// with a 1 GiB sparse data file.
+fn pool_at_the_metadata_reserve(tmp: &Path) -> String {
+    let xml = tmp.join("full.xml");
+    std::fs::write(
+        &xml,
+        "<superblock uuid=\"\" time=\"1\" transaction=\"1\" flags=\"0\" version=\"2\" data_block_size=\"128\" nr_data_blocks=\"16384\">\n\
+         <device dev_id=\"0\" mapped_blocks=\"6000\" transaction=\"0\" creation_time=\"0\" snap_time=\"0\">\n\
+         <range_mapping origin_begin=\"0\" data_begin=\"0\" length=\"6000\" time=\"0\"/>\n\
+         </device>\n</superblock>\n",
+    )
+    .expect("xml");
+    let meta = tmp.join("meta");
+    std::fs::File::create(&meta).and_then(|f| f.set_len(256 * KIB)).expect("metadata file");
+    let data = tmp.join("data");
+    std::fs::File::create(&data).and_then(|f| f.set_len(1 << 30)).expect("data file");
+    let out = Command::new("thin_restore")
+        .arg("-i")
+        .arg(&xml)
+        .arg("-o")
+        .arg(&meta)
+        .output()
+        .unwrap_or_else(|e| panic!("thin_restore not found ({e}): install thin-provisioning-tools"));
+    assert!(out.status.success(), "thin_restore: {}", String::from_utf8_lossy(&out.stderr));
+    let d = path_str(&tmp.join("pool"));
+    thinctl_ok(&["pool", "adopt", &d, "--metadata", &path_str(&meta), "--data", &path_str(&data)]);
+    d
+}
+
+#[test]
+fn offline_status_reports_the_metadata_reserve_and_the_thresholds_kept_in_pool_toml() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let d = pool_at_the_metadata_reserve(tmp.path());
+    let st = status_json(&d);
+    assert_eq!(st["mode"], "out-of-metadata-space", "{st}");
+    let free =
+        st["metadata_total_blocks"].as_u64().expect("total") - st["metadata_used_blocks"].as_u64().expect("used");
+    assert_eq!(st["metadata_reserve_blocks"], 16, "{st}");
+    assert!(free <= 16, "the fixture is at the reserve: {st}");
+    let reason = st["reason"].as_str().expect("a reason");
+    assert!(reason.contains("reserve") && reason.contains("pool extend"), "{reason}");
+    assert_eq!(st["thresholds_crossed"], serde_json::json!([]), "no thresholds set: {st}");
+    assert_eq!((st["no_space"].as_str(), st["no_space_timeout_s"].as_u64()), (Some("queue"), Some(60)), "{st}");
+
+    // Thresholds are kept in pool.toml and judged offline too.
+    let out = thinctl_ok(&["pool", "set", &d, "--metadata-threshold", "80", "--data-threshold", "50"]);
+    assert!(out.contains("data threshold 50%, metadata threshold 80%"), "{out}");
+    let toml = std::fs::read_to_string(Path::new(&d).join("pool.toml")).expect("pool.toml");
+    assert!(toml.contains("data_threshold = 50") && toml.contains("metadata_threshold = 80"), "{toml}");
+    let st = status_json(&d);
+    assert_eq!((st["data_threshold"].as_u64(), st["metadata_threshold"].as_u64()), (Some(50), Some(80)), "{st}");
+    assert_eq!(st["thresholds_crossed"], serde_json::json!(["metadata"]), "90% metadata, 36% data: {st}");
+    let text = thinctl_ok(&["status", &d]);
+    assert!(text.contains("thresholds      data 50%, metadata 80% (crossed)"), "{text}");
+    assert!(text.contains("reason          free metadata"), "{text}");
+    let out = thinctl(&["pool", "set", &d, "--data-threshold", "0"]);
+    assert_eq!(out.status.code(), Some(2), "0% is a usage error");
+
+    // A pool.toml without the options (as older versions wrote it) still opens.
+    let old: String = toml.lines().filter(|l| !l.contains("threshold")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(Path::new(&d).join("pool.toml"), old).expect("write");
+    let st = status_json(&d);
+    assert_eq!((st["data_threshold"].is_null(), st["metadata_threshold"].is_null()), (true, true), "{st}");
+    // A hand-edited value out of range is an error naming it.
+    let toml = std::fs::read_to_string(Path::new(&d).join("pool.toml")).expect("pool.toml");
+    let bad = toml.replace("read_only = false", "read_only = false\nno_space_timeout_s = 999999");
+    std::fs::write(Path::new(&d).join("pool.toml"), bad).expect("write");
+    let out = thinctl(&["status", &d]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no_space_timeout_s = 999999 is out of range"), "{err}");
+    std::fs::write(Path::new(&d).join("pool.toml"), toml).expect("write");
+
+    // Growing the metadata offline leaves the reserve behind: rw again.
+    thinctl_ok(&["pool", "extend", &d, "--metadata-size", "+1M"]);
+    let st = status_json(&d);
+    assert_eq!(st["mode"], "rw", "{st}");
+    assert!(st["reason"].is_null(), "{st}");
+    common::assert_checks_pass(&Path::new(&d).join("../meta"));
+    thinctl_ok(&["check", &d]);
+}
+
+#[test]
+fn served_status_shows_the_settings_in_force_and_pool_set_applies_them_at_once() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("pool");
+    let d = path_str(&dir);
+    thinctl_ok(&["pool", "create", &d, "--data-size", "16M"]);
+    thinctl_ok(&["create", &d, "disk", "--size", "64M"]);
+    thinctl_ok(&["pool", "set", &d, "--data-threshold", "50", "--no-space-timeout", "7"]);
+    let log = tmp.path().join("crossings");
+    let cmd = format!("echo \"$THINPOOL_KIND $THINPOOL_PERCENT\" >> {}", log.display());
+    let mut server = serve(&d, &["--no-space", "error", "--on-threshold", &cmd]);
+    let st = status_json(&d);
+    assert_eq!(st["served"], true);
+    assert_eq!(st["data_threshold"], 50, "pool.toml's threshold: {st}");
+    assert_eq!((st["no_space"].as_str(), st["no_space_timeout_s"].as_u64()), (Some("error"), Some(7)), "{st}");
+
+    // Set through the control socket: saved in pool.toml and in force at once.
+    let out = thinctl_ok(&["pool", "set", &d, "--data-threshold", "10"]);
+    assert!(out.contains("data threshold 10%"), "{out}");
+    let toml = std::fs::read_to_string(dir.join("pool.toml")).expect("pool.toml");
+    assert!(toml.contains("data_threshold = 10"), "{toml}");
+    assert_eq!(status_json(&d)["data_threshold"], 10);
+
+    // 2 MiB of 16: 12% crosses 10%; the command runs once, status says so.
+    let mut c = Nbd::connect(server.port, "disk");
+    for b in 0..32u64 {
+        assert_eq!(c.write(b * CHUNK, &vec![chunk_byte(b * CHUNK); CHUNK as usize]), 0);
+    }
+    assert_eq!(c.flush(), 0);
+    let t0 = Instant::now();
+    while std::fs::read_to_string(&log).unwrap_or_default().is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the threshold command did not run");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(std::fs::read_to_string(&log).expect("log"), "data 12\n", "once per crossing");
+    let st = status_json(&d);
+    assert_eq!(st["thresholds_crossed"], serde_json::json!(["data"]), "{st}");
+    assert_eq!(st["data_used_percent"], 12, "{st}");
+
+    // The no-space policy too, over the --no-space flag: queue for 1 s.
+    thinctl_ok(&["pool", "set", &d, "--no-space", "queue", "--no-space-timeout", "1"]);
+    for b in 32..256u64 {
+        assert_eq!(c.write(b * CHUNK, &vec![chunk_byte(b * CHUNK); CHUNK as usize]), 0, "fill block {b}");
+    }
+    let t0 = Instant::now();
+    assert_eq!(c.write(300 * CHUNK, &[1u8; 4096]), ENOSPC, "the pool is full");
+    let waited = t0.elapsed();
+    assert!(waited >= Duration::from_millis(900), "queued about 1 s, not {waited:?} (error mode would not wait)");
+    let st = status_json(&d);
+    assert_eq!(st["mode"], "out-of-data-space", "{st}");
+    assert!(st["reason"].as_str().expect("reason").contains("wait up to 1 s"), "{st}");
+    drop(c);
+    assert!(server.terminate().success(), "serve exits 0 on SIGTERM");
+    common::assert_checks_pass(&dir.join("metadata"));
+
+    // Served read-only: mode ro, with the reason.
+    let _ro = serve(&d, &["--read-only"]);
+    let st = status_json(&d);
+    assert_eq!((st["mode"].as_str(), st["reason"].as_str()), (Some("ro"), Some("served with --read-only")), "{st}");
+}

@@ -232,6 +232,9 @@ pub struct Controller {
     service: Arc<Service>,
     pd: Arc<Mutex<PoolDir>>,
     read_only: bool,
+    /// The health settings the server runs with (status reports them; a `SetHealth`
+    /// change updates them); without them status reports `pool.toml`'s.
+    health: Option<Arc<crate::server::health::LiveSettings>>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -243,7 +246,14 @@ impl std::fmt::Debug for Controller {
 impl Controller {
     /// A controller for `service` and `pd`; `read_only` refuses every change.
     pub fn new(service: Arc<Service>, pd: Arc<Mutex<PoolDir>>, read_only: bool) -> Controller {
-        Controller { service, pd, read_only }
+        Controller { service, pd, read_only, health: None }
+    }
+
+    /// Report and change these live health settings (thresholds, autoextend,
+    /// no-space policy) rather than only `pool.toml`'s.
+    pub fn with_health(mut self, settings: Arc<crate::server::health::LiveSettings>) -> Controller {
+        self.health = Some(settings);
+        self
     }
 
     /// This controller as a socket [`Handler`].
@@ -264,7 +274,9 @@ impl Controller {
                 .map_err(ControlError::from),
             Request::Status => {
                 let pd = self.dir();
-                Ok(Response::Status { status: self.service.with_pool(|pool| usage::status(&pd, pool)) })
+                let health = self.health.as_ref().map_or(pd.config().options.health, |h| h.get());
+                let status = self.service.with_pool(|pool| usage::status_with(&pd, pool, &health, self.read_only));
+                Ok(Response::Status { status })
             }
             Request::Change { change } => self.change(&change),
         };
@@ -296,6 +308,10 @@ impl Controller {
             }
             other => self.service.with_pool(|pool| pd.apply(pool, other))?,
         };
+        if let (PoolChange::SetHealth { change }, Some(live)) = (change, &self.health) {
+            // Saved in pool.toml above; in force from now on, over the serve flags.
+            live.apply(change, &self.service).map_err(|e| ControlError::new(ErrorKind::Failed, e))?;
+        }
         Ok(Response::Changed { outcome, block_bytes: self.service.block_bytes() })
     }
 }

@@ -241,6 +241,20 @@ pub struct PoolStatus {
     pub time: u32,
     /// Number of thin devices in the metadata.
     pub devices: usize,
+    /// Why the pool is in its mode (none for `rw`).
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Metadata blocks kept in reserve (free metadata at or below it is
+    /// `out-of-metadata-space`).
+    #[serde(default)]
+    pub metadata_reserve_blocks: u64,
+    /// Thresholds, autoextend and no-space policy in force (a served pool's
+    /// include its `thinctl serve` flags).
+    #[serde(default)]
+    pub health: crate::volume::HealthOptions,
+    /// The thresholds use is at or above now: `data`, `metadata`.
+    #[serde(default)]
+    pub thresholds_crossed: Vec<String>,
 }
 
 /// The JSON line (with its newline) of `value`.
@@ -342,6 +356,10 @@ mod tests {
                     needs_check: false,
                     time: 0,
                     devices: 1,
+                    reason: Some("every data block is in use".into()),
+                    metadata_reserve_blocks: 16,
+                    health: crate::volume::HealthOptions { data_threshold: Some(80), ..Default::default() },
+                    thresholds_crossed: vec!["data".into()],
                 },
             },
             Response::Error { error: ControlError::new(ErrorKind::Attached, "attached") },

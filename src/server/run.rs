@@ -95,14 +95,13 @@ pub fn run(
     };
     let server = Server::bind(&opts.listen, catalog.clone(), config)?.with_limits(limits);
     let committer = service.spawn_committer(opts.commit_interval, Arc::clone(&stop));
-    let monitor = opts.health.is_active().then(|| {
-        crate::server::health::spawn_monitor(
-            Arc::clone(&service),
-            opts.health.clone(),
-            Duration::from_millis(500),
-            Arc::clone(&stop),
-        )
-    });
+    // Always watching: `thinctl pool set` may set thresholds while the pool is served.
+    let monitor = Some(crate::server::health::spawn_monitor(
+        Arc::clone(&service),
+        opts.health.clone(),
+        Duration::from_millis(500),
+        Arc::clone(&stop),
+    ));
     let control_thread = match control {
         Some((path, handler)) => {
             let cat = Arc::clone(&catalog);

@@ -21,10 +21,11 @@ use std::sync::{Mutex, PoisonError};
 
 use crate::error::PoolError;
 use crate::pool::Pool;
+use crate::server::health::thresholds_crossed;
 use crate::server::protocol::{DeviceUsage, Listing, PoolMode, PoolStatus};
 use crate::server::service::Service;
 use crate::thin::DevId;
-use crate::volume::PoolDir;
+use crate::volume::{HealthOptions, PoolDir};
 
 /// Virtual blocks of one device read in one step of a served walk.
 pub const SLICE_BLOCKS: u64 = 16 * 1024;
@@ -126,24 +127,59 @@ fn writable(path: &std::path::Path) -> bool {
     nix::unistd::access(path, nix::unistd::AccessFlags::W_OK).is_ok()
 }
 
-/// The status of an open pool: the metadata's numbers and the mode: `ro` when the
-/// pool is read-only by option, needs a check, or its files are not writable by
-/// this process; else the engine's mode, and for a pool opened read-only here
-/// (whose engine says so) `out-of-data-space` or `rw` from the data counts.
+/// The status of an open pool with the thresholds of its `pool.toml` (see
+/// [`status_with`]).
 pub fn status(pd: &PoolDir, pool: &Pool) -> PoolStatus {
+    status_with(pd, pool, &pd.config().options.health, false)
+}
+
+/// The status of an open pool, with the health settings in force (`health`) and
+/// whether a server serves it read-only. The mode and its reason: `ro` when served
+/// read-only, read-only by option, the metadata needs a check, or the files are not
+/// writable by this process; `fail` when a metadata write failed;
+/// `out-of-metadata-space` when free metadata is at or below the reserve (for a pool
+/// opened read-only here too); `out-of-data-space` when every data block is in use;
+/// else `rw`.
+pub fn status_with(pd: &PoolDir, pool: &Pool, health: &HealthOptions, served_read_only: bool) -> PoolStatus {
+    use crate::thin::PoolMode as E;
     let st = pool.meta().status();
-    let mode = if pd.config().options.read_only
-        || st.needs_check
-        || !writable(&pd.metadata_path())
-        || !writable(&pd.data_path())
-    {
-        PoolMode::Ro
-    } else if st.mode != crate::thin::PoolMode::ReadOnly {
-        PoolMode::from(st.mode)
+    let (meta_free, meta_total, reserve) = pool.meta().metadata_room();
+    let unwritable = [pd.metadata_path(), pd.data_path()].into_iter().find(|p| !writable(p));
+    let (mode, reason) = if served_read_only {
+        (PoolMode::Ro, Some("served with --read-only".to_string()))
+    } else if pd.config().options.read_only {
+        (PoolMode::Ro, Some("options.read_only is set in pool.toml".to_string()))
+    } else if st.needs_check {
+        (PoolMode::Ro, Some("the metadata's needs_check flag is set: run thinctl check".to_string()))
+    } else if let Some(p) = unwritable {
+        (PoolMode::Ro, Some(format!("{} is not writable by this user", p.display())))
+    } else if st.mode == E::Fail {
+        (
+            PoolMode::Fail,
+            Some(
+                "a metadata write failed: changes are refused until the pool is reopened (the last commit is intact)"
+                    .into(),
+            ),
+        )
+    } else if st.mode == E::OutOfMetadataSpace || meta_free <= reserve {
+        let why = format!(
+            "free metadata ({meta_free} of {meta_total} blocks) is down to the reserve ({reserve} blocks): what needs new metadata gets ENOSPC; delete devices or grow it with `thinctl pool extend DIR --metadata-size +SIZE`"
+        );
+        (PoolMode::OutOfMetadataSpace, Some(why))
     } else if st.data_used_blocks >= st.data_total_blocks {
-        PoolMode::OutOfDataSpace
+        let wait = match health.no_space_mode() {
+            crate::volume::NoSpaceMode::Queue => {
+                format!("wait up to {} s for space, then get ENOSPC", health.no_space_timeout())
+            }
+            crate::volume::NoSpaceMode::Error => "get ENOSPC".to_string(),
+        };
+        let why = format!(
+            "every data block is in use ({} of {}): writes that need a new block {wait}; discard, delete devices or grow it with `thinctl pool extend DIR --data-size +SIZE`",
+            st.data_used_blocks, st.data_total_blocks
+        );
+        (PoolMode::OutOfDataSpace, Some(why))
     } else {
-        PoolMode::Rw
+        (PoolMode::Rw, None)
     };
     PoolStatus {
         mode,
@@ -157,6 +193,14 @@ pub fn status(pd: &PoolDir, pool: &Pool) -> PoolStatus {
         needs_check: st.needs_check,
         time: st.time,
         devices: pool.meta().device_ids().len(),
+        reason,
+        metadata_reserve_blocks: reserve,
+        health: *health,
+        thresholds_crossed: thresholds_crossed(
+            health,
+            (st.data_used_blocks, st.data_total_blocks),
+            (st.metadata_used_blocks, st.metadata_total_blocks),
+        ),
     }
 }
 

@@ -61,6 +61,12 @@ pub enum PoolChange {
         /// The metadata's new size.
         metadata: Option<Grow>,
     },
+    /// Change the pool's thresholds, autoextend and no-space policy (`pool.toml`'s
+    /// options; a server also applies them at once).
+    SetHealth {
+        /// What to change.
+        change: super::HealthChange,
+    },
     /// Change the virtual size; shrinking discards what is cut off.
     Resize {
         /// The device.
@@ -95,6 +101,11 @@ pub enum ChangeOutcome {
         data_bytes: u64,
         /// Metadata size in bytes now.
         metadata_bytes: u64,
+    },
+    /// The pool's health options, as saved.
+    HealthSet {
+        /// The options in `pool.toml` now.
+        options: super::HealthOptions,
     },
     /// The size changed; `blocks_discarded` were cut off.
     Resized {
@@ -343,6 +354,7 @@ impl PoolDir {
                     metadata_bytes: st.metadata_total_blocks * crate::format::BLOCK_SIZE as u64,
                 }
             }
+            PoolChange::SetHealth { change } => ChangeOutcome::HealthSet { options: self.set_health(change)? },
             PoolChange::Resize { name, size_bytes } => {
                 let (old, n) = self.resize(pool, name, *size_bytes)?;
                 ChangeOutcome::Resized { old_bytes: old, new_bytes: *size_bytes, blocks_discarded: n }

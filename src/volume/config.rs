@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::PoolDirError;
+use super::{PoolDir, PoolDirError};
 use crate::format::MAX_DEV_ID;
 use crate::pool::SECTOR;
 use crate::thin::DevId;
@@ -42,9 +42,211 @@ pub struct PoolOptions {
     /// Refuse every change (like a thin-pool loaded `read_only`).
     #[serde(default)]
     pub read_only: bool,
+    /// Low-water marks, autoextend and the no-space policy (`thinctl pool set`); a
+    /// `pool.toml` without them (written before they existed) leaves them unset.
+    #[serde(flatten)]
+    pub health: HealthOptions,
     /// Options this version does not know, kept as they are (for the server's use).
     #[serde(flatten)]
     pub other: BTreeMap<String, toml::Value>,
+}
+
+/// What a write that needs a new data block does when the pool has none (dm-thin's
+/// `error_if_no_space`, or its default queueing bounded by `no_space_timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoSpaceMode {
+    /// Wait for space to appear (up to the no-space timeout), then fail with ENOSPC.
+    Queue,
+    /// Fail with ENOSPC at once.
+    Error,
+}
+
+impl NoSpaceMode {
+    /// `queue` or `error`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoSpaceMode::Queue => "queue",
+            NoSpaceMode::Error => "error",
+        }
+    }
+}
+
+/// Default no-space mode: queue.
+pub const DEFAULT_NO_SPACE: NoSpaceMode = NoSpaceMode::Queue;
+/// Default time a queued write waits for space, in seconds (dm-thin's 60 s).
+pub const DEFAULT_NO_SPACE_TIMEOUT_S: u64 = 60;
+/// Longest no-space timeout accepted, in seconds (one day).
+pub const MAX_NO_SPACE_TIMEOUT_S: u64 = 86_400;
+
+/// How a pool watches itself fill up: low-water marks for data and metadata (percent
+/// used), LVM-style autoextend of the data, and what a write does when data runs
+/// out. Stored in `pool.toml`'s `[options]` (set with `thinctl pool set`); the flags
+/// of `thinctl serve` override them for one run. Every field is optional: unset means
+/// "no threshold", "no autoextend", and the default no-space policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthOptions {
+    /// Data use (percent, 1..=100) that counts as crossing the data threshold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_threshold: Option<u8>,
+    /// Metadata use (percent, 1..=100) that counts as crossing the metadata threshold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata_threshold: Option<u8>,
+    /// When the data threshold is crossed, grow the data by this percent (1..=100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoextend_percent: Option<u8>,
+    /// ... but not past this many bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoextend_max_bytes: Option<u64>,
+    /// Queue or error when data runs out (default queue).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_space: Option<NoSpaceMode>,
+    /// How long a queued write waits, in seconds (default 60, at most one day).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_space_timeout_s: Option<u64>,
+}
+
+/// One setting of a [`HealthChange`]: switched off (back to its default), or set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Setting<T> {
+    /// Unset: no threshold, no autoextend, or the default policy.
+    Off,
+    /// This value.
+    To(T),
+}
+
+impl<T> Setting<T> {
+    fn apply(self, slot: &mut Option<T>) {
+        *slot = match self {
+            Setting::Off => None,
+            Setting::To(v) => Some(v),
+        };
+    }
+}
+
+/// A change to [`HealthOptions`]: fields left `None` stay as they are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthChange {
+    /// The data threshold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_threshold: Option<Setting<u8>>,
+    /// The metadata threshold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata_threshold: Option<Setting<u8>>,
+    /// The autoextend percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoextend_percent: Option<Setting<u8>>,
+    /// The autoextend maximum in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoextend_max_bytes: Option<Setting<u64>>,
+    /// The no-space mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_space: Option<Setting<NoSpaceMode>>,
+    /// The no-space timeout in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_space_timeout_s: Option<Setting<u64>>,
+}
+
+impl HealthChange {
+    /// Does it change nothing?
+    pub fn is_empty(&self) -> bool {
+        *self == HealthChange::default()
+    }
+}
+
+impl HealthOptions {
+    /// These options with every field `over` sets replacing ours (serve flags over
+    /// `pool.toml`).
+    pub fn overridden_by(self, over: HealthOptions) -> HealthOptions {
+        HealthOptions {
+            data_threshold: over.data_threshold.or(self.data_threshold),
+            metadata_threshold: over.metadata_threshold.or(self.metadata_threshold),
+            autoextend_percent: over.autoextend_percent.or(self.autoextend_percent),
+            autoextend_max_bytes: over.autoextend_max_bytes.or(self.autoextend_max_bytes),
+            no_space: over.no_space.or(self.no_space),
+            no_space_timeout_s: over.no_space_timeout_s.or(self.no_space_timeout_s),
+        }
+    }
+
+    /// These options with `change` applied, checked.
+    pub fn changed(self, change: &HealthChange) -> Result<HealthOptions, String> {
+        let mut o = self;
+        if let Some(s) = change.data_threshold {
+            s.apply(&mut o.data_threshold);
+        }
+        if let Some(s) = change.metadata_threshold {
+            s.apply(&mut o.metadata_threshold);
+        }
+        if let Some(s) = change.autoextend_percent {
+            s.apply(&mut o.autoextend_percent);
+        }
+        if let Some(s) = change.autoextend_max_bytes {
+            s.apply(&mut o.autoextend_max_bytes);
+        }
+        if let Some(s) = change.no_space {
+            s.apply(&mut o.no_space);
+        }
+        if let Some(s) = change.no_space_timeout_s {
+            s.apply(&mut o.no_space_timeout_s);
+        }
+        o.validate()?;
+        Ok(o)
+    }
+
+    /// Check every field's range; the message names the field and its limits.
+    pub fn validate(&self) -> Result<(), String> {
+        let pct = [
+            ("data_threshold", self.data_threshold),
+            ("metadata_threshold", self.metadata_threshold),
+            ("autoextend_percent", self.autoextend_percent),
+        ];
+        for (name, v) in pct {
+            if let Some(v) = v {
+                if !(1..=100).contains(&v) {
+                    return Err(format!("{name} = {v} is out of range: a percentage from 1 to 100"));
+                }
+            }
+        }
+        if let Some(t) = self.no_space_timeout_s {
+            if t > MAX_NO_SPACE_TIMEOUT_S {
+                return Err(format!(
+                    "no_space_timeout_s = {t} is out of range: at most {MAX_NO_SPACE_TIMEOUT_S} seconds (one day)"
+                ));
+            }
+        }
+        if let Some(m) = self.autoextend_max_bytes {
+            if m > i64::MAX as u64 {
+                return Err(format!("autoextend_max_bytes = {m} is out of range: at most {} bytes", i64::MAX));
+            }
+        }
+        Ok(())
+    }
+
+    /// The no-space mode in force (the default when unset).
+    pub fn no_space_mode(&self) -> NoSpaceMode {
+        self.no_space.unwrap_or(DEFAULT_NO_SPACE)
+    }
+
+    /// The no-space timeout in force, in seconds (the default when unset).
+    pub fn no_space_timeout(&self) -> u64 {
+        self.no_space_timeout_s.unwrap_or(DEFAULT_NO_SPACE_TIMEOUT_S)
+    }
+}
+
+impl PoolDir {
+    /// Change the pool's health options in `pool.toml` (checked, then saved);
+    /// returns them as saved.
+    pub fn set_health(&mut self, change: &HealthChange) -> Result<HealthOptions, PoolDirError> {
+        self.writable()?;
+        let new = self.config.options.health.changed(change).map_err(PoolDirError::Invalid)?;
+        if new != self.config.options.health {
+            self.config.options.health = new;
+            self.save()?;
+        }
+        Ok(new)
+    }
 }
 
 /// What `pool.toml` says about one device.
@@ -123,6 +325,7 @@ impl PoolConfig {
                 return Err(bad(format!("devices \"{other}\" and \"{name}\" both have id {}", e.id)));
             }
         }
+        cfg.options.health.validate().map_err(|e| bad(format!("[options] {e}")))?;
         for p in [&cfg.metadata, &cfg.data].into_iter().flatten() {
             if p.is_empty() {
                 return Err(bad("an empty file path".into()));
@@ -302,6 +505,76 @@ mod tests {
         assert!(check_size(0).is_err());
         assert!(PoolConfig::parse("format = 2\n", p).unwrap_err().to_string().contains("format 2"));
         assert!(PoolConfig::parse("[[[", p).is_err());
+    }
+
+    #[test]
+    fn health_options_are_optional_checked_and_round_trip() {
+        let p = Path::new("pool.toml");
+        // A pool.toml written before the health options existed.
+        let old = "format = 1\n[options]\nread_only = false\n[devices.a]\nid = 1\nsize_bytes = 4096\n";
+        let cfg = PoolConfig::parse(old, p).expect("old pool.toml");
+        assert_eq!(cfg.options.health, HealthOptions::default());
+        assert_eq!(cfg.options.health.no_space_mode(), NoSpaceMode::Queue);
+        assert_eq!(cfg.options.health.no_space_timeout(), 60);
+        assert!(!cfg.to_text().expect("text").contains("threshold"), "unset options are not written");
+        let no_options = PoolConfig::parse("format = 1\n", p).expect("no [options] at all");
+        assert_eq!(no_options.options.health, HealthOptions::default());
+
+        let mut cfg = PoolConfig::default();
+        cfg.options.health = HealthOptions {
+            data_threshold: Some(80),
+            metadata_threshold: Some(70),
+            autoextend_percent: Some(20),
+            autoextend_max_bytes: Some(1 << 40),
+            no_space: Some(NoSpaceMode::Error),
+            no_space_timeout_s: Some(5),
+        };
+        cfg.options.other.insert("commit_interval_ms".into(), toml::Value::Integer(500));
+        let text = cfg.to_text().expect("text");
+        assert!(text.contains("data_threshold = 80") && text.contains("no_space = \"error\""), "{text}");
+        assert_eq!(PoolConfig::parse(&text, p).expect("parse"), cfg);
+
+        for (bad, what) in [
+            ("data_threshold = 0", "data_threshold = 0 is out of range"),
+            ("metadata_threshold = 101", "metadata_threshold = 101 is out of range"),
+            ("autoextend_percent = 300", "300"),
+            ("no_space_timeout_s = 86401", "at most 86400 seconds"),
+            ("no_space = \"later\"", "later"),
+            ("data_threshold = -1", "integer `-1`, expected u8"),
+        ] {
+            let e = PoolConfig::parse(&format!("format = 1\n[options]\n{bad}\n"), p).expect_err(bad).to_string();
+            assert!(e.contains(what), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_health_change_sets_and_unsets_fields_and_flags_override() {
+        let o = HealthOptions { data_threshold: Some(80), autoextend_percent: Some(10), ..Default::default() };
+        let c = HealthChange {
+            data_threshold: Some(Setting::Off),
+            metadata_threshold: Some(Setting::To(90)),
+            no_space: Some(Setting::To(NoSpaceMode::Error)),
+            ..Default::default()
+        };
+        let n = o.changed(&c).expect("change");
+        assert_eq!(
+            n,
+            HealthOptions {
+                metadata_threshold: Some(90),
+                autoextend_percent: Some(10),
+                no_space: Some(NoSpaceMode::Error),
+                ..Default::default()
+            }
+        );
+        assert!(o.changed(&HealthChange { data_threshold: Some(Setting::To(0)), ..Default::default() }).is_err());
+        assert!(HealthChange::default().is_empty() && !c.is_empty());
+        let flags = HealthOptions { data_threshold: Some(50), no_space_timeout_s: Some(3), ..Default::default() };
+        let eff = n.overridden_by(flags);
+        assert_eq!((eff.data_threshold, eff.metadata_threshold, eff.no_space_timeout()), (Some(50), Some(90), 3));
+        // The wire form a server receives.
+        let j = serde_json::to_string(&c).expect("json");
+        assert_eq!(j, r#"{"data_threshold":"off","metadata_threshold":{"to":90},"no_space":{"to":"error"}}"#);
+        assert_eq!(serde_json::from_str::<HealthChange>(&j).expect("back"), c);
     }
 
     #[test]

@@ -59,6 +59,10 @@ pub use config::{
     DEFAULT_DIR, LOCK_FILE, MAX_DEFAULT_METADATA_BYTES, MAX_DEVICE_BYTES, MAX_NAME_LEN, METADATA_FILE,
     MIN_DEFAULT_METADATA_BYTES, MIN_METADATA_BYTES,
 };
+pub use config::{
+    HealthChange, HealthOptions, NoSpaceMode, Setting, DEFAULT_NO_SPACE, DEFAULT_NO_SPACE_TIMEOUT_S,
+    MAX_NO_SPACE_TIMEOUT_S,
+};
 pub use error::PoolDirError;
 pub use files::{create_private, make_dir_private, open_regular, DIR_MODE, FILE_MODE};
 pub use lock::{lock_dir, Access, DirLock};

@@ -184,12 +184,14 @@ pub struct ServeTuning {
     /// Unsent reply bytes plus queued payloads per connection before it stops being read.
     #[arg(long, value_parser = parse_size, default_value = "64MiB")]
     pub max_bytes_per_connection: u64,
-    /// When the pool is out of data space: queue writes or fail them.
-    #[arg(long, value_enum, default_value_t = NoSpaceMode::Queue)]
-    pub no_space: NoSpaceMode,
-    /// How long a queued write waits for space, in seconds (dm-thin's no_space_timeout).
-    #[arg(long, default_value_t = 60)]
-    pub no_space_timeout: u64,
+    /// When the pool is out of data space: queue writes or fail them [default: the
+    /// pool's setting (thinctl pool set), else queue].
+    #[arg(long, value_enum)]
+    pub no_space: Option<NoSpaceMode>,
+    /// How long a queued write waits for space, in seconds (dm-thin's no_space_timeout)
+    /// [default: the pool's setting, else 60].
+    #[arg(long)]
+    pub no_space_timeout: Option<u64>,
     /// Data use (percent) at which to log, run --on-threshold and autoextend.
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
     pub data_threshold: Option<u8>,
@@ -270,6 +272,10 @@ pub enum PoolCmd {
         #[arg(long, value_parser = parse_grow, value_name = "[+]SIZE")]
         metadata_size: Option<Grow>,
     },
+    /// Set the pool's thresholds, autoextend and no-space policy (kept in pool.toml;
+    /// on a served pool in force at once). `thinctl serve` flags override them for a
+    /// run; `thinctl status` shows them.
+    Set(crate::health::SetArgs),
     /// How much metadata a pool needs (what thin_metadata_size answers).
     MetadataSize {
         /// Data size.

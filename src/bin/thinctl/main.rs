@@ -31,6 +31,7 @@
 mod cli;
 mod commands;
 mod error;
+mod health;
 mod image;
 mod open;
 mod progress;
@@ -76,6 +77,7 @@ fn run(cli: Cli) -> CliResult {
                 PoolChange::Extend { data: data_size, metadata: metadata_size },
             )
         }
+        Cmd::Pool(PoolCmd::Set(args)) => health::pool_set(args),
         Cmd::Pool(PoolCmd::MetadataSize { data_size, block_size, max_thins }) => {
             let bytes = thinpool::volume::metadata_bytes_needed(data_size, block_size, max_thins);
             println!("{bytes} bytes ({})", crate::units::format_size(bytes));

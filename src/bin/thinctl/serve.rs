@@ -9,11 +9,12 @@ use std::time::Duration;
 
 use thinpool::server::control::{Controller, Handler};
 use thinpool::server::exports::ExportedDevice;
+use thinpool::server::health::{self, LiveSettings};
 use thinpool::server::run::{self as serve, DeviceList};
-use thinpool::server::service::{NoSpacePolicy, Service};
-use thinpool::volume::{Access, PoolDir};
+use thinpool::server::service::Service;
+use thinpool::volume::{Access, HealthOptions, PoolDir, MAX_NO_SPACE_TIMEOUT_S};
 
-use crate::cli::{NoSpaceMode, ServeTuning};
+use crate::cli::ServeTuning;
 use crate::error::{msg, CliError, CliResult};
 use crate::open::open_pool;
 use crate::remote::CONTROL_SOCKET;
@@ -76,11 +77,26 @@ pub fn serve(dir: &Path, args: ServeArgs) -> CliResult {
         pd.device(name).map_err(CliError::Dir)?;
     }
     pool.set_metadata_max_bytes(tuning.metadata_max);
+    // pool.toml's thresholds, autoextend and no-space policy, overridden by the flags.
+    if let Some(t) = tuning.no_space_timeout.filter(|&t| t > MAX_NO_SPACE_TIMEOUT_S) {
+        return Err(msg(format!("--no-space-timeout {t}: at most {MAX_NO_SPACE_TIMEOUT_S} seconds (one day)")));
+    }
+    let flags = HealthOptions {
+        data_threshold: tuning.data_threshold,
+        metadata_threshold: tuning.metadata_threshold,
+        autoextend_percent: tuning.autoextend_percent,
+        autoextend_max_bytes: tuning.autoextend_max,
+        no_space: tuning.no_space.map(crate::health::no_space_mode),
+        no_space_timeout_s: tuning.no_space_timeout,
+    };
+    let mut effective = pd.config().options.health.overridden_by(flags);
+    if read_only {
+        // A pool served read-only is not grown either.
+        effective.autoextend_percent = None;
+    }
+    let settings = LiveSettings::new(effective);
     let service = Service::new(pool);
-    service.set_no_space_policy(match tuning.no_space {
-        NoSpaceMode::Error => NoSpacePolicy::Error,
-        NoSpaceMode::Queue => NoSpacePolicy::Queue(Duration::from_secs(tuning.no_space_timeout)),
-    });
+    service.set_no_space_policy(health::no_space_policy(&settings.get()));
     let pd = Arc::new(Mutex::new(pd));
     let devices: DeviceList = {
         let pd = Arc::clone(&pd);
@@ -90,7 +106,9 @@ pub fn serve(dir: &Path, args: ServeArgs) -> CliResult {
         })
     };
     let first = devices().1;
-    let handler: Handler = Controller::new(Arc::clone(&service), Arc::clone(&pd), read_only).into_handler();
+    let handler: Handler = Controller::new(Arc::clone(&service), Arc::clone(&pd), read_only)
+        .with_health(Arc::clone(&settings))
+        .into_handler();
     let opts = serve::Options {
         listen,
         read_only,
@@ -102,13 +120,10 @@ pub fn serve(dir: &Path, args: ServeArgs) -> CliResult {
         max_threads: tuning.max_threads.max(1),
         max_requests_per_connection: tuning.max_requests_per_connection.max(1),
         max_bytes_per_connection: usize::try_from(tuning.max_bytes_per_connection).unwrap_or(usize::MAX).max(1 << 20),
-        health: thinpool::server::health::HealthPolicy {
+        health: health::HealthPolicy {
             pool_dir: dir.to_path_buf(),
-            data_threshold: tuning.data_threshold,
-            metadata_threshold: tuning.metadata_threshold,
             on_threshold: tuning.on_threshold.clone(),
-            autoextend_percent: tuning.autoextend_percent,
-            autoextend_max: tuning.autoextend_max,
+            settings,
         },
     };
     let sock: PathBuf = dir.join(CONTROL_SOCKET);

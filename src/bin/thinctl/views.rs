@@ -54,6 +54,9 @@ pub fn outcome_line(change: &PoolChange, outcome: ChangeOutcome, bs: u64) -> Str
             };
             format!("discarded {blocks} blocks ({}) of \"{name}\"{note}", format_size(blocks * bs))
         }
+        (PoolChange::SetHealth { .. }, O::HealthSet { options }) => {
+            format!("pool settings saved: {}", crate::health::settings_line(&options))
+        }
         (_, o) => format!("{o:?}"),
     }
 }
@@ -180,6 +183,17 @@ struct StatusJson {
     devices: Option<usize>,
     served: bool,
     error: Option<String>,
+    reason: Option<String>,
+    metadata_reserve_blocks: Option<u64>,
+    data_used_percent: Option<u64>,
+    metadata_used_percent: Option<u64>,
+    data_threshold: Option<u8>,
+    metadata_threshold: Option<u8>,
+    thresholds_crossed: Vec<String>,
+    autoextend_percent: Option<u8>,
+    autoextend_max_bytes: Option<u64>,
+    no_space: Option<&'static str>,
+    no_space_timeout_s: Option<u64>,
 }
 
 /// What `status` prints for a pool's status (read here or by a server); `served`
@@ -204,8 +218,23 @@ pub fn status_output(dir: &Path, st: &PoolStatus, json: bool, served: bool) -> C
         devices: Some(st.devices),
         served,
         error: None,
+        reason: st.reason.clone(),
+        metadata_reserve_blocks: Some(st.metadata_reserve_blocks),
+        data_used_percent: Some(percent(st.data_used_blocks, st.data_total_blocks)),
+        metadata_used_percent: Some(percent(st.metadata_used_blocks, total)),
+        data_threshold: st.health.data_threshold,
+        metadata_threshold: st.health.metadata_threshold,
+        thresholds_crossed: st.thresholds_crossed.clone(),
+        autoextend_percent: st.health.autoextend_percent,
+        autoextend_max_bytes: st.health.autoextend_max_bytes,
+        no_space: Some(st.health.no_space_mode().as_str()),
+        no_space_timeout_s: Some(st.health.no_space_timeout()),
     };
     status_text(dir, &out, json)
+}
+
+fn percent(used: u64, total: u64) -> u64 {
+    thinpool::server::health::percent(used, total)
 }
 
 fn status_text(dir: &Path, s: &StatusJson, json: bool) -> CliResult<String> {
@@ -215,6 +244,9 @@ fn status_text(dir: &Path, s: &StatusJson, json: bool) -> CliResult<String> {
     let mut o = String::new();
     o.push_str(&format!("pool            {}{}\n", dir.display(), if s.served { " (served)" } else { "" }));
     o.push_str(&format!("mode            {}\n", s.mode));
+    if let Some(r) = &s.reason {
+        o.push_str(&format!("reason          {r}\n"));
+    }
     if let Some(e) = &s.error {
         o.push_str(&format!("error           {e}\n"));
         return Ok(o);
@@ -235,6 +267,28 @@ fn status_text(dir: &Path, s: &StatusJson, json: bool) -> CliResult<String> {
     o.push_str(&format!("held root       {}\n", s.held_root.map_or_else(|| "-".to_string(), |r| r.to_string())));
     o.push_str(&format!("needs check     {}\n", if s.needs_check == Some(true) { "yes" } else { "no" }));
     o.push_str(&format!("devices         {}\n", s.devices.unwrap_or(0)));
+    let threshold = |t: Option<u8>, kind: &str| match t {
+        None => "off".to_string(),
+        Some(t) if s.thresholds_crossed.iter().any(|c| c == kind) => format!("{t}% (crossed)"),
+        Some(t) => format!("{t}%"),
+    };
+    o.push_str(&format!(
+        "thresholds      data {}, metadata {}\n",
+        threshold(s.data_threshold, "data"),
+        threshold(s.metadata_threshold, "metadata")
+    ));
+    let autoextend = match (s.autoextend_percent, s.autoextend_max_bytes) {
+        (None, _) => "off".to_string(),
+        (Some(p), None) => format!("{p}%"),
+        (Some(p), Some(m)) => format!("{p}% up to {}", format_size(m)),
+    };
+    o.push_str(&format!("autoextend      {autoextend}\n"));
+    let no_space = match (s.no_space, s.no_space_timeout_s) {
+        (Some("queue"), Some(t)) => format!("queue (up to {t} s), then ENOSPC"),
+        (Some(m), _) => m.to_string(),
+        (None, _) => "-".to_string(),
+    };
+    o.push_str(&format!("no space        {no_space}\n"));
     Ok(o)
 }
 
