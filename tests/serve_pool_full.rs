@@ -648,3 +648,120 @@ fn served_status_shows_the_settings_in_force_and_pool_set_applies_them_at_once()
     let st = status_json(&d);
     assert_eq!((st["mode"].as_str(), st["reason"].as_str()), (Some("ro"), Some("served with --read-only")), "{st}");
 }
+
+/// fio's nbd engine writing `size` of random 64 KiB blocks with crc32c verify
+/// (written, then all read back and checked), in the background.
+fn fio_verify(port: u16, name: &str, size: &str) -> Child {
+    Command::new("fio")
+        .args([
+            "--name=grow",
+            "--ioengine=nbd",
+            &format!("--uri=nbd://127.0.0.1:{port}/{name}"),
+            "--rw=randwrite",
+            "--bs=64k",
+            &format!("--size={size}"),
+            "--iodepth=8",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+            "--group_reporting",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("fio not found ({e}): install fio"))
+}
+
+/// Wait at most 180 s for fio; its output, after checking it succeeded and verified.
+fn fio_finish(fio: Child) -> String {
+    let pid = fio.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(fio.wait_with_output());
+    });
+    let out = match rx.recv_timeout(Duration::from_secs(180)) {
+        Ok(out) => out.expect("fio output"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            panic!("fio still running after 180 s");
+        }
+    };
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "fio failed: {text}");
+    assert!(text.contains("err= 0"), "fio saw errors: {text}");
+    assert!(!text.contains("verify: bad") && !text.contains("bad magic"), "fio's verify failed: {text}");
+    text
+}
+
+#[test]
+fn the_pool_grows_online_while_fio_writes_with_verify() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("pool");
+    let d = path_str(&dir);
+    // 32 MiB of data (512 blocks) behind a 128 MiB device; fio writes 96 MiB.
+    thinctl_ok(&["pool", "create", &d, "--data-size", "32M"]);
+    thinctl_ok(&["create", &d, "disk", "--size", "128M"]);
+    let mut server = serve(&d, &[]);
+    let fio = fio_verify(server.port, "disk", "96m");
+    // Grow once fio has used half of the data (a write that finds the pool full
+    // meanwhile waits: queue mode).
+    let t0 = Instant::now();
+    let used_at_grow = loop {
+        let st = status_json(&d);
+        let used = st["data_used_blocks"].as_u64().expect("used");
+        if used >= 256 {
+            break used;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "fio never used half of the pool: {st}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = thinctl_ok(&["pool", "extend", &d, "--data-size", "256M"]);
+    assert!(out.contains("data 256 MiB"), "{out}");
+    let text = fio_finish(fio);
+    let st = status_json(&d);
+    eprintln!("grown at {used_at_grow} of 512 blocks used; after fio: {st}");
+    assert_eq!(st["data_total_blocks"], 4096, "{st}");
+    assert_eq!(
+        st["data_used_blocks"], 1536,
+        "fio's 96 MiB all landed, two thirds of it in the new space: {st}\n{text}"
+    );
+    assert_eq!(st["mode"], "rw", "{st}");
+    assert!(server.terminate().success(), "serve exits 0 on SIGTERM");
+    assert_eq!(std::fs::metadata(dir.join("data")).expect("data").len(), 256 * MIB);
+    common::assert_checks_pass(&dir.join("metadata"));
+    thinctl_ok(&["check", &d]);
+}
+
+#[test]
+fn autoextend_set_in_pool_toml_grows_the_data_while_fio_fills_it() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("pool");
+    let d = path_str(&dir);
+    thinctl_ok(&["pool", "create", &d, "--data-size", "32M"]);
+    thinctl_ok(&["create", &d, "disk", "--size", "128M"]);
+    thinctl_ok(&[
+        "pool",
+        "set",
+        &d,
+        "--data-threshold",
+        "60",
+        "--autoextend-percent",
+        "100",
+        "--autoextend-max",
+        "256M",
+    ]);
+    let mut server = serve(&d, &[]);
+    // 96 MiB into 32 MiB: writes that find the pool full wait (queue mode) until the
+    // monitor autoextends it (it looks every 0.5 s), 32 -> 64 -> 128 MiB at least.
+    fio_finish(fio_verify(server.port, "disk", "96m"));
+    let st = status_json(&d);
+    eprintln!("after fio: {st}");
+    assert_eq!(st["data_used_blocks"], 1536, "{st}");
+    let total = st["data_total_blocks"].as_u64().expect("total");
+    assert!((2048..=4096).contains(&total), "autoextended to 128..256 MiB by doubling: {st}");
+    assert!(server.terminate().success(), "serve exits 0 on SIGTERM");
+    assert_eq!(std::fs::metadata(dir.join("data")).expect("data").len(), total * 64 * KIB);
+    common::assert_checks_pass(&dir.join("metadata"));
+    thinctl_ok(&["check", &d]);
+}
