@@ -12,6 +12,12 @@
 //!
 //! [options]
 //! read_only = false
+//! # data_threshold = 80          # thinctl pool set: thresholds, autoextend, no-space
+//! # metadata_threshold = 75      # policy (all optional; see HealthOptions)
+//! # autoextend_percent = 20
+//! # autoextend_max_bytes = 1099511627776
+//! # no_space = "queue"           # or "error"
+//! # no_space_timeout_s = 60
 //!
 //! [devices.web]
 //! id = 0

@@ -18,7 +18,9 @@
 //! - `status --json`: `{"transaction_id", "metadata_used_blocks", "metadata_total_blocks",
 //!   "data_used_blocks", "data_total_blocks", "data_block_size_bytes", "mode", "held_root",
 //!   ...}`; `mode` is `rw`, `ro`, `out-of-data-space` or `fail`, `held_root` the block of
-//!   the held metadata snapshot or null.
+//!   the held metadata snapshot or null. Also `out-of-metadata-space`, with `reason`,
+//!   `metadata_reserve_blocks`, the thresholds and which are `thresholds_crossed`, and
+//!   the autoextend and no-space settings in force (see `health`).
 //!
 //! Layout: this file parses the arguments (`cli`) and dispatches; `commands` (pool
 //! and device commands), `image` (import, export), `xml` (dump, restore) and `serve`
