@@ -641,3 +641,205 @@ fn bad_tls_settings_are_refused_with_what_is_wrong() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("server-cert.pem with") && err.contains("server-key.pem"), "{err}");
 }
+
+// ---------------------------------------------------------------------------------
+// TLS from a client of our own (rustls), for what libnbd and qemu never send
+
+fn tls_client_config(pki: &Path) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(pki.join("ca-cert.pem")).expect("ca-cert.pem") {
+        roots.add(cert.expect("pem")).expect("root");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// Connect, optionally negotiate structured replies in plain text, then STARTTLS.
+/// With `pipelined`, the ClientHello goes out in the same write as STARTTLS,
+/// before its acknowledgement was read.
+fn start_tls(listen: &str, pki: &Path, structured_first: bool, pipelined: bool) -> TlsStream {
+    let mut sock = TcpStream::connect(listen).expect("connect");
+    sock.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    greet(&mut sock);
+    if structured_first {
+        send_option(&mut sock, wire::OPT_STRUCTURED_REPLY, b"");
+        assert_eq!(read_option_reply(&mut sock).1, wire::REP_ACK);
+    }
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut conn = rustls::ClientConnection::new(tls_client_config(pki), name).expect("client");
+    if pipelined {
+        let mut bytes = wire::IHAVEOPT.to_be_bytes().to_vec();
+        bytes.extend_from_slice(&wire::OPT_STARTTLS.to_be_bytes());
+        bytes.extend_from_slice(&0u32.to_be_bytes());
+        while conn.wants_write() {
+            conn.write_tls(&mut bytes).expect("client hello");
+        }
+        sock.write_all(&bytes).expect("STARTTLS and ClientHello in one write");
+    } else {
+        send_option(&mut sock, wire::OPT_STARTTLS, b"");
+    }
+    let (opt, kind, _) = read_option_reply(&mut sock);
+    assert_eq!((opt, kind), (wire::OPT_STARTTLS, wire::REP_ACK));
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock).expect("TLS handshake");
+    }
+    tls
+}
+
+/// GO on `name`: the transmission flags.
+fn go(c: &mut TlsStream, name: &str) -> u16 {
+    send_option(c, wire::OPT_GO, &go_payload(name));
+    let mut flags = None;
+    loop {
+        let (_, kind, data) = read_option_reply(c);
+        match kind {
+            wire::REP_INFO if u16::from_be_bytes([data[0], data[1]]) == wire::INFO_EXPORT => {
+                flags = Some(u16::from_be_bytes([data[10], data[11]]));
+            }
+            wire::REP_INFO => {}
+            wire::REP_ACK => return flags.expect("INFO_EXPORT before ACK"),
+            other => panic!("GO answered with {other:#x}: {}", String::from_utf8_lossy(&data)),
+        }
+    }
+}
+
+fn read_request(cookie: u64, offset: u64, length: u32) -> [u8; 28] {
+    let mut r = [0u8; 28];
+    r[0..4].copy_from_slice(&wire::REQUEST_MAGIC.to_be_bytes());
+    r[6..8].copy_from_slice(&wire::CMD_READ.to_be_bytes());
+    r[8..16].copy_from_slice(&cookie.to_be_bytes());
+    r[16..24].copy_from_slice(&offset.to_be_bytes());
+    r[24..28].copy_from_slice(&length.to_be_bytes());
+    r
+}
+
+/// A simple reply's (magic, error, cookie).
+fn reply_header<S: Read>(c: &mut S) -> (u32, u32, u64) {
+    let mut h = [0u8; 16];
+    c.read_exact(&mut h).expect("reply header");
+    (
+        u32::from_be_bytes(h[0..4].try_into().expect("4")),
+        u32::from_be_bytes(h[4..8].try_into().expect("4")),
+        u64::from_be_bytes(h[8..16].try_into().expect("8")),
+    )
+}
+
+#[test]
+fn starttls_forgets_what_was_negotiated_before_and_refuses_a_second_starttls() {
+    let (tmp, dir) = pool();
+    let pki = tmp.path().join("pki");
+    make_pki(&pki);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let _served = serve(&dir, &["--listen", &listen, "--tls", "on", "--tls-certificates", s(&pki)]);
+    for pipelined in [false, true] {
+        let mut c = start_tls(&listen, &pki, true, pipelined);
+        send_option(&mut c, wire::OPT_STARTTLS, b"");
+        assert_eq!(read_option_reply(&mut c).1, wire::REP_ERR_INVALID, "a second STARTTLS");
+        // Structured replies were agreed in plain text only: forgotten, so no DF flag
+        // and a simple reply to READ.
+        let flags = go(&mut c, "disk");
+        assert_eq!(flags & wire::TF_SEND_DF, 0, "structured replies must not survive STARTTLS");
+        c.write_all(&read_request(7, 0, 4096)).expect("read");
+        assert_eq!(reply_header(&mut c), (wire::SIMPLE_REPLY_MAGIC, 0, 7));
+        let mut data = vec![1u8; 4096];
+        c.read_exact(&mut data).expect("data");
+        assert!(data.iter().all(|&b| b == 0));
+    }
+}
+
+#[test]
+fn a_tls_client_that_pipelines_far_past_the_caps_gets_every_reply() {
+    let (tmp, dir) = pool();
+    let pki = tmp.path().join("pki");
+    make_pki(&pki);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let _served = serve(
+        &dir,
+        &["--listen", &listen, "--tls", "require", "--tls-certificates", s(&pki), "--max-bytes-per-connection", "1MiB"],
+    );
+    let mut c = start_tls(&listen, &pki, false, false);
+    go(&mut c, "disk");
+    // 3000 reads (84 KB of requests, more than one input buffer) in one go, before
+    // reading any of the 12 MiB of replies: the server stops reading at its cap and
+    // must go on, in order, as the client reads.
+    const N: u64 = 3000;
+    let mut batch = Vec::with_capacity(N as usize * 28);
+    for i in 0..N {
+        batch.extend_from_slice(&read_request(i, (i % 1024) * 4096, 4096));
+    }
+    c.write_all(&batch).expect("pipelined requests");
+    std::thread::sleep(Duration::from_millis(300));
+    let mut seen = vec![false; N as usize];
+    let mut data = vec![0u8; 4096];
+    for _ in 0..N {
+        let (magic, error, cookie) = reply_header(&mut c);
+        assert_eq!((magic, error), (wire::SIMPLE_REPLY_MAGIC, 0));
+        assert!(cookie < N && !seen[cookie as usize], "cookie {cookie}");
+        seen[cookie as usize] = true;
+        c.read_exact(&mut data).expect("data");
+    }
+    assert!(seen.iter().all(|&s| s));
+}
+
+#[test]
+fn fio_with_flushes_and_verify_over_tls_on_a_unix_socket() {
+    let (tmp, dir) = pool();
+    let pki = tmp.path().join("pki");
+    make_pki(&pki);
+    let sock = tmp.path().join("nbd.sock");
+    let mut served = serve(
+        &dir,
+        &[
+            "--socket",
+            s(&sock),
+            "--tls",
+            "require",
+            "--tls-certificates",
+            s(&pki),
+            "--max-requests-per-connection",
+            "4",
+        ],
+    );
+    // Flushes go to the blocking pool and finish out of order with the reads and
+    // writes around them; at most 4 per connection are queued there.
+    // fio does not let libnbd read tls-certificates from the URI; libnbd's default
+    // is $HOME/.pki/libnbd.
+    let home = tmp.path().join("home");
+    ca_only(&pki, &home.join(".pki/libnbd"));
+    let out = Command::new("fio")
+        .env("HOME", &home)
+        .args([
+            "--name=verify",
+            "--ioengine=nbd",
+            &format!("--uri=nbds+unix:///disk?socket={}", s(&sock)),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=8m",
+            "--numjobs=2",
+            "--offset_increment=16m",
+            "--iodepth=16",
+            "--fsync=4",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--group_reporting",
+            "--verify_state_save=0",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("fio not runnable ({e}): install the Debian package fio"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("err= 0"), "{text}");
+    assert!(!text.contains("verify: bad"), "{text}");
+    served.stop(Duration::from_secs(10));
+    common_check(&dir);
+}
