@@ -843,3 +843,54 @@ fn fio_with_flushes_and_verify_over_tls_on_a_unix_socket() {
     served.stop(Duration::from_secs(10));
     common_check(&dir);
 }
+
+#[test]
+fn sigterm_during_tls_traffic_on_both_listeners_exits_cleanly_within_the_grace() {
+    let (tmp, dir) = pool();
+    let pki = tmp.path().join("pki");
+    make_pki(&pki);
+    let sock = tmp.path().join("nbd.sock");
+    let port = free_port();
+    let mut served = serve(
+        &dir,
+        &[
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--socket",
+            s(&sock),
+            "--tls",
+            "require",
+            "--tls-certificates",
+            s(&pki),
+            "--shutdown-grace-ms",
+            "1000",
+        ],
+    );
+    let home = tmp.path().join("home");
+    ca_only(&pki, &home.join(".pki/libnbd"));
+    let fio = |uri: String| {
+        Command::new("fio")
+            .env("HOME", &home)
+            .args(["--name=load", "--ioengine=nbd", &format!("--uri={uri}"), "--rw=randrw", "--bs=64k"])
+            .args(["--size=32m", "--iodepth=16", "--time_based", "--runtime=60", "--fsync=8"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("fio not runnable ({e}): install the Debian package fio"))
+    };
+    let mut clients =
+        vec![fio(format!("nbds://127.0.0.1:{port}/disk")), fio(format!("nbds+unix:///disk?socket={}", s(&sock)))];
+    std::thread::sleep(Duration::from_secs(2));
+    for c in &mut clients {
+        assert!(c.try_wait().expect("wait").is_none(), "fio over TLS ended before SIGTERM (could not connect?)");
+    }
+    let t = Instant::now();
+    served.stop(Duration::from_secs(10));
+    eprintln!("thinctl serve exited {:?} after SIGTERM under TLS load", t.elapsed());
+    assert!(!sock.exists(), "the socket file is removed");
+    for c in &mut clients {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    common_check(&dir);
+}
