@@ -894,3 +894,22 @@ fn sigterm_during_tls_traffic_on_both_listeners_exits_cleanly_within_the_grace()
     }
     common_check(&dir);
 }
+
+#[test]
+fn a_socket_path_near_the_address_limit_is_bound_in_place_with_its_mode() {
+    let (tmp, dir) = pool();
+    // 100 bytes: fits a socket address (108), the temporary name next to it does not.
+    let base = tmp.path().to_str().expect("utf8").len() + 1;
+    let sub = tmp.path().join("d".repeat(100 - base - "/n.sock".len()));
+    std::fs::create_dir(&sub).expect("mkdir");
+    let sock = sub.join("n.sock");
+    assert_eq!(s(&sock).len(), 100);
+    let mut served = serve(&dir, &["--socket", s(&sock)]);
+    let meta = std::fs::symlink_metadata(&sock).expect("socket");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let info = run_ok("nbdinfo", "libnbd-bin", &[&format!("nbd+unix:///disk?socket={}", s(&sock))]);
+    assert!(info.contains("export-size"), "{info}");
+    served.stop(Duration::from_secs(10));
+    assert!(!sock.exists());
+    assert_eq!(std::fs::read_dir(&sub).expect("dir").count(), 0, "no temporary file left behind");
+}
