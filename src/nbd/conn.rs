@@ -1,6 +1,6 @@
-//! One client connection of the server (TCP or Unix socket, plain or TLS): its buffers, its phase (greeting, options,
-//! transmission, closing) and [`Conn::drive`], which a worker thread runs while the
-//! connection has something to do.
+//! One client connection of the server (TCP or Unix socket, plain or TLS): its
+//! buffers, its phase (greeting, options, transmission, closing) and [`Conn::drive`],
+//! which a worker thread runs while the connection has something to do.
 //!
 //! The socket is non-blocking. Bytes are read into the connection's input buffer and
 //! each complete message (client flags, an option, a request with its payload) is
