@@ -20,6 +20,7 @@ need nbd-client nbd-client
 need fio fio
 need qemu-img qemu-utils
 need xz xz-utils
+need openssl openssl
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "== installing: ${missing[*]}"
   as_root apt-get update -qq

@@ -1,6 +1,6 @@
-//! One TCP connection of the server: its buffers, its phase (greeting, options,
-//! transmission, closing) and [`Conn::drive`], which a worker thread runs while the
-//! connection has something to do.
+//! One client connection of the server (TCP or Unix socket, plain or TLS): its
+//! buffers, its phase (greeting, options, transmission, closing) and [`Conn::drive`],
+//! which a worker thread runs while the connection has something to do.
 //!
 //! The socket is non-blocking. Bytes are read into the connection's input buffer and
 //! each complete message (client flags, an option, a request with its payload) is
@@ -23,9 +23,7 @@
 //! costs a file descriptor and a few hundred bytes, not a thread.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice, Read, Write};
-use std::net::TcpStream;
-use std::os::fd::AsFd;
+use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -35,7 +33,9 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use super::export::Catalog;
 use super::handshake::{option_frame, CatalogRef, Frame, Negotiation, Session, Step};
 use super::server::{Hub, Limits};
+use super::tls::TlsSetup;
 use super::transmission::{execute, frame, runs_long};
+use super::transport::{Sock, Transport};
 use super::wire::{self, Command, OptionCode};
 
 /// Replies batched past this size are written before the next request is handled.
@@ -61,6 +61,43 @@ struct Outbox {
     spare: Vec<u8>,
     /// A write failed (the client went away): the connection is to be closed.
     failed: bool,
+    /// Leading chunks to write as they are, before TLS takes over (the STARTTLS
+    /// acknowledgement).
+    raw: usize,
+}
+
+impl Outbox {
+    /// `n` bytes of the first chunks were written (or handed to TLS).
+    fn advance(&mut self, mut n: usize) {
+        self.bytes -= n;
+        while n > 0 {
+            let left = self.chunks[0].len() - self.pos;
+            if n < left {
+                self.pos += n;
+                break;
+            }
+            n -= left;
+            self.pos = 0;
+            self.raw = self.raw.saturating_sub(1);
+            if let Some(mut c) = self.chunks.pop_front() {
+                if c.capacity() <= KEEP_BUFFER && c.capacity() > self.spare.capacity() {
+                    c.clear();
+                    self.spare = c;
+                }
+            }
+        }
+    }
+
+    /// Up to 16 of the first `limit` chunks, as slices for `writev`.
+    fn slices(&self, limit: usize) -> ([IoSlice<'_>; 16], usize) {
+        let mut slices = [IoSlice::new(&[]); 16];
+        let mut n = 0;
+        for (i, c) in self.chunks.iter().take(limit.min(16)).enumerate() {
+            slices[i] = IoSlice::new(if i == 0 { &c[self.pos..] } else { c });
+            n += 1;
+        }
+        (slices, n)
+    }
 }
 
 /// Requests queued on or running in the blocking pool.
@@ -72,7 +109,7 @@ struct Jobs {
 
 /// The part of a connection the blocking pool's threads share with its driver.
 pub(super) struct Shared {
-    sock: TcpStream,
+    sock: Transport,
     out: Mutex<Outbox>,
     jobs: Mutex<Jobs>,
     jobs_done: Condvar,
@@ -100,40 +137,48 @@ impl Shared {
         self.write_some(&mut ob);
     }
 
-    /// Write the outbox until the socket would block.
+    /// Write the outbox until the socket would block: as it is, or through TLS
+    /// once STARTTLS went through (after the chunks queued before it).
     fn write_some(&self, ob: &mut Outbox) {
-        while !ob.chunks.is_empty() && !ob.failed {
-            let written = {
-                let mut slices = [IoSlice::new(&[]); 16];
-                let mut n = 0;
-                for (i, c) in ob.chunks.iter().take(16).enumerate() {
-                    slices[i] = IoSlice::new(if i == 0 { &c[ob.pos..] } else { c });
-                    n += 1;
+        let tls = self.sock.is_tls();
+        while !ob.failed {
+            let raw = if tls { ob.raw } else { ob.chunks.len() };
+            if raw > 0 {
+                let written = {
+                    let (slices, n) = ob.slices(raw);
+                    self.sock.write_raw(&slices[..n])
+                };
+                match written {
+                    Ok(0) => ob.failed = true,
+                    Ok(n) => ob.advance(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => ob.failed = true,
                 }
-                (&self.sock).write_vectored(&slices[..n])
+                continue;
+            }
+            if !tls {
+                break;
+            }
+            // TLS: send the records rustls holds, then encrypt more of the outbox.
+            match self.sock.tls_flush() {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(_) => {
+                    ob.failed = true;
+                    break;
+                }
+            }
+            if ob.chunks.is_empty() {
+                break;
+            }
+            let taken = {
+                let (slices, n) = ob.slices(ob.chunks.len());
+                self.sock.tls_write(&slices[..n])
             };
-            match written {
-                Ok(0) => ob.failed = true,
-                Ok(mut n) => {
-                    ob.bytes -= n;
-                    while n > 0 {
-                        let left = ob.chunks[0].len() - ob.pos;
-                        if n < left {
-                            ob.pos += n;
-                            break;
-                        }
-                        n -= left;
-                        ob.pos = 0;
-                        if let Some(mut c) = ob.chunks.pop_front() {
-                            if c.capacity() <= KEEP_BUFFER && c.capacity() > ob.spare.capacity() {
-                                c.clear();
-                                ob.spare = c;
-                            }
-                        }
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            match taken {
+                Ok(0) => break,
+                Ok(n) => ob.advance(n),
                 Err(_) => ob.failed = true,
             }
         }
@@ -141,19 +186,32 @@ impl Shared {
             ob.chunks.clear();
             ob.bytes = 0;
             ob.pos = 0;
+            ob.raw = 0;
         }
     }
 
-    /// Write more of the outbox; the bytes still waiting.
+    /// Write more of the outbox; the bytes still waiting (plus one when TLS
+    /// records are waiting).
     fn flush(&self) -> usize {
         let mut ob = lock(&self.out);
         self.write_some(&mut ob);
-        ob.bytes
+        ob.bytes + usize::from(!ob.failed && self.sock.tls_pending())
     }
 
-    /// Bytes waiting in the outbox.
+    /// Switch to TLS: the chunks queued so far (ending with the STARTTLS
+    /// acknowledgement) still go out as they are, everything after through TLS.
+    fn start_tls(&self, tls: &TlsSetup, early: &[u8]) -> io::Result<()> {
+        let mut ob = lock(&self.out);
+        ob.raw = ob.chunks.len();
+        self.sock.start_tls(tls.config(), early)?;
+        self.write_some(&mut ob);
+        Ok(())
+    }
+
+    /// Bytes waiting in the outbox (plus one when TLS records are waiting).
     fn pending(&self) -> usize {
-        lock(&self.out).bytes
+        let ob = lock(&self.out);
+        ob.bytes + usize::from(!ob.failed && self.sock.tls_pending())
     }
 
     fn failed(&self) -> bool {
@@ -222,11 +280,13 @@ pub(super) struct Conn {
     refuse: Option<(u32, String)>,
     /// Decremented when the connection closes.
     counter: Arc<AtomicUsize>,
+    /// TLS offered or required (None: off).
+    tls: Option<Arc<TlsSetup>>,
 }
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        let _ = self.shared.sock.shutdown(std::net::Shutdown::Both);
+        self.shared.sock.close();
         self.counter.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -236,16 +296,17 @@ impl Conn {
     /// incremented for it; `refuse` makes every option fail with that error.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn accept(
-        sock: TcpStream,
+        sock: Sock,
         catalog: Arc<dyn Catalog>,
         limits: Limits,
         read_only: bool,
         refuse: Option<(u32, String)>,
         counter: Arc<AtomicUsize>,
         waker: Arc<dyn Fn() + Send + Sync>,
+        tls: Option<Arc<TlsSetup>>,
     ) -> Conn {
         let shared = Arc::new(Shared {
-            sock,
+            sock: Transport::new(sock),
             out: Mutex::new(Outbox::default()),
             jobs: Mutex::new(Jobs::default()),
             jobs_done: Condvar::new(),
@@ -266,12 +327,24 @@ impl Conn {
             read_only,
             refuse,
             counter,
+            tls,
         }
     }
 
     /// The socket, for the reactor's poll.
-    pub(super) fn socket(&self) -> &TcpStream {
-        &self.shared.sock
+    pub(super) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.shared.sock.fd()
+    }
+
+    /// Input that `poll` cannot see is waiting (a complete message in the input
+    /// buffer, or plaintext inside the TLS session) and the connection wants input:
+    /// it has work without its socket becoming readable.
+    pub(super) fn has_input(&self) -> bool {
+        if !self.interest().read {
+            return false;
+        }
+        let need = self.need();
+        (need > 0 && self.end - self.start >= need) || self.shared.sock.buffered_input()
     }
 
     /// The handshake allowance ends at this instant.
@@ -324,7 +397,7 @@ impl Conn {
             }
             let batch_full = self.batch.len() >= FLUSH_AT;
             self.flush_batch();
-            let pending = self.shared.flush();
+            let mut pending = self.shared.flush();
             if matches!(self.phase, Phase::Done) {
                 return self.finish(hub);
             }
@@ -350,9 +423,16 @@ impl Conn {
                         self.phase = Phase::Done;
                         continue;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    // Reading may have made TLS handshake records to send.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => pending = self.shared.flush(),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(_) => return Outcome::Close,
+                    Err(e) => {
+                        if e.kind() == io::ErrorKind::InvalidData {
+                            // A failed TLS handshake or a bad record: say why once.
+                            eprintln!("thinpool nbd: connection ended: {e}");
+                        }
+                        return Outcome::Close;
+                    }
                 }
             }
             // Nothing to do right now: wait a little on this thread, unless another
@@ -380,7 +460,10 @@ impl Conn {
         if let Some(d) = self.deadline {
             timeout = timeout.min(d.saturating_duration_since(Instant::now()));
         }
-        let mut fds = [PollFd::new(self.shared.sock.as_fd(), flags)];
+        if flags.contains(PollFlags::POLLIN) && self.shared.sock.buffered_input() {
+            return true;
+        }
+        let mut fds = [PollFd::new(self.shared.sock.fd(), flags)];
         let ms = timeout.as_millis().min(u16::MAX as u128) as u16;
         match poll(&mut fds, PollTimeout::from(ms)) {
             Ok(n) => n > 0,
@@ -442,7 +525,7 @@ impl Conn {
             self.end -= self.start;
             self.start = 0;
         }
-        let n = (&self.shared.sock).read(&mut self.inbuf[self.end..])?;
+        let n = self.shared.sock.read(&mut self.inbuf[self.end..])?;
         self.end += n;
         Ok(n > 0)
     }
@@ -488,6 +571,22 @@ impl Conn {
         }
     }
 
+    /// STARTTLS was acknowledged: the acknowledgement goes out as it is, then
+    /// everything is TLS, starting with what the client already sent after it.
+    fn start_tls(&mut self) -> io::Result<()> {
+        let Some(tls) = self.tls.clone() else {
+            return Err(io::Error::other("STARTTLS accepted without a TLS configuration"));
+        };
+        self.flush_batch();
+        let early = self.inbuf[self.start..self.end].to_vec();
+        self.consume(early.len());
+        self.shared.start_tls(&tls, &early)?;
+        if let Phase::Options { neg, .. } = &mut self.phase {
+            neg.tls_started();
+        }
+        Ok(())
+    }
+
     /// Handle every complete message in the input buffer, until one is incomplete,
     /// the batch is large enough to send, or a cap is reached. An error ends the
     /// connection.
@@ -507,6 +606,9 @@ impl Conn {
                     self.consume(4);
                     let mut neg =
                         Negotiation::new(CatalogRef::Shared(Arc::clone(&self.catalog)), self.read_only, flags)?;
+                    if let Some(tls) = &self.tls {
+                        neg.set_tls(tls.mode());
+                    }
                     if let Some((error, message)) = self.refuse.take() {
                         neg.refuse_all(error, message);
                     }
@@ -555,6 +657,7 @@ impl Conn {
                                     self.phase = Phase::Serving(Arc::new(session));
                                 }
                                 Step::Abort => self.phase = Phase::Done,
+                                Step::StartTls => self.start_tls()?,
                             }
                         }
                     }

@@ -19,6 +19,7 @@ use byteorder::{BigEndian as BE, ByteOrder};
 
 use super::export::{Catalog, Export};
 use super::server::MAX_PAYLOAD;
+use super::tls::TlsMode;
 use super::wire::{self, OptionCode};
 
 /// Largest option payload read into memory.
@@ -205,6 +206,8 @@ pub(super) enum Step<'c> {
     Serve(Session<'c>),
     /// The client aborted, or was refused and is to be closed.
     Abort,
+    /// STARTTLS was acknowledged: start TLS, then call [`Negotiation::tls_started`].
+    StartTls,
 }
 
 /// The state of option haggling on one connection.
@@ -219,6 +222,10 @@ pub(super) struct Negotiation<'c> {
     /// Every option is refused with this message (the server is over its
     /// connection limit, or shutting down) and this error.
     refuse: Option<(u32, String)>,
+    /// TLS offered or required.
+    tls_mode: TlsMode,
+    /// TLS is running on this connection.
+    tls_active: bool,
 }
 
 impl<'c> Negotiation<'c> {
@@ -234,6 +241,8 @@ impl<'c> Negotiation<'c> {
             structured: false,
             base_allocation: false,
             refuse: None,
+            tls_mode: TlsMode::Off,
+            tls_active: false,
         })
     }
 
@@ -269,6 +278,9 @@ impl<'c> Negotiation<'c> {
                 }
             };
         }
+        if let Some(step) = self.tls_option(option, data, out) {
+            return step;
+        }
         match option {
             OptionCode::ExportName => self.export_name(data, out),
             OptionCode::Abort => {
@@ -295,6 +307,57 @@ impl<'c> Negotiation<'c> {
             OptionCode::Unknown(_) => {
                 self.reply(out, option, wire::REP_ERR_UNSUP, b"");
                 Ok(Step::Next)
+            }
+        }
+    }
+
+    /// Offer (or require) TLS on this connection.
+    pub(super) fn set_tls(&mut self, mode: TlsMode) {
+        self.tls_mode = mode;
+    }
+
+    /// TLS is up: what was negotiated before it is forgotten (the spec's rule, so
+    /// that nothing agreed in plain text survives into the TLS session).
+    pub(super) fn tls_started(&mut self) {
+        self.tls_active = true;
+        self.structured = false;
+        self.base_allocation = false;
+    }
+
+    /// STARTTLS when TLS is offered, and the spec's FORCEDTLS rules when it is
+    /// required: before TLS, every option but STARTTLS and ABORT gets
+    /// `NBD_REP_ERR_TLS_REQD`, and EXPORT_NAME (which has no error reply) closes.
+    /// `None`: the option is handled as usual.
+    fn tls_option(&mut self, option: OptionCode, data: &[u8], out: &mut Vec<u8>) -> Option<io::Result<Step<'c>>> {
+        if self.tls_mode == TlsMode::Off {
+            return None;
+        }
+        match option {
+            OptionCode::StartTls if self.tls_active => {
+                self.reply(out, option, wire::REP_ERR_INVALID, b"TLS is already running");
+                Some(Ok(Step::Next))
+            }
+            OptionCode::StartTls if !data.is_empty() => {
+                self.reply(out, option, wire::REP_ERR_INVALID, b"STARTTLS takes no data");
+                Some(Ok(Step::Next))
+            }
+            OptionCode::StartTls => {
+                self.reply(out, option, wire::REP_ACK, b"");
+                Some(Ok(Step::StartTls))
+            }
+            _ if self.tls_active || self.tls_mode != TlsMode::Require || option == OptionCode::Abort => None,
+            OptionCode::ExportName => Some(Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "TLS is required: the client chose an export without STARTTLS",
+            ))),
+            _ => {
+                self.reply(
+                    out,
+                    option,
+                    wire::REP_ERR_TLS_REQD,
+                    b"this server requires TLS: send NBD_OPT_STARTTLS first",
+                );
+                Some(Ok(Step::Next))
             }
         }
     }

@@ -9,7 +9,9 @@
 //! - `handshake.rs`: the greeting and option haggling, one function per option
 //!   (no I/O: replies go to a buffer); the attach guard.
 //! - `transmission.rs`: request framing, validation and execution (no I/O).
-//! - `conn.rs`: one TCP connection: buffers, backpressure, phases, its driver.
+//! - `conn.rs`: one connection: buffers, backpressure, phases, its driver.
+//! - `transport.rs`: its TCP or Unix socket, and TLS after STARTTLS.
+//! - [`tls`]: the TLS mode and the certificate directory.
 //! - [`server`]: the reactor, the connection threads, the blocking pool, the
 //!   limits and shutdown; the byte-stream driver [`serve_connection`].
 //! - [`export`]: what the server needs from storage; [`mem`]: an in-memory one.
@@ -19,8 +21,11 @@ pub mod export;
 mod handshake;
 pub mod mem;
 pub mod server;
+pub mod tls;
 mod transmission;
+mod transport;
 pub mod wire;
 
 pub use export::{Catalog, Export, ExportError, Extent};
-pub use server::{serve_connection, Limits, Server, ServerConfig};
+pub use server::{serve_connection, Limits, Server, ServerConfig, SocketAccess};
+pub use tls::{TlsError, TlsMode, TlsSetup};

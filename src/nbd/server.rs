@@ -26,6 +26,20 @@
 //! async runtime: the engine below is synchronous (`pread`/`pwrite` on files), so a
 //! runtime would run it on a blocking pool anyway and bring back the hand-off.
 //!
+//! # Listeners
+//!
+//! A server listens on any number of TCP addresses and Unix socket paths
+//! ([`Server::listen_tcp`], [`Server::listen_unix`]); every connection, whatever it
+//! came in on, shares the same limits, threads and shutdown. A Unix socket file is
+//! made with its final mode (0600, or 0660 with a group, [`SocketAccess`]) before it
+//! appears under its name: bound under a temporary name in the same directory,
+//! chmod/chown'ed, then renamed into place. A stale socket file (no server answers on
+//! it) is replaced; a live one, or a path that is not a socket, is an error. The file
+//! is removed when the server is dropped, if it is still ours.
+//!
+//! With [`Server::with_tls`] the handshake offers or requires `NBD_OPT_STARTTLS`
+//! (see [`super::tls`]); after it the connection's bytes go through rustls.
+//!
 //! # Limits
 //!
 //! - [`Limits::max_connections`]: past it a client gets the greeting and then
@@ -46,7 +60,9 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -57,7 +73,9 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use super::conn::{Conn, Outcome};
 use super::export::Catalog;
 use super::handshake::{greeting, option_frame, CatalogRef, Frame, MAX_OPTION};
+use super::tls::TlsSetup;
 use super::transmission::{execute, frame};
+use super::transport::Sock;
 use super::wire::{self, Command};
 
 /// A connection thread with no connection to drive for this long exits.
@@ -115,17 +133,166 @@ impl Default for Limits {
     }
 }
 
+/// Who may connect to a Unix socket of the server.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// None: mode 0600 (the server's user only). Some(gid): mode 0660 and this
+    /// group.
+    pub group: Option<u32>,
+}
+
+impl SocketAccess {
+    /// The socket file's permission bits.
+    pub fn mode(&self) -> u32 {
+        if self.group.is_some() {
+            0o660
+        } else {
+            0o600
+        }
+    }
+}
+
+/// A Unix socket the server listens on; its file is removed on drop when it is
+/// still the one this server made.
+struct UnixSocket {
+    listener: UnixListener,
+    path: PathBuf,
+    /// Device and inode of the socket file.
+    id: (u64, u64),
+}
+
+impl Drop for UnixSocket {
+    fn drop(&mut self) {
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// What the server accepts connections on.
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixSocket),
+}
+
+impl Listener {
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Listener::Tcp(l) => l.as_fd(),
+            Listener::Unix(u) => u.listener.as_fd(),
+        }
+    }
+
+    fn set_nonblocking(&self) -> io::Result<()> {
+        match self {
+            Listener::Tcp(l) => l.set_nonblocking(true),
+            Listener::Unix(u) => u.listener.set_nonblocking(true),
+        }
+    }
+
+    fn accept(&self) -> io::Result<Sock> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept()?;
+                s.set_nonblocking(true)?;
+                let _ = s.set_nodelay(true);
+                Ok(Sock::Tcp(s))
+            }
+            Listener::Unix(u) => {
+                let (s, _) = u.listener.accept()?;
+                s.set_nonblocking(true)?;
+                Ok(Sock::Unix(s))
+            }
+        }
+    }
+}
+
+/// Remove `path` when it is a socket file nobody listens on; an error when a
+/// server answers on it or it is not a socket.
+fn clear_stale_socket(path: &Path) -> io::Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket; not replacing it", path.display()),
+        ));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => {
+            Err(io::Error::new(io::ErrorKind::AddrInUse, format!("{} is in use by a running server", path.display())))
+        }
+        // Left by a server that did not stop cleanly.
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path),
+        Err(e) => Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+    }
+}
+
+/// Give a freshly bound socket file its mode and group.
+fn set_access(path: &Path, access: &SocketAccess) -> io::Result<()> {
+    if let Some(gid) = access.group {
+        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid))).map_err(io::Error::from)?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(access.mode()))
+}
+
+/// Bind a Unix socket at `path` that is never reachable there with looser
+/// permissions than `access` gives.
+fn bind_unix(path: &Path, access: &SocketAccess) -> io::Result<UnixSocket> {
+    clear_stale_socket(path)?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{}: not a file path", path.display())))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = match UnixListener::bind(&tmp) {
+        Ok(l) => {
+            let placed = set_access(&tmp, access).and_then(|()| std::fs::rename(&tmp, path));
+            if let Err(e) = placed {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+            l
+        }
+        // The temporary name is too long for a socket address (108 bytes) while
+        // the path itself may fit: bind in place. The file is briefly there with
+        // the umask's mode, which at the usual 022 lets no other user connect.
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+            let l = UnixListener::bind(path)?;
+            if let Err(e) = set_access(path, access) {
+                let _ = std::fs::remove_file(path);
+                return Err(e);
+            }
+            l
+        }
+        Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+    };
+    let meta = std::fs::symlink_metadata(path)?;
+    Ok(UnixSocket { listener, path: path.to_path_buf(), id: (meta.dev(), meta.ino()) })
+}
+
 /// A bound NBD server.
 pub struct Server {
-    listener: TcpListener,
+    listeners: Vec<Listener>,
     catalog: Arc<dyn Catalog>,
     config: ServerConfig,
     limits: Limits,
+    tls: Option<Arc<TlsSetup>>,
 }
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server").field("addr", &self.listener.local_addr().ok()).finish()
+        f.debug_struct("Server")
+            .field("addr", &self.local_addr().ok())
+            .field("socket", &self.unix_path())
+            .field("tls", &self.tls.as_ref().map(|t| t.mode()))
+            .finish()
     }
 }
 
@@ -252,8 +419,32 @@ impl Hub {
 impl Server {
     /// Bind to `addr` (use port 0 for an ephemeral port), with the default [`Limits`].
     pub fn bind(addr: &str, catalog: Arc<dyn Catalog>, config: ServerConfig) -> io::Result<Server> {
-        let listener = TcpListener::bind(addr)?;
-        Ok(Server { listener, catalog, config, limits: Limits::default() })
+        Server::new(catalog, config).listen_tcp(addr)
+    }
+
+    /// A server listening nowhere yet (add [`Server::listen_tcp`] or
+    /// [`Server::listen_unix`]), with the default [`Limits`] and no TLS.
+    pub fn new(catalog: Arc<dyn Catalog>, config: ServerConfig) -> Server {
+        Server { listeners: Vec::new(), catalog, config, limits: Limits::default(), tls: None }
+    }
+
+    /// Also listen on the TCP address `addr`.
+    pub fn listen_tcp(mut self, addr: &str) -> io::Result<Server> {
+        self.listeners.push(Listener::Tcp(TcpListener::bind(addr)?));
+        Ok(self)
+    }
+
+    /// Also listen on a Unix socket at `path` (a stale socket file there is
+    /// replaced; see the module docs).
+    pub fn listen_unix(mut self, path: &Path, access: &SocketAccess) -> io::Result<Server> {
+        self.listeners.push(Listener::Unix(bind_unix(path, access)?));
+        Ok(self)
+    }
+
+    /// Offer or require TLS ([`TlsSetup`]; its mode `Off` means no TLS).
+    pub fn with_tls(mut self, tls: TlsSetup) -> Server {
+        self.tls = (tls.mode() != super::tls::TlsMode::Off).then(|| Arc::new(tls));
+        self
     }
 
     /// Replace the limits.
@@ -262,16 +453,35 @@ impl Server {
         self
     }
 
-    /// The address actually bound.
+    /// The TCP address actually bound (the first one).
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
+        self.listeners
+            .iter()
+            .find_map(|l| match l {
+                Listener::Tcp(t) => Some(t.local_addr()),
+                Listener::Unix(_) => None,
+            })
+            .unwrap_or_else(|| Err(io::Error::new(io::ErrorKind::NotFound, "the server listens on no TCP address")))
+    }
+
+    /// The Unix socket path (the first one).
+    pub fn unix_path(&self) -> Option<&Path> {
+        self.listeners.iter().find_map(|l| match l {
+            Listener::Unix(u) => Some(u.path.as_path()),
+            Listener::Tcp(_) => None,
+        })
     }
 
     /// Accept and serve connections until `stop` is set; then stop accepting, let
     /// connections finish their in-flight requests within the grace period, close
     /// them, and return once no request is running.
     pub fn serve(&self, stop: Arc<AtomicBool>) -> io::Result<()> {
-        self.listener.set_nonblocking(true)?;
+        if self.listeners.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "the server listens nowhere"));
+        }
+        for l in &self.listeners {
+            l.set_nonblocking()?;
+        }
         let (waker, wake_rx) = UnixStream::pair()?;
         waker.set_nonblocking(true)?;
         wake_rx.set_nonblocking(true)?;
@@ -353,12 +563,21 @@ impl Server {
             for d in parked.iter().filter_map(|c| c.deadline()).chain(grace_end) {
                 timeout = timeout.min(d.saturating_duration_since(now) + Duration::from_millis(1));
             }
+            // Connections with input poll cannot see (buffered in TLS, say) go now.
+            for k in (0..parked.len()).rev() {
+                if parked[k].has_input() {
+                    let c = parked.swap_remove(k);
+                    hub.dispatch(c);
+                }
+            }
             let ready: Vec<bool> = {
-                let mut fds = Vec::with_capacity(parked.len() + 2);
+                let mut fds = Vec::with_capacity(parked.len() + 1 + self.listeners.len());
                 fds.push(PollFd::new(wake_rx.as_fd(), PollFlags::POLLIN));
                 let accepting = grace_end.is_none() && accept_paused_until.is_none_or(|t| now >= t);
                 if accepting {
-                    fds.push(PollFd::new(self.listener.as_fd(), PollFlags::POLLIN));
+                    for l in &self.listeners {
+                        fds.push(PollFd::new(l.fd(), PollFlags::POLLIN));
+                    }
                 }
                 for c in &parked {
                     let i = c.interest();
@@ -369,7 +588,7 @@ impl Server {
                     if i.write {
                         f |= PollFlags::POLLOUT;
                     }
-                    fds.push(PollFd::new(c.socket().as_fd(), f));
+                    fds.push(PollFd::new(c.fd(), f));
                 }
                 let ms = timeout.as_millis().min(u16::MAX as u128) as u16;
                 if poll(&mut fds, PollTimeout::from(ms)).is_err() {
@@ -385,10 +604,12 @@ impl Server {
             i += 1;
             if grace_end.is_none() && accept_paused_until.is_none_or(|t| now >= t) {
                 accept_paused_until = None;
-                if ready[i] && !self.accept_all(&live, &refusing, &waker, &mut parked) {
-                    accept_paused_until = Some(Instant::now() + Duration::from_millis(100));
+                for l in &self.listeners {
+                    if ready[i] && !self.accept_all(l, &live, &refusing, &waker, &mut parked) {
+                        accept_paused_until = Some(Instant::now() + Duration::from_millis(100));
+                    }
+                    i += 1;
                 }
-                i += 1;
             }
             let first = i;
             let n = parked.len().min(ready.len() - first);
@@ -404,14 +625,15 @@ impl Server {
     /// Accept every pending connection; false when accepting failed.
     fn accept_all(
         &self,
+        listener: &Listener,
         live: &Arc<AtomicUsize>,
         refusing: &Arc<AtomicUsize>,
         waker: &Arc<dyn Fn() + Send + Sync>,
         parked: &mut Vec<Conn>,
     ) -> bool {
         loop {
-            let stream = match self.listener.accept() {
-                Ok((s, _)) => s,
+            let stream = match listener.accept() {
+                Ok(s) => s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -420,10 +642,6 @@ impl Server {
                     return false;
                 }
             };
-            if stream.set_nonblocking(true).is_err() {
-                continue;
-            }
-            let _ = stream.set_nodelay(true);
             let limit = self.limits.max_connections;
             let (counter, refuse) = if live.load(Ordering::SeqCst) < limit {
                 (live, None)
@@ -442,6 +660,7 @@ impl Server {
                 refuse,
                 Arc::clone(counter),
                 Arc::clone(waker),
+                self.tls.clone(),
             );
             parked.push(conn);
         }
@@ -503,6 +722,9 @@ pub fn serve_connection<R: Read, W: Write + Send + 'static>(
                         break s;
                     }
                     super::handshake::Step::Abort => return send(&mut out),
+                    super::handshake::Step::StartTls => {
+                        return Err(io::Error::other("STARTTLS needs the threaded server"));
+                    }
                 }
             }
         }

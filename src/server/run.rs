@@ -7,12 +7,12 @@
 //! client cannot hold it up (see [`crate::nbd::server`]).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::nbd::{Limits, Server, ServerConfig};
+use crate::nbd::{Limits, Server, ServerConfig, SocketAccess, TlsSetup};
 use crate::server::control::{self, Handler};
 use crate::server::exports::{ExportedDevice, PoolCatalog};
 use crate::server::protocol::{Request, Response};
@@ -21,8 +21,16 @@ use crate::server::service::Service;
 /// How to serve.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Address to listen on, e.g. `127.0.0.1:10809`.
+    /// Address to listen on, e.g. `127.0.0.1:10809` (when [`Options::tcp`]).
     pub listen: String,
+    /// Listen on [`Options::listen`] (off: only on the Unix socket).
+    pub tcp: bool,
+    /// Also (or only) listen on a Unix socket at this path.
+    pub socket: Option<PathBuf>,
+    /// Mode and group of that socket.
+    pub socket_access: SocketAccess,
+    /// TLS offered or required (None: off).
+    pub tls: Option<TlsSetup>,
     /// Refuse writes.
     pub read_only: bool,
     /// Commit period for writes no client flushed (dm-thin: 1 s).
@@ -52,6 +60,10 @@ impl Default for Options {
         let l = Limits::default();
         Options {
             listen: "127.0.0.1:10809".into(),
+            tcp: true,
+            socket: None,
+            socket_access: SocketAccess::default(),
+            tls: None,
             read_only: false,
             commit_interval: Duration::from_secs(1),
             workers: 4,
@@ -66,20 +78,42 @@ impl Default for Options {
     }
 }
 
+/// Where the server listens, once bound.
+#[derive(Debug, Clone)]
+pub struct Bound {
+    /// The TCP address (None: TCP is off).
+    pub tcp: Option<SocketAddr>,
+    /// The Unix socket path.
+    pub socket: Option<PathBuf>,
+}
+
+impl Bound {
+    /// The Unix socket path, if any.
+    pub fn socket(&self) -> Option<&Path> {
+        self.socket.as_deref()
+    }
+}
+
 /// The exports to offer: devices and the name of the default export.
 pub type DeviceList = Arc<dyn Fn() -> (Vec<ExportedDevice>, Option<String>) + Send + Sync>;
 
 /// Serve until SIGINT/SIGTERM (or until `stop` is set). `devices` is asked for the
 /// export list at start and after every control command; `control` is the socket
-/// path and the command runner. `ready` is called with the bound address.
+/// path and the command runner. `ready` is called with where the server listens.
 pub fn run(
     service: Arc<Service>,
     devices: DeviceList,
     opts: &Options,
     control: Option<(PathBuf, Handler)>,
     stop: Arc<AtomicBool>,
-    ready: impl FnOnce(SocketAddr),
+    ready: impl FnOnce(&Bound),
 ) -> std::io::Result<()> {
+    if !opts.tcp && opts.socket.is_none() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "nothing to listen on: give a TCP address or a Unix socket",
+        ));
+    }
     signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
     let (list, default) = devices();
@@ -93,7 +127,18 @@ pub fn run(
         handshake_timeout: opts.handshake_timeout,
         shutdown_grace: opts.shutdown_grace,
     };
-    let server = Server::bind(&opts.listen, catalog.clone(), config)?.with_limits(limits);
+    let mut server = Server::new(catalog.clone(), config).with_limits(limits);
+    if opts.tcp {
+        server = server
+            .listen_tcp(&opts.listen)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", opts.listen)))?;
+    }
+    if let Some(path) = &opts.socket {
+        server = server.listen_unix(path, &opts.socket_access)?;
+    }
+    if let Some(tls) = &opts.tls {
+        server = server.with_tls(tls.clone());
+    }
     let committer = service.spawn_committer(opts.commit_interval, Arc::clone(&stop));
     // Always watching: `thinctl pool set` may set thresholds while the pool is served.
     let monitor = Some(crate::server::health::spawn_monitor(
@@ -116,7 +161,11 @@ pub fn run(
         }
         None => None,
     };
-    ready(server.local_addr()?);
+    let bound = Bound {
+        tcp: if opts.tcp { Some(server.local_addr()?) } else { None },
+        socket: server.unix_path().map(Path::to_path_buf),
+    };
+    ready(&bound);
     let r = server.serve(Arc::clone(&stop));
     stop.store(true, Ordering::Relaxed);
     if let Some(t) = control_thread {

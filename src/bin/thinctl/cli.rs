@@ -136,9 +136,9 @@ pub enum Cmd {
         /// Export only these devices (repeatable; default: every device).
         #[arg(long = "export", value_name = "NAME")]
         exports: Vec<String>,
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:10809")]
-        listen: String,
+        /// TCP address to listen on [default: 127.0.0.1:10809, unless --socket is given].
+        #[arg(long)]
+        listen: Option<String>,
         /// Refuse writes and changes.
         #[arg(long)]
         read_only: bool,
@@ -148,6 +148,9 @@ pub enum Cmd {
         /// Limits and policies.
         #[command(flatten)]
         tuning: ServeTuning,
+        /// Unix socket and TLS.
+        #[command(flatten)]
+        access: crate::serve::ServeAccess,
     },
 }
 

@@ -101,7 +101,7 @@ fn run(cli: Cli) -> CliResult {
         Cmd::Check { dir } => commands::check(&dir.unwrap_or_else(default_dir)),
         Cmd::Dump { dir } => xml::dump(&dir.unwrap_or_else(default_dir)),
         Cmd::Restore(args) => xml::restore(&args),
-        Cmd::Serve { dir, exports, listen, read_only, commit_interval_ms, tuning } => {
+        Cmd::Serve { dir, exports, listen, read_only, commit_interval_ms, tuning, access } => {
             let default_pool = dir.is_none();
             let dir = dir.unwrap_or_else(default_dir);
             serve::serve(
@@ -113,6 +113,7 @@ fn run(cli: Cli) -> CliResult {
                     commit_interval_ms,
                     tuning,
                     create_default: default_pool,
+                    access,
                 },
             )
         }

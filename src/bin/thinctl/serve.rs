@@ -1,12 +1,15 @@
 //! `thinctl serve`: serve a pool over NBD, with the control socket that other
 //! `thinctl`s send typed requests to (see `remote` for the client side). The
 //! requests are run by `thinpool::server::control::Controller` on the pool held here.
+//! It listens on TCP, a Unix socket (`--socket`) or both, with TLS off, offered or
+//! required (`--tls`).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use thinpool::nbd::{SocketAccess, TlsMode, TlsSetup};
 use thinpool::server::control::{Controller, Handler};
 use thinpool::server::exports::ExportedDevice;
 use thinpool::server::health::{self, LiveSettings};
@@ -24,8 +27,8 @@ use crate::remote::CONTROL_SOCKET;
 pub struct ServeArgs {
     /// Devices to export (empty: all).
     pub exports: Vec<String>,
-    /// Listen address.
-    pub listen: String,
+    /// TCP listen address (None: the default, unless a Unix socket is given).
+    pub listen: Option<String>,
     /// Refuse writes and changes.
     pub read_only: bool,
     /// Periodic commit, in milliseconds.
@@ -34,6 +37,75 @@ pub struct ServeArgs {
     pub tuning: ServeTuning,
     /// Create the default pool (8 GiB data, device thin0 of 1 GiB) when DIR is missing.
     pub create_default: bool,
+    /// Unix socket and TLS.
+    pub access: ServeAccess,
+}
+
+/// The default TCP address of `thinctl serve`.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
+
+/// Whether clients use TLS (`--tls`, as nbdkit's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TlsArg {
+    /// No TLS (STARTTLS is refused).
+    Off,
+    /// Offered: clients that send STARTTLS get TLS, others plain text.
+    On,
+    /// Required: before STARTTLS every option is refused (NBD_REP_ERR_TLS_REQD).
+    Require,
+}
+
+/// `thinctl serve`'s Unix socket and TLS options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeAccess {
+    /// Listen on a Unix socket at PATH (mode 0600): only there, unless --listen is
+    /// also given. A stale socket file is replaced; the file is removed on exit.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Make the Unix socket mode 0660, owned by this group (name or number).
+    #[arg(long, value_name = "GROUP", requires = "socket")]
+    pub socket_group: Option<String>,
+    /// TLS: off, on (offered) or require (no option but STARTTLS before TLS).
+    #[arg(long, value_enum, default_value_t = TlsArg::Off)]
+    pub tls: TlsArg,
+    /// Directory with server-cert.pem, server-key.pem and ca-cert.pem (nbdkit's
+    /// and qemu's layout); needed with --tls on|require.
+    #[arg(long, value_name = "DIR")]
+    pub tls_certificates: Option<PathBuf>,
+    /// Require client certificates signed by DIR/ca-cert.pem.
+    #[arg(long)]
+    pub tls_verify_peer: bool,
+}
+
+/// A group name or number to a group id.
+fn group_id(group: &str) -> CliResult<u32> {
+    match nix::unistd::Group::from_name(group) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => group.parse::<u32>().map_err(|_| msg(format!("--socket-group: no group named {group:?}"))),
+        Err(e) => Err(msg(format!("--socket-group {group:?}: cannot look the group up: {e}"))),
+    }
+}
+
+/// Check the TLS options and read the certificates.
+fn tls_setup(a: &ServeAccess) -> CliResult<Option<TlsSetup>> {
+    let mode = match a.tls {
+        TlsArg::Off => TlsMode::Off,
+        TlsArg::On => TlsMode::On,
+        TlsArg::Require => TlsMode::Require,
+    };
+    match (&a.tls_certificates, mode) {
+        (None, TlsMode::Off) if a.tls_verify_peer => Err(msg("--tls-verify-peer needs --tls on|require")),
+        (None, TlsMode::Off) => Ok(None),
+        (Some(_), TlsMode::Off) => {
+            Err(msg("--tls-certificates is given but --tls is off: add --tls require (or --tls on)"))
+        }
+        (None, _) => {
+            Err(msg("--tls on|require needs --tls-certificates DIR (server-cert.pem, server-key.pem, ca-cert.pem)"))
+        }
+        (Some(dir), mode) => {
+            TlsSetup::load(dir, mode, a.tls_verify_peer).map(Some).map_err(|e| msg(format!("cannot set up TLS: {e}")))
+        }
+    }
 }
 
 /// Data size of the pool `thinctl serve` creates when run with no pool.
@@ -60,7 +132,12 @@ fn export_list(pd: &PoolDir, only: &[String]) -> (Vec<ExportedDevice>, Option<St
 /// `thinctl serve`: serve every device of the pool over NBD (export name = device
 /// name) until SIGINT or SIGTERM, with the control socket at `DIR/control.sock`.
 pub fn serve(dir: &Path, args: ServeArgs) -> CliResult {
-    let ServeArgs { exports, listen, read_only, commit_interval_ms, tuning, create_default } = args;
+    let ServeArgs { exports, listen, read_only, commit_interval_ms, tuning, create_default, access } = args;
+    let tls = tls_setup(&access)?;
+    let socket_access = SocketAccess { group: access.socket_group.as_deref().map(group_id).transpose()? };
+    let tcp = listen.is_some() || access.socket.is_none();
+    let listen = listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+    let tls_mode = tls.as_ref().map(TlsSetup::mode);
     if create_default && !dir.exists() {
         let opts = thinpool::volume::CreateOptions { data_bytes: DEFAULT_SERVE_DATA_BYTES, ..Default::default() };
         let (mut pd, mut pool) = PoolDir::create(dir, &opts).map_err(CliError::Dir)?;
@@ -111,6 +188,10 @@ pub fn serve(dir: &Path, args: ServeArgs) -> CliResult {
         .into_handler();
     let opts = serve::Options {
         listen,
+        tcp,
+        socket: access.socket.clone(),
+        socket_access,
+        tls,
         read_only,
         commit_interval: Duration::from_millis(commit_interval_ms.max(1)),
         workers: tuning.workers.max(1),
@@ -128,21 +209,58 @@ pub fn serve(dir: &Path, args: ServeArgs) -> CliResult {
     };
     let sock: PathBuf = dir.join(CONTROL_SOCKET);
     let stop = Arc::new(AtomicBool::new(false));
-    serve::run(service, devices, &opts, Some((sock.clone(), handler)), stop, |addr| {
+    serve::run(service, devices, &opts, Some((sock.clone(), handler)), stop, |bound| {
         // Whoever started the server may have stopped reading its output: never let a
         // closed stdout take the server down.
         use std::io::Write;
         let mut out = std::io::stdout();
+        let tls_required = tls_mode == Some(TlsMode::Require);
+        let mut places = Vec::new();
+        if let Some(addr) = bound.tcp {
+            places.push(format!("nbd://{addr}/NAME"));
+        }
+        if let Some(path) = bound.socket() {
+            places.push(format!("nbd+unix:///NAME?socket={}", path.display()));
+        }
         let _ = writeln!(
             out,
-            "serving pool {} on nbd://{addr}/NAME{}; control socket {}",
+            "serving pool {} on {}{}{}; control socket {}",
             dir.display(),
+            places.join(" and "),
             if read_only { " (read-only)" } else { "" },
+            match tls_mode {
+                Some(TlsMode::Require) => " (TLS required)",
+                Some(TlsMode::On) => " (TLS offered)",
+                _ => "",
+            },
             sock.display()
         );
         if let Some(name) = first {
-            let _ = writeln!(out, "attach with:  nbd-client {} {} /dev/nbd0 -N {name}", addr.ip(), addr.port());
-            let _ = writeln!(out, "          or  nbdinfo nbd://{addr}/{name}");
+            let mut lead = "attach with:";
+            if let Some(addr) = bound.tcp {
+                if tls_required {
+                    let _ = writeln!(
+                        out,
+                        "{lead}  nbdinfo 'nbds://{addr}/{name}?tls-certificates=DIR'  (DIR holds ca-cert.pem)"
+                    );
+                } else {
+                    let _ = writeln!(out, "{lead}  nbd-client {} {} /dev/nbd0 -N {name}", addr.ip(), addr.port());
+                    let _ = writeln!(out, "          or  nbdinfo nbd://{addr}/{name}");
+                }
+                lead = "          or";
+            }
+            if let Some(path) = bound.socket() {
+                if tls_required {
+                    let _ = writeln!(
+                        out,
+                        "{lead}  nbdinfo 'nbds+unix:///{name}?socket={}&tls-certificates=DIR'",
+                        path.display()
+                    );
+                } else {
+                    let _ = writeln!(out, "{lead}  nbd-client -u {} /dev/nbd0 -N {name}", path.display());
+                    let _ = writeln!(out, "          or  nbdinfo 'nbd+unix:///{name}?socket={}'", path.display());
+                }
+            }
         }
         let _ = out.flush();
     })
