@@ -81,6 +81,11 @@ impl DataFile {
     /// Make `[off, off+len)` of the data file read as zeros: punch a hole, or write
     /// zeros where the storage cannot punch.
     fn zero_range(&self, off: u64, len: u64) -> Result<(), PoolError> {
+        // Blocks never written, or punched when they were released, are holes
+        // already: far cheaper to ask than to punch (which locks the file).
+        if self.storage.is_hole(off, len).map_err(data_err)? {
+            return Ok(());
+        }
         if self.punch.load(Ordering::Relaxed) {
             match self.storage.punch_hole(off, len) {
                 Ok(()) => return Ok(()),

@@ -274,6 +274,32 @@ impl Service {
         Ok(())
     }
 
+    /// Read from a device for a reply that sends holes as holes: like
+    /// [`Service::read`], but unmapped pieces are left untouched in `buf` and
+    /// reported, as `(length, hole)` runs in order, from the same lookup.
+    pub fn read_sparse(&self, dev: DevId, offset: u64, buf: &mut [u8]) -> Result<Vec<(u64, bool)>, PoolError> {
+        let (plan, before) = {
+            let mut g = self.lock();
+            let plan = g.pool.read_plan(dev, offset, buf.len() as u64)?;
+            (plan, self.reuse_epoch.load(Ordering::SeqCst))
+        };
+        let mut done = 0usize;
+        for piece in &plan {
+            if let Some(pos) = piece.at {
+                self.data.read_at(&mut buf[done..done + piece.len as usize], pos)?;
+            }
+            done += piece.len as usize;
+        }
+        let runs = |plan: &[crate::pool::Located]| plan.iter().map(|p| (p.len, p.at.is_none())).collect();
+        if self.reuse_epoch.load(Ordering::SeqCst) != before {
+            let mut g = self.lock();
+            let plan = g.pool.read_plan(dev, offset, buf.len() as u64)?;
+            g.pool.read(dev, offset, buf)?;
+            return Ok(runs(&plan));
+        }
+        Ok(runs(&plan))
+    }
+
     /// Write to a device: a write to mapped, unshared blocks is one lookup and one
     /// `pwrite`; one that needs new blocks allocates them under the metadata lock,
     /// fills them outside it, and maps them under it again.
