@@ -172,7 +172,12 @@ fn do_read(s: &Session, out: &mut Vec<u8>, req: &Request) {
     // buffer. Holes (unless the client asked for one piece, DF) split the reply
     // into data and hole chunks afterwards, which costs a copy only then.
     out.reserve(20 + len);
-    out.extend_from_slice(&wire::chunk_header(wire::REPLY_FLAG_DONE, wire::REPLY_TYPE_OFFSET_DATA, req.cookie, 8 + len as u32));
+    out.extend_from_slice(&wire::chunk_header(
+        wire::REPLY_FLAG_DONE,
+        wire::REPLY_TYPE_OFFSET_DATA,
+        req.cookie,
+        8 + len as u32,
+    ));
     out.extend_from_slice(&req.offset.to_be_bytes());
     let at = out.len();
     out.resize(at + len, 0);
