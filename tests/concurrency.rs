@@ -179,7 +179,7 @@ fn many_threads_on_overlapping_blocks_agree_with_the_model_and_both_checkers() {
 /// Run concurrent writers of whole blocks (fresh, copy-on-write after snapshots,
 /// and in place) with flushes until the storage fails at one sync; then crash
 /// (everything not synced is lost) and check the image.
-fn crash_run(fail_data_sync: Option<u64>, fail_meta_sync: Option<u64>) -> (u64, u64) {
+fn crash_run(fail_data_sync: Option<u64>, fail_meta_sync: Option<u64>, presync: bool) -> (u64, u64) {
     let data = CrashStorage::with_len(96 * BS);
     let meta = CrashStorage::new(512);
     let mut pool = Pool::create_with(meta.clone(), data.clone(), (BS / 512) as u32).expect("pool");
@@ -190,6 +190,9 @@ fn crash_run(fail_data_sync: Option<u64>, fail_meta_sync: Option<u64>) -> (u64, 
     meta.lock().faults.fail_at_sync = fail_meta_sync.map(|n| n + meta.lock().faults.syncs);
     let (d0, m0) = (data.lock().faults.syncs, meta.lock().faults.syncs);
     let svc = Service::new(pool);
+    if presync {
+        svc.set_presync_bytes(0);
+    }
     let mut handles = Vec::new();
     for dev in 0..2u32 {
         let svc = Arc::clone(&svc);
@@ -236,14 +239,24 @@ fn crash_run(fail_data_sync: Option<u64>, fail_meta_sync: Option<u64>) -> (u64, 
 
 #[test]
 fn a_commit_never_records_a_mapping_whose_data_is_not_durable_at_any_crash() {
-    // A run without failures counts the syncs; then fail at each one in turn.
-    let (data_syncs, meta_syncs) = crash_run(None, None);
-    assert!(data_syncs > 3 && meta_syncs > 3, "the scenario commits ({data_syncs} data, {meta_syncs} metadata syncs)");
-    for n in 0..data_syncs {
-        crash_run(Some(n), None);
-    }
-    for n in 0..meta_syncs {
-        crash_run(None, Some(n));
+    // A run without failures counts the syncs; then fail at each one in turn. Then
+    // the same with every commit pre-syncing the data while writes still provision
+    // blocks, and syncing again behind its barrier.
+    for presync in [false, true] {
+        let (data_syncs, meta_syncs) = crash_run(None, None, presync);
+        assert!(
+            data_syncs > 3 && meta_syncs > 3,
+            "the scenario commits ({data_syncs} data, {meta_syncs} metadata syncs)"
+        );
+        if presync {
+            assert!(data_syncs > meta_syncs, "commits pre-sync ({data_syncs} data, {meta_syncs} metadata syncs)");
+        }
+        for n in 0..data_syncs + 1 {
+            crash_run(Some(n), None, presync);
+        }
+        for n in 0..meta_syncs {
+            crash_run(None, Some(n), presync);
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::fcntl::{copy_file_range, fallocate, FallocateFlags};
+use nix::unistd::{lseek, Whence};
 
 use super::{check_range, copy_through_memory, Storage};
 
@@ -86,6 +87,19 @@ impl Storage for FileStorage {
             Err(e) => Err(e.into()),
         }
     }
+    /// `lseek(SEEK_DATA)`: a hole when the next data starts at or past the end of
+    /// the range. File systems without hole tracking report data everywhere, so the
+    /// answer is never a hole that is not one. (The file offset it moves is used by
+    /// nothing: every read and write here is positional.)
+    fn is_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
+        check_range(offset, len as usize, self.len())?;
+        match lseek(self.file.as_raw_fd(), offset as i64, Whence::SeekData) {
+            Ok(next) => Ok(next as u64 >= offset + len),
+            Err(nix::errno::Errno::ENXIO) => Ok(true),
+            Err(nix::errno::Errno::EINVAL) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
     fn grow(&self, new_len: u64) -> io::Result<()> {
         let old = self.len();
         if new_len > old {
@@ -146,6 +160,24 @@ mod tests {
             Err(e) => assert_eq!(e.kind(), io::ErrorKind::Unsupported),
         }
         assert!(s.write_at(&[1], 1 << 16).is_err(), "a write past the end does not grow the file");
+    }
+
+    #[test]
+    fn holes_are_reported_only_where_nothing_was_written() {
+        let f = tempfile::tempfile().expect("tmp");
+        f.set_len(4 << 16).expect("len");
+        let s = FileStorage::new(f).expect("storage");
+        // Written but not yet synced (delayed allocation) is data, never a hole.
+        s.write_at(&[7; 100], (1 << 16) + 5).expect("write");
+        assert!(!s.is_hole(1 << 16, 1 << 16).expect("ask"));
+        assert!(!s.is_hole(0, 2 << 16).expect("ask"), "a range that holds data is not a hole");
+        if s.punch_hole(1 << 16, 1 << 16).is_ok() {
+            // A file system that punches holes also reports them.
+            assert!(s.is_hole(0, 1 << 16).expect("ask"), "never written");
+            assert!(s.is_hole(1 << 16, 1 << 16).expect("ask"), "punched");
+            assert!(s.is_hole(3 << 16, 1 << 16).expect("ask"), "the end of the file");
+        }
+        assert!(s.is_hole(3 << 16, 2 << 16).is_err(), "past the end");
     }
 
     #[test]

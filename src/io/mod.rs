@@ -55,6 +55,13 @@ pub trait Storage: Send + Sync {
         let _ = (offset, len);
         Err(io::Error::new(io::ErrorKind::Unsupported, "this storage cannot punch holes"))
     }
+    /// Is `[offset, offset + len)` known to be a hole (it reads as zeros and holds
+    /// no space)? `false` when unknown, the default. Asking costs far less than
+    /// punching: a new data block that is a hole already needs no zeroing.
+    fn is_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
+        let _ = (offset, len);
+        Ok(false)
+    }
     /// Does the storage refuse every change (see [`ReadOnlyStorage`])?
     fn is_read_only(&self) -> bool {
         false

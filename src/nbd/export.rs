@@ -73,6 +73,37 @@ pub trait Export: Send + Sync {
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, fast: bool) -> Result<(), ExportError>;
     /// Extents covering `[offset, offset+len)`, in order (may stop early, at least 1 byte).
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, ExportError>;
+    /// Read `buf.len()` bytes at `offset` for a structured reply: the runs that
+    /// cover `buf` in order, `(length, hole)`. A hole run reads as zeros and is sent
+    /// as a hole chunk; its bytes in `buf` are left as they were. Exports that can
+    /// find their holes and their data in one step override this; the default asks
+    /// [`Export::block_status`], then reads.
+    fn read_sparse(&self, offset: u64, buf: &mut [u8]) -> Result<Vec<(u64, bool)>, ExportError> {
+        let total = buf.len() as u64;
+        let mut runs: Vec<(u64, bool)> = Vec::new();
+        let mut pos = 0u64;
+        if let Ok(extents) = self.block_status(offset, total) {
+            for e in extents {
+                if pos >= total {
+                    break;
+                }
+                let len = e.length.min(total - pos);
+                runs.push((len, e.hole && e.zero));
+                pos += len;
+            }
+        }
+        if pos < total {
+            runs.push((total - pos, false));
+        }
+        let mut at = 0usize;
+        for &(len, hole) in &runs {
+            if !hole {
+                self.read(offset + at as u64, &mut buf[at..at + len as usize])?;
+            }
+            at += len as usize;
+        }
+        Ok(runs)
+    }
 }
 
 /// The exports a server offers.

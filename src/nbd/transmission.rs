@@ -168,49 +168,71 @@ fn do_read(s: &Session, out: &mut Vec<u8>, req: &Request) {
         out.extend_from_slice(&wire::chunk_header(wire::REPLY_FLAG_DONE, wire::REPLY_TYPE_NONE, req.cookie, 0));
         return;
     }
-    // Holes become hole chunks unless the client asked for one piece (DF).
-    let extents = if req.flags & wire::CMD_FLAG_DF != 0 {
-        vec![(req.length as u64, false)]
+    // Read optimistically into one data chunk: the data lands straight in the reply
+    // buffer. Holes (unless the client asked for one piece, DF) split the reply
+    // into data and hole chunks afterwards, which costs a copy only then.
+    out.reserve(20 + len);
+    out.extend_from_slice(&wire::chunk_header(
+        wire::REPLY_FLAG_DONE,
+        wire::REPLY_TYPE_OFFSET_DATA,
+        req.cookie,
+        8 + len as u32,
+    ));
+    out.extend_from_slice(&req.offset.to_be_bytes());
+    let at = out.len();
+    out.resize(at + len, 0);
+    let runs = if req.flags & wire::CMD_FLAG_DF != 0 {
+        s.export().read(req.offset, &mut out[at..]).map(|()| vec![(len as u64, false)])
     } else {
-        match s.export().block_status(req.offset, req.length as u64) {
-            Ok(x) => x.into_iter().map(|e| (e.length, e.hole && e.zero)).collect(),
-            Err(_) => vec![(req.length as u64, false)],
+        s.export().read_sparse(req.offset, &mut out[at..])
+    };
+    let runs = match runs {
+        Ok(r) => r,
+        Err(e) => {
+            out.truncate(mark);
+            return error_reply(s, out, Command::Read, req, errno(&e));
         }
     };
-    let mut pos = 0u64;
-    let total = req.length as u64;
+    // Coalesce runs of the same kind; one data run is the reply already built.
     let mut chunks: Vec<(u64, u64, bool)> = Vec::new();
-    for (len, hole) in extents {
-        if pos >= total {
-            break;
+    let mut pos = 0u64;
+    for (n, hole) in runs {
+        let n = n.min(len as u64 - pos);
+        if n == 0 {
+            continue;
         }
-        let len = len.min(total - pos);
-        chunks.push((pos, len, hole));
-        pos += len;
+        match chunks.last_mut() {
+            Some(last) if last.2 == hole => last.1 += n,
+            _ => chunks.push((pos, n, hole)),
+        }
+        pos += n;
     }
-    if pos < total {
-        chunks.push((pos, total - pos, false));
+    if pos < len as u64 {
+        // The export covered less than asked: the rest was read as data already.
+        match chunks.last_mut() {
+            Some(last) if !last.2 => last.1 += len as u64 - pos,
+            _ => chunks.push((pos, len as u64 - pos, false)),
+        }
     }
-    out.reserve(len + 32 * chunks.len());
+    if chunks.len() == 1 && !chunks[0].2 {
+        return;
+    }
+    let data = out.split_off(at);
+    out.truncate(mark);
     let last = chunks.len() - 1;
-    for (i, (off, len, hole)) in chunks.into_iter().enumerate() {
+    for (i, (off, n, hole)) in chunks.into_iter().enumerate() {
         let flags = if i == last { wire::REPLY_FLAG_DONE } else { 0 };
         let abs = (req.offset + off).to_be_bytes();
         if hole {
             let mut p = [0u8; 12];
             p[..8].copy_from_slice(&abs);
-            BE::write_u32(&mut p[8..], len as u32);
+            BE::write_u32(&mut p[8..], n as u32);
             out.extend_from_slice(&wire::chunk_header(flags, wire::REPLY_TYPE_OFFSET_HOLE, req.cookie, 12));
             out.extend_from_slice(&p);
         } else {
-            out.extend_from_slice(&wire::chunk_header(flags, wire::REPLY_TYPE_OFFSET_DATA, req.cookie, 8 + len as u32));
+            out.extend_from_slice(&wire::chunk_header(flags, wire::REPLY_TYPE_OFFSET_DATA, req.cookie, 8 + n as u32));
             out.extend_from_slice(&abs);
-            let at = out.len();
-            out.resize(at + len as usize, 0);
-            if let Err(e) = s.export().read(req.offset + off, &mut out[at..]) {
-                out.truncate(mark);
-                return error_reply(s, out, Command::Read, req, errno(&e));
-            }
+            out.extend_from_slice(&data[off as usize..(off + n) as usize]);
         }
     }
 }

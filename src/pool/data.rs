@@ -3,7 +3,7 @@
 //! `&self`; nothing here touches metadata.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::data_err;
@@ -19,6 +19,9 @@ pub struct DataFile {
     block_bytes: u64,
     /// Cleared once the storage says it cannot punch holes.
     punch: AtomicBool,
+    /// Bytes written since the last sync began (an estimate of what a sync has to
+    /// write back).
+    unsynced: AtomicU64,
 }
 
 impl std::fmt::Debug for DataFile {
@@ -30,7 +33,7 @@ impl std::fmt::Debug for DataFile {
 impl DataFile {
     /// Data blocks of `block_bytes` bytes on `storage`.
     pub fn new(storage: Arc<dyn Storage>, block_bytes: u64) -> DataFile {
-        DataFile { storage, block_bytes, punch: AtomicBool::new(true) }
+        DataFile { storage, block_bytes, punch: AtomicBool::new(true), unsynced: AtomicU64::new(0) }
     }
 
     /// The storage underneath.
@@ -55,12 +58,20 @@ impl DataFile {
 
     /// Write `buf` at byte `pos` of the data file.
     pub fn write_at(&self, buf: &[u8], pos: u64) -> Result<(), PoolError> {
+        self.unsynced.fetch_add(buf.len() as u64, Ordering::Relaxed);
         self.storage.write_at(buf, pos).map_err(data_err)
     }
 
     /// Make every write so far durable.
     pub fn sync(&self) -> Result<(), PoolError> {
+        self.unsynced.store(0, Ordering::Relaxed);
         self.storage.sync().map_err(PoolError::DataIo)
+    }
+
+    /// Bytes written since the last sync began: what the next sync may have to
+    /// write back (copies and zeroing counted as whole blocks).
+    pub fn unsynced_bytes(&self) -> u64 {
+        self.unsynced.load(Ordering::Relaxed)
     }
 
     /// Prepare new data block `nb` for a write of `src` at `within`: unless the write
@@ -71,7 +82,10 @@ impl DataFile {
         let base = nb * bs;
         if !(within == 0 && src.len() as u64 == bs) {
             match old {
-                Some(ob) => self.storage.copy_range(ob * bs, base, bs).map_err(data_err)?,
+                Some(ob) => {
+                    self.unsynced.fetch_add(bs, Ordering::Relaxed);
+                    self.storage.copy_range(ob * bs, base, bs).map_err(data_err)?
+                }
                 None => self.zero_range(base, bs)?,
             }
         }
@@ -81,6 +95,11 @@ impl DataFile {
     /// Make `[off, off+len)` of the data file read as zeros: punch a hole, or write
     /// zeros where the storage cannot punch.
     fn zero_range(&self, off: u64, len: u64) -> Result<(), PoolError> {
+        // Blocks never written, or punched when they were released, are holes
+        // already: far cheaper to ask than to punch (which locks the file).
+        if self.storage.is_hole(off, len).map_err(data_err)? {
+            return Ok(());
+        }
         if self.punch.load(Ordering::Relaxed) {
             match self.storage.punch_hole(off, len) {
                 Ok(()) => return Ok(()),

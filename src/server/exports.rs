@@ -88,6 +88,9 @@ impl Export for DeviceExport {
         }
         self.service.write_zeroes(self.id, offset, len, may_unmap).map_err(export_err)
     }
+    fn read_sparse(&self, offset: u64, buf: &mut [u8]) -> Result<Vec<(u64, bool)>, ExportError> {
+        self.service.read_sparse(self.id, offset, buf).map_err(export_err)
+    }
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, ExportError> {
         let runs = self.service.extents(self.id, offset, len).map_err(export_err)?;
         Ok(runs.into_iter().map(|r| Extent { length: r.len, hole: !r.mapped, zero: !r.mapped }).collect())

@@ -79,8 +79,13 @@ impl Drop for CellGuard<'_> {
     }
 }
 
+/// Data waiting for write-back past which a commit pre-syncs (see [`Service::flush`]).
+const PRESYNC_BYTES: u64 = 1 << 20;
+
 #[derive(Default)]
 struct CommitState {
+    /// A commit is syncing data before its barrier; changes still flow.
+    presyncing: bool,
     /// A commit is between "stop changes" and "metadata committed".
     committing: bool,
     /// Metadata changes in flight (writes provisioning blocks, discards...).
@@ -191,6 +196,8 @@ pub struct Service {
     space: SpaceEvents,
     /// "Metadata space exhausted" was logged and no write has succeeded since.
     meta_full_logged: AtomicBool,
+    /// Unsynced data past which a commit pre-syncs (see [`Service::flush`]).
+    presync_bytes: AtomicU64,
 }
 
 impl std::fmt::Debug for Service {
@@ -217,6 +224,7 @@ impl Service {
             no_space: Mutex::new(NoSpacePolicy::default()),
             space: SpaceEvents::default(),
             meta_full_logged: AtomicBool::new(false),
+            presync_bytes: AtomicU64::new(PRESYNC_BYTES),
         })
     }
 
@@ -272,6 +280,32 @@ impl Service {
             return self.lock().pool.read(dev, offset, buf);
         }
         Ok(())
+    }
+
+    /// Read from a device for a reply that sends holes as holes: like
+    /// [`Service::read`], but unmapped pieces are left untouched in `buf` and
+    /// reported, as `(length, hole)` runs in order, from the same lookup.
+    pub fn read_sparse(&self, dev: DevId, offset: u64, buf: &mut [u8]) -> Result<Vec<(u64, bool)>, PoolError> {
+        let (plan, before) = {
+            let mut g = self.lock();
+            let plan = g.pool.read_plan(dev, offset, buf.len() as u64)?;
+            (plan, self.reuse_epoch.load(Ordering::SeqCst))
+        };
+        let mut done = 0usize;
+        for piece in &plan {
+            if let Some(pos) = piece.at {
+                self.data.read_at(&mut buf[done..done + piece.len as usize], pos)?;
+            }
+            done += piece.len as usize;
+        }
+        let runs = |plan: &[crate::pool::Located]| plan.iter().map(|p| (p.len, p.at.is_none())).collect();
+        if self.reuse_epoch.load(Ordering::SeqCst) != before {
+            let mut g = self.lock();
+            let plan = g.pool.read_plan(dev, offset, buf.len() as u64)?;
+            g.pool.read(dev, offset, buf)?;
+            return Ok(runs(&plan));
+        }
+        Ok(runs(&plan))
     }
 
     /// Write to a device: a write to mapped, unshared blocks is one lookup and one
@@ -340,6 +374,12 @@ impl Service {
         self.lock().pool.finish_write(plan, r)
     }
 
+    /// Pre-sync (see [`Service::flush`]) when at least `bytes` of data wait for
+    /// write-back (default 1 MiB; 0: always, as the crash tests do).
+    pub fn set_presync_bytes(&self, bytes: u64) {
+        self.presync_bytes.store(bytes, Ordering::Relaxed);
+    }
+
     /// What a write that finds the pool out of data space does.
     pub fn no_space_policy(&self) -> NoSpacePolicy {
         *self.no_space.lock().unwrap_or_else(|e| e.into_inner())
@@ -353,10 +393,18 @@ impl Service {
 
     /// Commit: every write completed so far becomes durable. Concurrent callers
     /// share one commit (group commit).
+    ///
+    /// A commit stops metadata changes (writes that provision blocks) only for its
+    /// last part: when much data is waiting to be written back, the data file is
+    /// synced first with changes still flowing ("pre-sync"), and synced again
+    /// behind the barrier, which then has little left to write. (perf: with 4 KiB
+    /// allocating writes at QD32, the one sync behind the barrier held every
+    /// allocating write for the whole write-back, each second.)
     pub fn flush(&self) -> Result<(), PoolError> {
         let mut s = self.commits.lock();
-        // A commit that starts after this call holds every write completed before it.
-        let need = s.started + 1;
+        // The first commit that seals (raises its barrier) after this call holds
+        // every write completed before it: one still pre-syncing has not sealed.
+        let need = if s.presyncing { s.started } else { s.started + 1 };
         loop {
             if s.finished >= need {
                 return match &s.failed {
@@ -364,13 +412,21 @@ impl Service {
                     _ => Ok(()),
                 };
             }
-            if !s.committing && s.started == s.finished {
+            if !s.committing && !s.presyncing && s.started == s.finished {
                 break;
             }
             s = self.commits.cond.wait(s).unwrap_or_else(|e| e.into_inner());
         }
         s.started += 1;
         let seq = s.started;
+        if self.data.unsynced_bytes() >= self.presync_bytes.load(Ordering::Relaxed) {
+            s.presyncing = true;
+            drop(s);
+            // Errors here show again in the sync behind the barrier.
+            let _ = self.data.sync();
+            s = self.commits.lock();
+            s.presyncing = false;
+        }
         s.committing = true;
         while s.changes > 0 {
             s = self.commits.cond.wait(s).unwrap_or_else(|e| e.into_inner());
