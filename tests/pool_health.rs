@@ -264,3 +264,48 @@ fn a_threshold_runs_its_command_once_per_crossing_and_autoextend_grows_the_data(
     drop(svc);
     common::assert_checks_pass(&dir.path().join("metadata"));
 }
+
+#[test]
+fn the_data_shrinks_when_the_tail_is_unused_and_is_refused_otherwise() {
+    let dir = tempfile::tempdir().expect("tmp");
+    // 40,000 blocks: three data bitmaps; the shrink drops two of them.
+    let (m, d) = common::pool_files(dir.path(), 4 << 20, 40_000 * BS);
+    let mut p = Pool::create(m, d, (BS / 512) as u32).expect("pool");
+    p.create_thin(0).expect("thin");
+    for vb in 0..20u64 {
+        p.write(0, vb * BS, &[vb as u8 + 1; 4096]).expect("write");
+    }
+    p.create_snap(1, 0).expect("snap");
+    p.commit().expect("commit");
+    // A block in use past the new end refuses the shrink and changes nothing.
+    let e = p.extend(Some(10 * BS), None).expect_err("blocks 10..20 are in use");
+    assert!(e.to_string().contains("data block 10 past the new end is in use"), "{e}");
+    assert_eq!(p.meta().status().data_total_blocks, 40_000);
+    p.extend(Some(10_000 * BS), None).expect("shrink to one bitmap");
+    assert_eq!(p.meta().status().data_total_blocks, 10_000);
+    drop(p);
+    assert_eq!(std::fs::metadata(dir.path().join("data")).expect("stat").len(), 10_000 * BS);
+    common::assert_checks_pass(&dir.path().join("metadata"));
+    // Reopened: the smaller size holds (the file is not taken up again), data intact,
+    // and the pool grows again past the old end.
+    let mut p = common::open_pool(dir.path(), false);
+    assert_eq!(p.meta().status().data_total_blocks, 10_000);
+    let mut buf = vec![0u8; 4096];
+    for dev in [0u32, 1] {
+        for vb in 0..20u64 {
+            p.read(dev, vb * BS, &mut buf).expect("read");
+            assert!(buf.iter().all(|&b| b == vb as u8 + 1), "device {dev} block {vb}");
+        }
+    }
+    // Free the tail: delete the origin, the snapshot keeps the blocks; delete it too.
+    p.delete(0).expect("delete");
+    p.delete(1).expect("delete");
+    p.extend(Some(3 * BS), None).expect("every block is free now: shrink uncommitted frees");
+    assert_eq!(p.meta().status().data_total_blocks, 3);
+    p.extend(Some(50_000 * BS), None).expect("grow again");
+    p.create_thin(2).expect("thin");
+    p.write(2, 0, &[9u8; 4096]).expect("write");
+    p.commit().expect("commit");
+    drop(p);
+    common::assert_checks_pass(&dir.path().join("metadata"));
+}

@@ -100,6 +100,13 @@ impl Storage for FileStorage {
             Err(e) => Err(e.into()),
         }
     }
+    fn shrink(&self, new_len: u64) -> io::Result<()> {
+        if new_len < self.len() {
+            self.len.store(new_len, Ordering::SeqCst);
+            self.file.set_len(new_len)?;
+        }
+        Ok(())
+    }
     fn grow(&self, new_len: u64) -> io::Result<()> {
         let old = self.len();
         if new_len > old {

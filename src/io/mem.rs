@@ -64,6 +64,13 @@ impl Storage for MemStorage {
         }
         Ok(())
     }
+    fn shrink(&self, new_len: u64) -> io::Result<()> {
+        let mut bytes = self.write();
+        if new_len < bytes.len() as u64 {
+            bytes.truncate(new_len as usize);
+        }
+        Ok(())
+    }
     fn sync(&self) -> io::Result<()> {
         Ok(())
     }

@@ -73,6 +73,12 @@ pub trait Storage: Send + Sync {
         let _ = new_len;
         Err(io::Error::new(io::ErrorKind::Unsupported, "this storage cannot grow"))
     }
+    /// Shrink the storage to `new_len` bytes (what lies past it is dropped). A
+    /// backend that cannot fails with [`io::ErrorKind::Unsupported`] (the default).
+    fn shrink(&self, new_len: u64) -> io::Result<()> {
+        let _ = new_len;
+        Err(io::Error::new(io::ErrorKind::Unsupported, "this storage cannot shrink"))
+    }
     /// Make sure every byte of the storage has space on the host, so that later
     /// writes cannot fail for lack of it (a file: `fallocate`). The default does
     /// nothing (memory has its space).
@@ -131,6 +137,12 @@ macro_rules! forward_storage {
             }
             fn grow(&self, new_len: u64) -> io::Result<()> {
                 (**self).grow(new_len)
+            }
+            fn shrink(&self, new_len: u64) -> io::Result<()> {
+                (**self).shrink(new_len)
+            }
+            fn is_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
+                (**self).is_hole(offset, len)
             }
             fn allocate(&self) -> io::Result<()> {
                 (**self).allocate()

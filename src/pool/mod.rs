@@ -195,12 +195,24 @@ impl Pool {
         }
     }
 
+    /// Shrink the data to `nr` blocks: refused (nothing changed) unless no block
+    /// past the new end is in use. Committed at once, then the data file is cut;
+    /// a crash in between leaves a longer file, which is harmless.
+    fn shrink_data(&mut self, nr: u64) -> Result<(), PoolError> {
+        // Blocks freed since the last commit are still in use on disk: commit first.
+        if self.md.is_dirty() {
+            self.commit()?;
+        }
+        self.md.shrink_data(nr)?;
+        self.commit()?;
+        self.data.storage().shrink(nr * self.block_bytes).map_err(data_err)
+    }
+
     /// Grow the pool: the data file to `data_bytes` and/or the metadata file to
     /// `metadata_bytes` (sparse), and their space maps, at once usable by the next
     /// write; committed with the next commit. Shrinking the data is refused unless
-    /// no block past the new end is in use (and then it only stops short of
-    /// truncating the file: the format cannot drop space-map entries, as dm-thin
-    /// cannot); shrinking metadata is refused.
+    /// no block past the new end is in use (then it is committed at once and the
+    /// data file cut; dm-thin cannot shrink at all); shrinking metadata is refused.
     pub fn extend(&mut self, data_bytes: Option<u64>, metadata_bytes: Option<u64>) -> Result<(), PoolError> {
         self.writable()?;
         if let Some(bytes) = metadata_bytes {
@@ -223,10 +235,7 @@ impl Pool {
             let nr = bytes / self.block_bytes;
             let have = self.md.status().data_total_blocks;
             if nr < have {
-                return Err(PoolError::invalid(format!(
-                    "the data cannot shrink from {have} to {nr} blocks of {} bytes (dm-thin cannot either)",
-                    self.block_bytes
-                )));
+                return self.shrink_data(nr);
             }
             self.data.storage().grow(nr * self.block_bytes).map_err(data_err)?;
             self.md.extend_data(nr)?;

@@ -136,6 +136,20 @@ impl SpaceMaps {
         self.meta_bitmaps.resize(t.meta_counts().nr_bitmaps() as usize, 0);
     }
 
+    /// Drop the data bitmaps from `keep` on (the data space map shrank): their
+    /// blocks are released and their index entries removed.
+    pub fn drop_data_bitmaps(&mut self, t: &mut Txn, keep: u64) -> Result<(), MetaError> {
+        while self.data_bitmaps.len() as u64 > keep {
+            let i = self.data_bitmaps.len() as u64 - 1;
+            let loc = self.data_bitmaps.pop().unwrap_or(0);
+            if loc != 0 {
+                t.dec_meta(loc)?;
+            }
+            self.data_index_root = btree::remove(t, self.data_index_root, i, SM_INDEX)?.0;
+        }
+        Ok(())
+    }
+
     /// The transaction ended: the index block moves again in the next one.
     pub fn end_transaction(&mut self) {
         self.index_shadowed = false;

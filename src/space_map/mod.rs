@@ -281,6 +281,36 @@ impl RefCounts {
         self.nr_blocks = new_nr;
     }
 
+    /// The first block at or past `from` that is in use now or was at the last
+    /// commit (such a block cannot be cut off).
+    pub fn first_used_from(&self, from: u64) -> Option<u64> {
+        (from..self.nr_blocks).find(|&b| self.counts[b as usize] != 0 || self.committed_used[b as usize])
+    }
+
+    /// Shrink to `new_nr` blocks. Every block cut off must be free now and at the
+    /// last commit ([`RefCounts::first_used_from`]); the caller checks.
+    pub fn shrink(&mut self, new_nr: u64) {
+        if new_nr >= self.nr_blocks {
+            return;
+        }
+        debug_assert!(self.first_used_from(new_nr).is_none());
+        self.counts.truncate(new_nr as usize);
+        self.committed_used.truncate(new_nr as usize);
+        self.touched_flag.truncate(new_nr as usize);
+        self.touched.retain(|&b| b < new_nr);
+        self.overflow.retain(|&b, _| b < new_nr);
+        self.dirty_overflow.retain(|&b| b < new_nr);
+        let nb = new_nr.div_ceil(ENTRIES_PER_BITMAP);
+        self.used_per_bitmap.truncate(nb as usize);
+        self.dirty_bitmaps.retain(|&i| i < nb);
+        if nb > 0 {
+            // The last bitmap's free count changes with the end.
+            self.dirty_bitmaps.insert(nb - 1);
+        }
+        self.cursor = self.cursor.min(new_nr);
+        self.nr_blocks = new_nr;
+    }
+
     /// Mark every bitmap dirty (a freshly formatted space map).
     pub fn mark_all_dirty(&mut self) {
         for i in 0..self.nr_bitmaps() {

@@ -21,6 +21,31 @@ impl Metadata {
         Ok(())
     }
 
+    /// Shrink the data space map to `nr_blocks` (the data device is to shrink).
+    /// Refused unless every block cut off is free now and was at the last commit.
+    pub fn shrink_data(&mut self, nr_blocks: u64) -> Result<(), PoolError> {
+        self.writable()?;
+        let have = self.t.data_counts().nr_blocks();
+        if nr_blocks >= have {
+            return Ok(());
+        }
+        if nr_blocks == 0 {
+            return Err(PoolError::invalid("the data cannot shrink to no blocks"));
+        }
+        if let Some(b) = self.t.data_counts().first_used_from(nr_blocks) {
+            return Err(PoolError::invalid(format!(
+                "the data cannot shrink to {nr_blocks} blocks: data block {b} past the new end is in use"
+            )));
+        }
+        self.ensure_metadata(MetaNeed::Shrink(4))?;
+        let keep = nr_blocks.div_ceil(crate::format::space_map::ENTRIES_PER_BITMAP);
+        self.sms.drop_data_bitmaps(&mut self.t, keep)?;
+        self.t.data_counts_mut().shrink(nr_blocks);
+        self.sms.fit(&self.t);
+        self.changed = true;
+        Ok(())
+    }
+
     /// Grow the metadata space map to the device's size (capped at the format limit).
     pub fn extend_metadata(&mut self) -> Result<(), PoolError> {
         self.writable()?;
