@@ -267,6 +267,11 @@ impl Controller {
                 Ok(Response::Status { status: self.service.with_pool(|pool| usage::status(&pd, pool)) })
             }
             Request::Change { change } => self.change(&change),
+            Request::Diff { from, to, include_same } => {
+                crate::server::diff::diff_served(&self.service, &self.pd, &from, &to, include_same)
+                    .map(|diff| Response::Diff { diff })
+                    .map_err(ControlError::from)
+            }
         };
         r.unwrap_or_else(|error| Response::Error { error })
     }

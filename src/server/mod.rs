@@ -2,6 +2,7 @@
 //! the control socket, and [`run`], which puts them together for `thinctl serve`.
 
 pub mod control;
+pub mod diff;
 pub mod exports;
 pub mod health;
 pub mod protocol;

@@ -50,6 +50,17 @@ pub enum Request {
     Ls,
     /// The pool's status; answered with [`Response::Status`].
     Status,
+    /// The runs where device `to` differs from device `from`, taken at one
+    /// instant; answered with [`Response::Diff`].
+    Diff {
+        /// The left device (typically the older snapshot).
+        from: String,
+        /// The right device.
+        to: String,
+        /// List `same` runs too.
+        #[serde(default)]
+        include_same: bool,
+    },
 }
 
 /// What the server answers.
@@ -72,6 +83,11 @@ pub enum Response {
     Status {
         /// The numbers.
         status: PoolStatus,
+    },
+    /// The diff of two devices.
+    Diff {
+        /// The runs.
+        diff: crate::server::diff::DiffReport,
     },
     /// The request failed; nothing it would have changed was changed.
     Error {

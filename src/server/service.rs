@@ -249,6 +249,12 @@ impl Service {
         r
     }
 
+    /// Run `f` under the metadata lock only, for what reads metadata (a step of a
+    /// diff walk): I/O outside the lock goes on, nothing is quiesced.
+    pub fn with_pool_locked<R>(&self, f: impl FnOnce(&mut Pool) -> R) -> R {
+        f(&mut self.lock().pool)
+    }
+
     /// Read from a device. The mapping is looked up under the lock and the data read
     /// outside it, so reads overlap each other and writes; a data block can only be
     /// handed to another device after the reuse epoch moves, so when it moved during
