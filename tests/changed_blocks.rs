@@ -230,3 +230,219 @@ fn a_served_diff_is_taken_at_one_instant_while_a_client_writes() {
     );
     assert_thin_check(&sc.path("p"), "served diffs");
 }
+
+/// (offset, length) of the ranges `nbdinfo --map=CONTEXT` flags with `flag`,
+/// adjacent ones joined.
+fn nbdinfo_ranges(uri: &str, context: &str, flag: u32) -> Vec<(u64, u64)> {
+    let out = tool("nbdinfo", "libnbd-bin", &[&format!("--map={context}"), uri]);
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut end = 0;
+    for line in out.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (off, len, flags): (u64, u64, u32) =
+            (f[0].parse().expect("offset"), f[1].parse().expect("length"), f[2].parse().expect("flags"));
+        assert_eq!(off, end, "nbdinfo's extents follow each other: {out}");
+        end = off + len;
+        if flags != flag {
+            continue;
+        }
+        match ranges.last_mut() {
+            Some(r) if r.0 + r.1 == off => r.1 += len,
+            _ => ranges.push((off, len)),
+        }
+    }
+    ranges
+}
+
+/// `thinctl diff --json` runs other than `same`, in bytes, adjacent ones joined.
+fn diff_ranges(sc: &Scratch, from: &str, to: &str) -> Vec<(u64, u64)> {
+    let v: Value = serde_json::from_str(&sc.ok(&["diff", "p", from, to, "--json"])).expect("json");
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for r in v["runs"].as_array().expect("runs") {
+        let (off, len) = (r["offset_bytes"].as_u64().expect("off"), r["length_bytes"].as_u64().expect("len"));
+        match ranges.last_mut() {
+            Some(x) if x.0 + x.1 == off => x.1 += len,
+            _ => ranges.push((off, len)),
+        }
+    }
+    ranges
+}
+
+#[test]
+fn nbdinfo_maps_thinpool_changed_exactly_as_thinctl_diff() {
+    let sc = Scratch::new();
+    pool_with_changes(&sc);
+    sc.ok(&["create", "p", "big", "--size", "512M"]);
+    sc.ok(&["snapshot", "p", "big", "big0"]);
+    let server = Server::start(&sc, "p");
+    let want = diff_ranges(&sc, "s1", "web");
+    assert_eq!(want.len(), 4, "{want:?}");
+    assert_eq!(nbdinfo_ranges(&server.uri("web"), "thinpool:changed:s1", 1), want);
+    // The other way round: the snapshot against the device.
+    assert_eq!(nbdinfo_ranges(&server.uri("s1"), "thinpool:changed:web", 1), diff_ranges(&sc, "web", "s1"));
+    // More changed ranges than one reply holds (1024 extents): every other block
+    // of 2200, written by a client while served.
+    let mut args: Vec<String> = vec!["-f".into(), "raw".into()];
+    for b in (0..2200u64).step_by(2) {
+        args.extend(["-c".into(), format!("write -P 7 {} 512", b * BS as u64 + 1024)]);
+    }
+    args.push(server.uri("big"));
+    tool("qemu-io", "qemu-utils", &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let want = diff_ranges(&sc, "big0", "big");
+    assert_eq!(want.len(), 1100);
+    assert_eq!(want[1], (2 * BS as u64, BS as u64));
+    assert_eq!(nbdinfo_ranges(&server.uri("big"), "thinpool:changed:big0", 1), want);
+    // base:allocation is unchanged next to it.
+    let holes = nbdinfo_ranges(&server.uri("big"), "base:allocation", 3);
+    assert_eq!(holes[0], (BS as u64, BS as u64));
+    server.stop();
+    assert_thin_check(&sc.path("p"), "block status of thinpool:changed");
+}
+
+mod raw {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    use thinpool::nbd::wire;
+
+    pub fn connect(addr: &str) -> TcpStream {
+        let mut c = TcpStream::connect(addr).expect("connect");
+        let mut hello = [0u8; 18];
+        c.read_exact(&mut hello).expect("hello");
+        assert_eq!(&hello[..8], b"NBDMAGIC");
+        c.write_all(&(wire::FLAG_C_FIXED_NEWSTYLE | wire::FLAG_C_NO_ZEROES).to_be_bytes()).expect("flags");
+        c
+    }
+
+    pub fn option(c: &mut TcpStream, opt: u32, data: &[u8]) {
+        let mut b = wire::IHAVEOPT.to_be_bytes().to_vec();
+        b.extend_from_slice(&opt.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        c.write_all(&b).expect("option");
+    }
+
+    pub fn reply(c: &mut TcpStream) -> (u32, u32, Vec<u8>) {
+        let mut h = [0u8; 20];
+        c.read_exact(&mut h).expect("option reply");
+        let opt = u32::from_be_bytes(h[8..12].try_into().expect("4"));
+        let kind = u32::from_be_bytes(h[12..16].try_into().expect("4"));
+        let len = u32::from_be_bytes(h[16..20].try_into().expect("4"));
+        let mut d = vec![0u8; len as usize];
+        c.read_exact(&mut d).expect("option data");
+        (opt, kind, d)
+    }
+
+    /// LIST or SET_META_CONTEXT for `export` with `queries`: the (id, name) replies
+    /// before the ACK.
+    pub fn meta(c: &mut TcpStream, opt: u32, export: &str, queries: &[&str]) -> Vec<(u32, String)> {
+        let mut d = (export.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(export.as_bytes());
+        d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in queries {
+            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            d.extend_from_slice(q.as_bytes());
+        }
+        option(c, opt, &d);
+        let mut out = Vec::new();
+        loop {
+            let (o, kind, data) = reply(c);
+            assert_eq!(o, opt);
+            if kind == wire::REP_ACK {
+                return out;
+            }
+            assert_eq!(kind, wire::REP_META_CONTEXT, "{:?}", String::from_utf8_lossy(&data));
+            let id = u32::from_be_bytes(data[..4].try_into().expect("4"));
+            out.push((id, String::from_utf8(data[4..].to_vec()).expect("utf8")));
+        }
+    }
+
+    /// One structured reply chunk: (flags, type, payload).
+    pub fn chunk(c: &mut TcpStream, cookie: u64) -> (u16, u16, Vec<u8>) {
+        let mut h = [0u8; 20];
+        c.read_exact(&mut h).expect("chunk");
+        assert_eq!(&h[..4], &wire::STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(u64::from_be_bytes(h[8..16].try_into().expect("8")), cookie);
+        let len = u32::from_be_bytes(h[16..20].try_into().expect("4"));
+        let mut d = vec![0u8; len as usize];
+        c.read_exact(&mut d).expect("payload");
+        (u16::from_be_bytes(h[4..6].try_into().expect("2")), u16::from_be_bytes(h[6..8].try_into().expect("2")), d)
+    }
+}
+
+#[test]
+fn list_and_set_meta_context_offer_two_contexts_at_once_with_distinct_ids() {
+    use thinpool::nbd::wire;
+    let sc = Scratch::new();
+    pool_with_changes(&sc);
+    let server = Server::start(&sc, "p");
+    let mut c = raw::connect(&server.addr);
+    // Before structured replies: LIST works, SET is refused.
+    let listed = raw::meta(&mut c, wire::OPT_LIST_META_CONTEXT, "web", &["thinpool:"]);
+    assert_eq!(listed, vec![(0, "thinpool:changed:s1".to_string())]);
+    assert_eq!(raw::meta(&mut c, wire::OPT_LIST_META_CONTEXT, "web", &["thinpool:changed:"]), listed);
+    let all = raw::meta(&mut c, wire::OPT_LIST_META_CONTEXT, "web", &[]);
+    assert_eq!(all.iter().map(|x| x.1.as_str()).collect::<Vec<_>>(), ["base:allocation", "thinpool:changed:s1"]);
+    assert!(raw::meta(&mut c, wire::OPT_LIST_META_CONTEXT, "web", &["thinpool:changed:nope", "other:"]).is_empty());
+    let mut d = 3u32.to_be_bytes().to_vec();
+    d.extend_from_slice(b"web");
+    d.extend_from_slice(&0u32.to_be_bytes());
+    raw::option(&mut c, wire::OPT_SET_META_CONTEXT, &d);
+    assert_eq!(raw::reply(&mut c).1, wire::REP_ERR_INVALID);
+    raw::option(&mut c, wire::OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(raw::reply(&mut c).1, wire::REP_ACK);
+    // A namespace is not a selection; unknown names select nothing.
+    assert!(raw::meta(&mut c, wire::OPT_SET_META_CONTEXT, "web", &["thinpool:", "thinpool:changed:nope"]).is_empty());
+    let set = raw::meta(
+        &mut c,
+        wire::OPT_SET_META_CONTEXT,
+        "web",
+        &["thinpool:changed:s1", "base:allocation", "thinpool:changed:s1"],
+    );
+    assert_eq!(set.len(), 2, "{set:?}");
+    let base = set.iter().find(|x| x.1 == "base:allocation").expect("base").0;
+    let changed = set.iter().find(|x| x.1 == "thinpool:changed:s1").expect("changed").0;
+    assert_ne!(base, changed);
+    assert!(base != 0 && changed != 0);
+    // GO, then one BLOCK_STATUS: one chunk per context, DONE on the last.
+    let mut go = 3u32.to_be_bytes().to_vec();
+    go.extend_from_slice(b"web");
+    go.extend_from_slice(&0u16.to_be_bytes());
+    raw::option(&mut c, wire::OPT_GO, &go);
+    while raw::reply(&mut c).1 != wire::REP_ACK {}
+    let req = wire::Request { flags: 0, command: wire::Command::BlockStatus, cookie: 9, offset: 0, length: 16 << 20 };
+    std::io::Write::write_all(&mut c, &wire::encode_request(&req)).expect("request");
+    let mut by_ctx = std::collections::HashMap::new();
+    loop {
+        let (flags, kind, p) = raw::chunk(&mut c, 9);
+        assert_eq!(kind, wire::REPLY_TYPE_BLOCK_STATUS);
+        let id = u32::from_be_bytes(p[..4].try_into().expect("4"));
+        let extents: Vec<(u64, u32)> = p[4..]
+            .chunks(8)
+            .map(|e| {
+                (
+                    u32::from_be_bytes(e[..4].try_into().expect("4")) as u64,
+                    u32::from_be_bytes(e[4..].try_into().expect("4")),
+                )
+            })
+            .collect();
+        assert!(by_ctx.insert(id, extents).is_none(), "one chunk per context");
+        if flags & wire::REPLY_FLAG_DONE != 0 {
+            break;
+        }
+    }
+    assert_eq!(by_ctx.len(), 2);
+    let mut pos = 0;
+    let mut flagged = Vec::new();
+    for (len, flags) in &by_ctx[&changed] {
+        if *flags == 1 {
+            flagged.push((pos, *len));
+        }
+        pos += len;
+    }
+    assert_eq!(pos, 16 << 20);
+    assert_eq!(flagged, diff_ranges(&sc, "s1", "web"));
+    assert_eq!(by_ctx[&base][0], (10 * BS as u64, 0), "web's first 10 blocks are data");
+    drop(c);
+    server.stop();
+}

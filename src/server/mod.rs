@@ -1,6 +1,7 @@
 //! The serving process: a pool shared between threads, thin devices as NBD exports,
 //! the control socket, and [`run`], which puts them together for `thinctl serve`.
 
+pub mod changed;
 pub mod control;
 pub mod diff;
 pub mod exports;
