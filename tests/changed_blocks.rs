@@ -529,3 +529,65 @@ fn the_readme_incremental_backup_recipe_restores_the_device_byte_for_byte() {
     server.stop();
     assert_thin_check(&sc.path("p"), "the backup recipe");
 }
+
+#[test]
+fn thinctl_rollback_offline_and_served_refused_while_attached() {
+    use thinpool::nbd::wire;
+    let sc = Scratch::new();
+    pool_with_changes(&sc);
+    let meta = sc.path("p").join("metadata");
+    let snap_bytes = |sc: &Scratch, name: &str, file: &str| -> Vec<u8> {
+        sc.ok(&["export", "p", name, file]);
+        std::fs::read(sc.path(file)).expect("export")
+    };
+    let s1 = snap_bytes(&sc, "s1", "s1.raw");
+    assert_ne!(snap_bytes(&sc, "web", "web.raw"), s1);
+    let before: Value = serde_json::from_str(&sc.ok(&["status", "p", "--json"])).expect("status");
+    let out = sc.ok(&["rollback", "p", "web", "s1"]);
+    assert!(out.starts_with("rolled \"web\" back to \"s1\": 200 blocks"), "{out}");
+    assert_eq!(snap_bytes(&sc, "web", "web.raw"), s1);
+    assert!(runs(&sc.ok(&["diff", "p", "s1", "web", "--json"])).is_empty());
+    // The blocks only web held (4 rewritten, 1 new) are free.
+    let after: Value = serde_json::from_str(&sc.ok(&["status", "p", "--json"])).expect("status");
+    assert_eq!(before["data_used_blocks"].as_u64().expect("n") - after["data_used_blocks"].as_u64().expect("n"), 5);
+    assert_thin_check(&sc.path("p"), "rollback");
+    assert!(sc.run(&["rollback", "p", "web", "web"]).fails(1).contains("cannot be rolled back to itself"));
+    assert!(sc.run(&["rollback", "p", "web", "nope"]).fails(1).contains("no such device \"nope\""));
+
+    // Served: write to web, snapshot, write more; rollback refused while attached.
+    let server = Server::start(&sc, "p");
+    tool("qemu-io", "qemu-utils", &["-f", "raw", "-c", "write -P 0x61 0 1M", &server.uri("web")]);
+    sc.ok(&["snapshot", "p", "web", "s2"]);
+    tool("qemu-io", "qemu-utils", &["-f", "raw", "-c", "write -P 0x62 512k 2M", &server.uri("web")]);
+    let mut c = raw::connect(&server.addr);
+    let mut go = 3u32.to_be_bytes().to_vec();
+    go.extend_from_slice(b"web");
+    go.extend_from_slice(&0u16.to_be_bytes());
+    raw::option(&mut c, wire::OPT_GO, &go);
+    while raw::reply(&mut c).1 != wire::REP_ACK {}
+    let err = sc.run(&["rollback", "p", "web", "s2"]).fails(1).to_string();
+    assert!(err.contains("is attached by 1 NBD client"), "{err}");
+    drop(c);
+    // The server sees the disconnect shortly.
+    let mut tries = 0;
+    let out = loop {
+        let r = sc.run(&["rollback", "p", "web", "s2"]);
+        if r.code == 0 || tries == 50 {
+            break r.ok().to_string();
+        }
+        tries += 1;
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(out.starts_with("rolled \"web\" back to \"s2\""), "{out}");
+    let now = sc.path("now.raw");
+    tool("nbdcopy", "libnbd-bin", &[&server.uri("web"), now.to_str().expect("path")]);
+    let then = sc.path("s2.raw");
+    tool("nbdcopy", "libnbd-bin", &[&server.uri("s2"), then.to_str().expect("path")]);
+    let now = std::fs::read(now).expect("now");
+    assert!(now == std::fs::read(then).expect("then"));
+    assert!(now[..1 << 20].iter().all(|&b| b == 0x61));
+    server.stop();
+    assert_thin_check(&sc.path("p"), "served rollback");
+    let (ok, out) = common::thin_check(&meta);
+    assert!(ok, "{out}");
+}

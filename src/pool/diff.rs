@@ -29,4 +29,14 @@ impl Pool {
     pub fn release_held_mappings(&mut self, held: &HeldMappings) -> Result<(), PoolError> {
         self.md.release_held_mappings(held)
     }
+
+    /// Make device `dev`'s contents those of device `snapshot` in O(1) (see
+    /// [`crate::thin::Metadata::rollback`]); blocks only `dev` held are freed at
+    /// the next commit.
+    pub fn rollback(&mut self, dev: DevId, snapshot: DevId) -> Result<(), PoolError> {
+        self.make_metadata_room()?;
+        self.md.rollback(dev.into(), snapshot.into())?;
+        self.discarded.forget_device(dev);
+        Ok(())
+    }
 }

@@ -272,6 +272,10 @@ impl Controller {
                     .map(|diff| Response::Diff { diff })
                     .map_err(ControlError::from)
             }
+            Request::Rollback { device, snapshot } => {
+                crate::server::rollback::rollback_served(&self.service, &self.pd, self.read_only, &device, &snapshot)
+                    .map(|outcome| Response::RolledBack { outcome, block_bytes: self.service.block_bytes() })
+            }
         };
         r.unwrap_or_else(|error| Response::Error { error })
     }

@@ -61,6 +61,15 @@ pub enum Request {
         #[serde(default)]
         include_same: bool,
     },
+    /// Make `device`'s contents `snapshot`'s in O(1); refused while a client has
+    /// `device` attached ([`ErrorKind::Attached`]); answered with
+    /// [`Response::RolledBack`].
+    Rollback {
+        /// The device to roll back.
+        device: String,
+        /// The snapshot whose contents it takes.
+        snapshot: String,
+    },
 }
 
 /// What the server answers.
@@ -88,6 +97,13 @@ pub enum Response {
     Diff {
         /// The runs.
         diff: crate::server::diff::DiffReport,
+    },
+    /// A rollback was done (committed and saved).
+    RolledBack {
+        /// What it did.
+        outcome: crate::server::rollback::RollbackOutcome,
+        /// The pool's data block size in bytes.
+        block_bytes: u64,
     },
     /// The request failed; nothing it would have changed was changed.
     Error {

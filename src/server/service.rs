@@ -466,6 +466,27 @@ impl Service {
         r
     }
 
+    /// Run `f` on the pool unless a client has `dev` attached: the check and `f`
+    /// are one step under the metadata lock, with I/O quiesced as for
+    /// [`Service::with_pool`], so no client can attach in between. An attached device
+    /// is [`PoolError::Invalid`] and `f` does not run.
+    pub fn with_pool_unattached<R>(
+        &self,
+        dev: DevId,
+        f: impl FnOnce(&mut Pool) -> Result<R, PoolError>,
+    ) -> Result<R, PoolError> {
+        let _quiet = self.quiesce();
+        let _change = self.commits.change();
+        let mut g = self.lock();
+        if let Some(&n) = g.attached.get(&dev).filter(|&&n| n > 0) {
+            return Err(PoolError::invalid(format!("thin device {dev} is attached by {n} client(s)")));
+        }
+        let r = f(&mut g.pool);
+        drop(g);
+        self.space.notify();
+        r
+    }
+
     /// The pool's status, read under the metadata lock only (no I/O is paused).
     pub fn status(&self) -> crate::thin::Status {
         self.lock().pool.meta().status()

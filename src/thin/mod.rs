@@ -18,6 +18,7 @@ mod devices;
 mod diff;
 mod mapping;
 mod restore;
+mod rollback;
 mod usage;
 
 use std::collections::{BTreeMap, HashMap};

@@ -128,6 +128,14 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Make DEVICE's contents (and size) SNAPSHOT's at once (O(1): DEVICE shares
+    /// SNAPSHOT's mappings; what only DEVICE held is freed); refused while a client
+    /// has DEVICE attached.
+    #[command(override_usage = "thinctl rollback [DIR] DEVICE SNAPSHOT")]
+    Rollback {
+        #[arg(value_name = "DIR_DEVICE_SNAPSHOT", num_args = 2..=3, required = true)]
+        args: Vec<OsString>,
+    },
     /// Check the metadata strictly (exit 0 only when it is consistent).
     Check {
         /// The pool directory.

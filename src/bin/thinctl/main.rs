@@ -36,6 +36,7 @@ mod image;
 mod open;
 mod progress;
 mod remote;
+mod rollback;
 mod serve;
 mod units;
 mod views;
@@ -99,6 +100,10 @@ fn run(cli: Cli) -> CliResult {
         Cmd::Diff { args, same, json } => {
             let (dir, rest) = split_dir(args, 2);
             diff::diff(&dir, &utf8(&rest[0], "FROM")?, &utf8(&rest[1], "TO")?, same, json)
+        }
+        Cmd::Rollback { args } => {
+            let (dir, rest) = split_dir(args, 2);
+            rollback::rollback(&dir, &utf8(&rest[0], "DEVICE")?, &utf8(&rest[1], "SNAPSHOT")?)
         }
         Cmd::Dump { dir } => xml::dump(&dir.unwrap_or_else(default_dir)),
         Cmd::Restore(args) => xml::restore(&args),
