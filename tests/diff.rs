@@ -309,3 +309,28 @@ fn held_mappings_stay_as_they_were_survive_commits_and_a_crash_and_are_released(
     let now = pool.meta().status().metadata_used_blocks;
     assert!(now < used + 40, "metadata in use {now}, {used} before holding");
 }
+
+#[test]
+fn on_every_kernel_written_pool_diff_equals_the_naive_comparison_for_every_pair() {
+    let mut pairs = 0;
+    for name in common::fixture_names() {
+        let fx = common::unpack_fixture(&name);
+        let open = |p: &std::path::Path| std::fs::File::open(p).expect("fixture file");
+        let mut pool = Pool::open(open(&fx.metadata), open(&fx.data), thinpool::pool::OpenOptions { read_only: true })
+            .expect("open");
+        let ids = pool.meta().device_ids();
+        for &l in &ids {
+            for &r in &ids {
+                for opts in [DiffOptions::default(), DiffOptions { include_same: true, ..Default::default() }] {
+                    assert_eq!(
+                        pool.diff_with(l, r, &opts).expect("diff"),
+                        naive(&mut pool, l, r, &opts),
+                        "{name}: {l} {r}"
+                    );
+                }
+                pairs += 1;
+            }
+        }
+    }
+    assert!(pairs > 10, "the fixtures hold devices to compare ({pairs} pairs)");
+}
