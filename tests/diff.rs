@@ -227,6 +227,22 @@ fn run(ops: Vec<Op>, range: (u64, u64)) -> Result<(), TestCaseError> {
     }
     pool.commit().expect("commit");
     common::checks(&dir.path().join("metadata")).map_err(TestCaseError::fail)?;
+    // Read straight from the committed metadata file, the same runs.
+    let file = std::fs::File::open(dir.path().join("metadata")).expect("metadata");
+    let storage = thinpool::io::FileStorage::new(file).expect("storage");
+    let ids: Vec<u32> = model.keys().copied().collect();
+    for &l in &ids {
+        for &r in &ids {
+            for opts in [DiffOptions::default(), DiffOptions { include_same: true, ..Default::default() }] {
+                let (committed, _) = thinpool::thin::diff_committed(&storage, l, r, &opts).expect("committed");
+                prop_assert_eq!(committed, pool.diff_with(l, r, &opts).expect("diff"));
+            }
+        }
+    }
+    prop_assert!(matches!(
+        thinpool::thin::diff_committed(&storage, 77, 0, &DiffOptions::default()),
+        Err(PoolError::NoSuchDevice(77))
+    ));
     Ok(())
 }
 

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::PoolError;
 use crate::pool::Pool;
 use crate::server::service::Service;
-use crate::thin::{DeltaKind, DeltaRun, DevId, DiffOptions};
+use crate::thin::{diff_committed, DeltaKind, DeltaRun, DevId, DiffOptions};
 use crate::volume::{PoolDir, PoolDirError};
 
 /// B-tree nodes a served diff reads in one step under the metadata lock.
@@ -159,6 +159,41 @@ pub fn diff_offline(
     let (l, r) = (pd.device(from)?.id, pd.device(to)?.id);
     let runs = pool.diff_with(l, r, &DiffOptions { include_same, ..Default::default() })?;
     Ok(report((from, l), (to, r), pool.block_bytes(), include_same, &runs))
+}
+
+/// The diff of devices `from` and `to` of a pool no one else changes (`pd` holds
+/// its lock), read straight from its committed metadata without opening the
+/// engine: no space maps are loaded, nothing is cached (see
+/// [`crate::thin::diff_committed`]).
+pub fn diff_offline_committed(
+    pd: &PoolDir,
+    from: &str,
+    to: &str,
+    include_same: bool,
+) -> Result<DiffReport, PoolDirError> {
+    let (l, r) = (pd.device(from)?.id, pd.device(to)?.id);
+    let path = pd.metadata_path();
+    let file = std::fs::File::open(&path).map_err(|e| PoolDirError::Io {
+        what: "cannot open",
+        path: path.clone(),
+        source: e,
+    })?;
+    let storage = crate::io::FileStorage::new(file).map_err(|e| PoolDirError::Io {
+        what: "cannot read",
+        path: path.clone(),
+        source: e,
+    })?;
+    let (runs, _) = diff_committed(&storage, l, r, &DiffOptions { include_same, ..Default::default() })?;
+    let sb = crate::format::superblock::Superblock::decode(&*read_block0(&storage)?, 0)
+        .map_err(|e| PoolError::from(crate::error::MetaError::corrupt(0, crate::error::Corruption::Superblock(e))))?;
+    let block_bytes = u64::from(sb.data_block_size) * crate::pool::SECTOR;
+    Ok(report((from, l), (to, r), block_bytes, include_same, &runs))
+}
+
+fn read_block0(storage: &dyn crate::io::MetaStorage) -> Result<Box<crate::format::Block>, PoolError> {
+    let mut raw = crate::format::zeroed_block();
+    storage.read_block(0, &mut raw).map_err(crate::error::MetaError::Io)?;
+    Ok(raw)
 }
 
 /// Served diffs run one at a time (each holds the pool's one metadata snapshot).

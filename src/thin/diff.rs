@@ -31,7 +31,9 @@
 //! mappings, and a superset of the blocks whose bytes differ.
 
 use super::*;
+use crate::btree::walk::{NodeSource, NodeVisitor, Step, Walk};
 use crate::format::node;
+use crate::io::MetaStorage;
 use crate::units::VirtBlock;
 
 /// How a run of virtual blocks compares between the left and the right device.
@@ -135,6 +137,8 @@ pub struct DiffWalk {
     runs: Runs,
     opts: DiffOptions,
     stats: DiffStats,
+    /// Data blocks of the pool: mapped ones must be below.
+    nr_data: u64,
 }
 
 impl DiffWalk {
@@ -330,155 +334,265 @@ impl Metadata {
     /// steps. The trees must not change until the walk ends: hold them (see
     /// [`Metadata::hold_mappings`]) or keep the metadata locked.
     pub fn diff_walk(&mut self, left_root: u64, right_root: u64, opts: &DiffOptions) -> Result<DiffWalk, PoolError> {
-        let mut sides = [left_root, right_root].map(|root| Side { stack: Vec::new(), last: None, root });
-        if opts.to.is_none_or(|t| t > opts.from) {
-            for s in &mut sides {
-                let height = btree::depth(&mut self.t, s.root, MAPPING)?.saturating_sub(1) as usize;
-                s.stack.push(Item::Node { block: s.root, lo: 0, hi: None, height });
-            }
-        }
-        let [a, b] = sides;
-        Ok(DiffWalk {
-            a,
-            b,
-            runs: Runs { out: Vec::new(), include_same: opts.include_same },
-            opts: *opts,
-            stats: DiffStats::default(),
-        })
+        let nr_data = self.t.data_counts().nr_blocks();
+        diff_walk_in(&mut self.t, left_root, right_root, opts, nr_data)
     }
 
     /// Walk on until the diff is complete (`true`) or `max_nodes` nodes were read
     /// in this step (`false`: call again).
     pub fn diff_step(&mut self, w: &mut DiffWalk, max_nodes: u64) -> Result<bool, PoolError> {
-        let from = w.opts.from.0;
-        let to = w.opts.to.map(|t| t.0);
-        let include_same = w.opts.include_same;
-        let limit = w.stats.nodes_read.saturating_add(max_nodes.max(1));
-        let DiffWalk { a, b, runs, stats, .. } = w;
-        loop {
-            if stats.nodes_read >= limit {
-                return Ok(false);
+        diff_step_in(&mut self.t, w, max_nodes)
+    }
+}
+
+/// [`Metadata::diff_walk`] over any source of validated nodes (the transaction
+/// manager, or a storage read directly): mapped data blocks must be below
+/// `nr_data_blocks`.
+pub fn diff_walk_in<S: NodeSource + ?Sized>(
+    src: &mut S,
+    left_root: u64,
+    right_root: u64,
+    opts: &DiffOptions,
+    nr_data_blocks: u64,
+) -> Result<DiffWalk, PoolError> {
+    let mut sides = [left_root, right_root].map(|root| Side { stack: Vec::new(), last: None, root });
+    if opts.to.is_none_or(|t| t > opts.from) {
+        for s in &mut sides {
+            let height = height_of(src, s.root)?;
+            s.stack.push(Item::Node { block: s.root, lo: 0, hi: None, height });
+        }
+    }
+    let [a, b] = sides;
+    Ok(DiffWalk {
+        a,
+        b,
+        runs: Runs { out: Vec::new(), include_same: opts.include_same },
+        opts: *opts,
+        stats: DiffStats::default(),
+        nr_data: nr_data_blocks,
+    })
+}
+
+/// Levels above the leaves of the tree at `root` (0: a lone leaf), down its
+/// leftmost spine.
+fn height_of<S: NodeSource + ?Sized>(src: &mut S, root: u64) -> Result<usize, PoolError> {
+    let mut b = root;
+    for level in 0..btree::MAX_DEPTH {
+        let blk = src.read_node(b, MAPPING.size())?;
+        let h = node::header(&blk);
+        if h.is_leaf() || h.nr_entries == 0 {
+            return Ok(level);
+        }
+        b = node::value_u64(&blk, &h, 0);
+    }
+    Err(MetaError::corrupt(root, Corruption::TooDeep).into())
+}
+
+/// [`Metadata::diff_step`] over any source of validated nodes.
+pub fn diff_step_in<S: NodeSource + ?Sized>(src: &mut S, w: &mut DiffWalk, max_nodes: u64) -> Result<bool, PoolError> {
+    let from = w.opts.from.0;
+    let to = w.opts.to.map(|t| t.0);
+    let include_same = w.opts.include_same;
+    let nr_data = w.nr_data;
+    let limit = w.stats.nodes_read.saturating_add(max_nodes.max(1));
+    let DiffWalk { a, b, runs, stats, .. } = w;
+    loop {
+        if stats.nodes_read >= limit {
+            return Ok(false);
+        }
+        match (a.stack.last().copied(), b.stack.last().copied()) {
+            (None, None) => return Ok(true),
+            (Some(Item::Entry { key: ka, data: da }), Some(Item::Entry { key: kb, data: db })) => {
+                if ka < kb {
+                    take(a, ka)?;
+                    runs.push(DeltaKind::LeftOnly, ka);
+                } else if kb < ka {
+                    take(b, kb)?;
+                    runs.push(DeltaKind::RightOnly, kb);
+                } else {
+                    take(a, ka)?;
+                    take(b, kb)?;
+                    runs.push(if da == db { DeltaKind::Same } else { DeltaKind::Different }, ka);
+                }
             }
-            match (a.stack.last().copied(), b.stack.last().copied()) {
-                (None, None) => return Ok(true),
-                (Some(Item::Entry { key: ka, data: da }), Some(Item::Entry { key: kb, data: db })) => {
-                    if ka < kb {
-                        take(a, ka)?;
-                        runs.push(DeltaKind::LeftOnly, ka);
-                    } else if kb < ka {
-                        take(b, kb)?;
-                        runs.push(DeltaKind::RightOnly, kb);
-                    } else {
-                        take(a, ka)?;
-                        take(b, kb)?;
-                        runs.push(if da == db { DeltaKind::Same } else { DeltaKind::Different }, ka);
-                    }
+            (Some(Item::Entry { key, .. }), None) => {
+                take(a, key)?;
+                runs.push(DeltaKind::LeftOnly, key);
+            }
+            (None, Some(Item::Entry { key, .. })) => {
+                take(b, key)?;
+                runs.push(DeltaKind::RightOnly, key);
+            }
+            (Some(Item::Node { block: x, .. }), Some(Item::Node { block: y, .. })) if x == y => {
+                // The same subtree on both sides: identical mappings.
+                a.stack.pop();
+                b.stack.pop();
+                stats.shared_skipped += 1;
+                if include_same {
+                    same_subtree(src, x, from, to, runs)?;
                 }
-                (Some(Item::Entry { key, .. }), None) => {
-                    take(a, key)?;
-                    runs.push(DeltaKind::LeftOnly, key);
+            }
+            (Some(Item::Node { lo: la, height: ha, .. }), Some(Item::Node { lo: lb, height: hb, .. })) => {
+                // Descend where the keys start first; on a tie, the taller one
+                // (the other may be one of its subtrees).
+                if (la, std::cmp::Reverse(ha)) <= (lb, std::cmp::Reverse(hb)) {
+                    expand(src, a, from, to, stats, nr_data)?;
+                } else {
+                    expand(src, b, from, to, stats, nr_data)?;
                 }
-                (None, Some(Item::Entry { key, .. })) => {
+            }
+            (Some(Item::Node { lo, .. }), Some(Item::Entry { key, .. })) => {
+                if lo > key {
                     take(b, key)?;
                     runs.push(DeltaKind::RightOnly, key);
+                } else {
+                    expand(src, a, from, to, stats, nr_data)?;
                 }
-                (Some(Item::Node { block: x, .. }), Some(Item::Node { block: y, .. })) if x == y => {
-                    // The same subtree on both sides: identical mappings.
-                    a.stack.pop();
-                    b.stack.pop();
-                    stats.shared_skipped += 1;
-                    if include_same {
-                        self.same_subtree(x, from, to, runs)?;
-                    }
-                }
-                (Some(Item::Node { lo: la, height: ha, .. }), Some(Item::Node { lo: lb, height: hb, .. })) => {
-                    // Descend where the keys start first; on a tie, the taller one
-                    // (the other may be one of its subtrees).
-                    if (la, std::cmp::Reverse(ha)) <= (lb, std::cmp::Reverse(hb)) {
-                        self.expand(a, from, to, stats)?;
-                    } else {
-                        self.expand(b, from, to, stats)?;
-                    }
-                }
-                (Some(Item::Node { lo, .. }), Some(Item::Entry { key, .. })) => {
-                    if lo > key {
-                        take(b, key)?;
-                        runs.push(DeltaKind::RightOnly, key);
-                    } else {
-                        self.expand(a, from, to, stats)?;
-                    }
-                }
-                (Some(Item::Entry { key, .. }), Some(Item::Node { lo, .. })) => {
-                    if lo > key {
-                        take(a, key)?;
-                        runs.push(DeltaKind::LeftOnly, key);
-                    } else {
-                        self.expand(b, from, to, stats)?;
-                    }
-                }
-                (Some(Item::Node { .. }), None) => self.expand(a, from, to, stats)?,
-                (None, Some(Item::Node { .. })) => self.expand(b, from, to, stats)?,
             }
+            (Some(Item::Entry { key, .. }), Some(Item::Node { lo, .. })) => {
+                if lo > key {
+                    take(a, key)?;
+                    runs.push(DeltaKind::LeftOnly, key);
+                } else {
+                    expand(src, b, from, to, stats, nr_data)?;
+                }
+            }
+            (Some(Item::Node { .. }), None) => expand(src, a, from, to, stats, nr_data)?,
+            (None, Some(Item::Node { .. })) => expand(src, b, from, to, stats, nr_data)?,
         }
     }
+}
 
-    /// Replace the front node of `s` by its entries or children within `[from, to)`.
-    fn expand(&mut self, s: &mut Side, from: u64, to: Option<u64>, stats: &mut DiffStats) -> Result<(), PoolError> {
-        let Some(Item::Node { block, lo, hi, height }) = s.stack.pop() else { return Ok(()) };
-        stats.nodes_read += 1;
-        let nr_data = self.t.data_counts().nr_blocks();
-        let blk = self.t.node(block, MAPPING.size())?;
-        let h = node::header(blk);
-        if h.is_leaf() != (height == 0) {
-            return Err(corrupt(block, "mapping tree has leaves at different depths".to_string()));
-        }
-        let nr = h.nr_entries as usize;
-        let within = |k: u64| k >= lo && hi.is_none_or(|hi| k < hi);
-        let before = s.stack.len();
-        for i in (0..nr).rev() {
-            let k = node::key(blk, i);
-            if !within(k) {
-                return Err(corrupt(block, format!("key {k} outside the range its parent gives ({lo}..)")));
-            }
-            if h.is_leaf() {
-                if k < from || to.is_some_and(|t| k >= t) {
-                    continue;
-                }
-                let data = unpack_block_time(node::value_u64(blk, &h, i)).0;
-                if data >= nr_data {
-                    return Err(corrupt(
-                        block,
-                        format!("virtual block {k} maps to data block {data}, past the end of the data device ({nr_data} blocks)"),
-                    ));
-                }
-                s.stack.push(Item::Entry { key: k, data });
-            } else {
-                let child_hi = if i + 1 < nr { Some(node::key(blk, i + 1)) } else { hi };
-                // Children wholly outside [from, to) are not needed.
-                if child_hi.is_some_and(|ch| ch <= from) || to.is_some_and(|t| k >= t) {
-                    continue;
-                }
-                let child = node::value_u64(blk, &h, i);
-                s.stack.push(Item::Node { block: child, lo: k, hi: child_hi, height: height - 1 });
-            }
-        }
-        // Pushed back to front: the front is on top.
-        debug_assert!(s.stack.len() >= before);
-        Ok(())
+/// Replace the front node of `s` by its entries or children within `[from, to)`.
+fn expand<S: NodeSource + ?Sized>(
+    src: &mut S,
+    s: &mut Side,
+    from: u64,
+    to: Option<u64>,
+    stats: &mut DiffStats,
+    nr_data: u64,
+) -> Result<(), PoolError> {
+    let Some(Item::Node { block, lo, hi, height }) = s.stack.pop() else { return Ok(()) };
+    stats.nodes_read += 1;
+    let blk = src.read_node(block, MAPPING.size())?;
+    let blk = &*blk;
+    let h = node::header(blk);
+    if h.is_leaf() != (height == 0) {
+        return Err(corrupt(block, "mapping tree has leaves at different depths".to_string()));
     }
+    let nr = h.nr_entries as usize;
+    let within = |k: u64| k >= lo && hi.is_none_or(|hi| k < hi);
+    // Pushed back to front: the front is on top.
+    for i in (0..nr).rev() {
+        let k = node::key(blk, i);
+        if !within(k) {
+            return Err(corrupt(block, format!("key {k} outside the range its parent gives ({lo}..)")));
+        }
+        if h.is_leaf() {
+            if k < from || to.is_some_and(|t| k >= t) {
+                continue;
+            }
+            let data = unpack_block_time(node::value_u64(blk, &h, i)).0;
+            if data >= nr_data {
+                return Err(corrupt(
+                    block,
+                    format!("virtual block {k} maps to data block {data}, past the end of the data device ({nr_data} blocks)"),
+                ));
+            }
+            s.stack.push(Item::Entry { key: k, data });
+        } else {
+            let child_hi = if i + 1 < nr { Some(node::key(blk, i + 1)) } else { hi };
+            // Children wholly outside [from, to) are not needed.
+            if child_hi.is_some_and(|ch| ch <= from) || to.is_some_and(|t| k >= t) {
+                continue;
+            }
+            let child = node::value_u64(blk, &h, i);
+            s.stack.push(Item::Node { block: child, lo: k, hi: child_hi, height: height - 1 });
+        }
+    }
+    Ok(())
+}
 
-    /// Every entry of a subtree both devices share, within `[from, to)`, as `Same`.
-    fn same_subtree(&mut self, root: u64, from: u64, to: Option<u64>, runs: &mut Runs) -> Result<(), PoolError> {
-        let mut entries = Vec::new();
-        btree::visit(&mut self.t, root, MAPPING, from, to.unwrap_or(u64::MAX), &mut |k, _| {
-            entries.push(k);
-            Ok(())
-        })?;
-        for k in entries {
-            runs.push(DeltaKind::Same, k);
-        }
-        Ok(())
+/// Collects the keys a walk visits.
+struct Keys(Vec<u64>);
+
+impl NodeVisitor for Keys {
+    fn entry(&mut self, key: u64, _value: &[u8]) -> Result<Step, MetaError> {
+        self.0.push(key);
+        Ok(Step::Descend)
     }
+}
+
+/// Every entry of a subtree both devices share, within `[from, to)`, as `Same`.
+fn same_subtree<S: NodeSource + ?Sized>(
+    src: &mut S,
+    root: u64,
+    from: u64,
+    to: Option<u64>,
+    runs: &mut Runs,
+) -> Result<(), PoolError> {
+    let mut keys = Keys(Vec::new());
+    btree::walk(src, root, Walk { values: MAPPING, lo: from, hi: to, once: true }, &mut keys)?;
+    for k in keys.0 {
+        runs.push(DeltaKind::Same, k);
+    }
+    Ok(())
+}
+
+/// The value of the first entry a walk visits.
+struct FirstValue(Option<u64>);
+
+impl NodeVisitor for FirstValue {
+    fn entry(&mut self, _key: u64, value: &[u8]) -> Result<Step, MetaError> {
+        self.0 = Some(btree::u64_of(value));
+        Ok(Step::Stop)
+    }
+}
+
+/// Nodes read straight from a metadata storage: no cache, no engine; each read
+/// checks the checksum, the blocknr and the node's structure.
+struct StorageNodes<'a>(&'a dyn MetaStorage);
+
+impl NodeSource for StorageNodes<'_> {
+    fn read_node(&mut self, b: u64, value_size: u32) -> Result<Box<crate::format::Block>, MetaError> {
+        let nr_blocks = self.0.nr_blocks();
+        if b >= nr_blocks {
+            return Err(MetaError::corrupt(b, Corruption::PastEnd { nr_blocks }));
+        }
+        let mut blk = crate::format::zeroed_block();
+        self.0.read_block(b, &mut blk).map_err(MetaError::Io)?;
+        node::validate(&blk, b, value_size).map_err(|e| MetaError::corrupt(b, Corruption::Node(e)))?;
+        Ok(blk)
+    }
+}
+
+/// The diff of devices `left` and `right` as last committed to `storage` (a pool's
+/// metadata), read straight from it: no space maps are loaded and nothing is cached,
+/// so the cost is the nodes on the changed paths. For a pool no one else changes
+/// (an offline pool under its lock); a live pool's engine holds newer state.
+pub fn diff_committed(
+    storage: &dyn MetaStorage,
+    left: DevId,
+    right: DevId,
+    opts: &DiffOptions,
+) -> Result<(Vec<DeltaRun>, DiffStats), PoolError> {
+    if storage.nr_blocks() == 0 {
+        return Err(MetaError::corrupt(0, Corruption::PastEnd { nr_blocks: 0 }).into());
+    }
+    let mut raw = crate::format::zeroed_block();
+    storage.read_block(0, &mut raw).map_err(MetaError::Io)?;
+    let sb = Superblock::decode(&raw, 0).map_err(|e| MetaError::corrupt(0, Corruption::Superblock(e)))?;
+    let mut src = StorageNodes(storage);
+    let mut root_of = |id: DevId| -> Result<u64, PoolError> {
+        let id64 = u64::from(id);
+        let mut first = FirstValue(None);
+        btree::walk(&mut src, sb.data_mapping_root, Walk::range(TOP_LEVEL, id64, id64 + 1), &mut first)?;
+        first.0.ok_or(PoolError::NoSuchDevice(id))
+    };
+    let (l, r) = (root_of(left)?, root_of(right)?);
+    let mut w = diff_walk_in(&mut src, l, r, opts, sb.data_sm_root.nr_blocks)?;
+    while !diff_step_in(&mut src, &mut w, u64::MAX)? {}
+    Ok(w.finish())
 }
 
 #[cfg(test)]

@@ -36,7 +36,10 @@ use crate::space_map::RefCounts;
 use crate::transaction::Txn;
 
 pub use crate::units::DevId;
-pub use diff::{DeltaKind, DeltaRun, DiffOptions, DiffStats, DiffWalk, HeldMappings, HELD_FOR_DIFF};
+pub use diff::{
+    diff_committed, diff_step_in, diff_walk_in, DeltaKind, DeltaRun, DiffOptions, DiffStats, DiffWalk, HeldMappings,
+    HELD_FOR_DIFF,
+};
 
 /// Bottom-level mapping trees: `block_time` values, each a reference on a data block.
 pub const MAPPING: Values = Values::DataRefs { data_block: |v| unpack_block_time(btree::u64_of(v)).0 };

@@ -5,12 +5,12 @@
 use std::path::Path;
 
 use serde::Serialize;
-use thinpool::server::diff::{diff_offline, DiffReport, DiffRun};
+use thinpool::server::diff::{diff_offline, diff_offline_committed, DiffReport, DiffRun};
 use thinpool::server::protocol::{Request, Response};
-use thinpool::volume::Access;
+use thinpool::volume::{Access, PoolDir};
 
 use crate::error::{msg, CliResult};
-use crate::open::open_pool;
+use crate::open::{open_pool, warn_all};
 use crate::remote;
 use crate::units::format_size;
 
@@ -21,8 +21,18 @@ pub fn diff(dir: &Path, from: &str, to: &str, include_same: bool, json: bool) ->
         Some(Response::Diff { diff }) => diff,
         Some(other) => return Err(remote::unexpected(dir, &other)),
         None => {
-            let (pd, mut pool) = open_pool(dir, Access::Read)?;
-            diff_offline(&pd, &mut pool, from, to, include_same)?
+            let mut pd = PoolDir::open(dir, Access::Read)?;
+            if pd.device(from).is_ok() && pd.device(to).is_ok() {
+                // Straight from the committed metadata: no engine, no space maps.
+                warn_all(pd.take_warnings());
+                diff_offline_committed(&pd, from, to, include_same)?
+            } else {
+                // A name pool.toml lacks: the engine reconciles names (or says
+                // which exist).
+                drop(pd);
+                let (pd, mut pool) = open_pool(dir, Access::Read)?;
+                diff_offline(&pd, &mut pool, from, to, include_same)?
+            }
         }
     };
     print!("{}", output(&report, json)?);
