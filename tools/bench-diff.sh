@@ -16,8 +16,11 @@
 # METADATA` (thin_delta reads the committed superblock; no metadata snapshot is
 # needed for a pool nothing else changes), each timed (wall clock) with its peak RSS
 # (GNU time's %M); the medians are reported. `thinctl diff` on a pool that is not
-# served reads the committed metadata directly (no space maps, no cache). Both tools' outputs are checked to
-# name the same changed runs first. Page cache stays warm (one untimed run each).
+# served reads the committed metadata directly (no space maps, no cache). Both
+# tools' outputs are checked to name the same changed runs first. Page cache stays
+# warm (one untimed run each). Last, the pool is served again and the same diff is
+# timed through the control socket (the served path: commit, hold the trees in a
+# metadata snapshot, walk them in steps, release).
 # Figures depend on the machine; they belong in notes, never in assertions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -103,6 +106,18 @@ for _ in $(seq "$ROUNDS"); do
   measure thinctl "$THINCTL" diff "$WORK/p" snap1 snap2
   measure thin_delta thin_delta --snap1 1 --snap2 2 "$META"
 done
+"$THINCTL" serve "$WORK/p" --listen 127.0.0.1:0 > "$WORK/serve.out" 2>"$WORK/serve.err" &
+SERVER=$!
+for _ in $(seq 100); do [ -S "$WORK/p/control.sock" ] && break; sleep 0.1; done
+: > "$WORK/served"
+for _ in $(seq "$ROUNDS"); do
+  python3 -c '
+import subprocess, sys, time
+t = time.perf_counter()
+subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, check=True)
+print(f"{time.perf_counter() - t:.4f}")' "$THINCTL" diff "$WORK/p" snap1 snap2 >> "$WORK/served"
+done
+kill -TERM "$SERVER"; wait "$SERVER" || true; SERVER=
 median() { sort -n | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'; }
 T_OURS=$(cut -d' ' -f1 "$WORK/thinctl" | median)
 T_THEIRS=$(cut -d' ' -f1 "$WORK/thin_delta" | median)
@@ -110,6 +125,7 @@ M_OURS=$(cut -d' ' -f2 "$WORK/thinctl" | median)
 M_THEIRS=$(cut -d' ' -f2 "$WORK/thin_delta" | median)
 printf '%-12s %10s %14s\n' tool "time (s)" "peak RSS (KiB)"
 printf '%-12s %10s %14s\n' "thinctl diff" "$T_OURS" "$M_OURS" thin_delta "$T_THEIRS" "$M_THEIRS"
+echo "served (through the control socket): thinctl diff $(median < "$WORK/served") s"
 python3 - "$T_OURS" "$T_THEIRS" "$M_OURS" "$M_THEIRS" "$ROUNDS" <<'PY'
 import sys
 t1, t2, m1, m2 = map(float, sys.argv[1:5])

@@ -6,6 +6,8 @@
 //! the order of the queries. LIST replies carry id 0 for them (the protocol says a
 //! LIST reply's id is zero). At most [`MAX_SELECTED`] are selected at once.
 
+use std::collections::HashSet;
+
 use super::export::{errno, Catalog, Export};
 use super::handshake::CTX_BASE_ALLOCATION;
 use super::wire;
@@ -30,10 +32,12 @@ pub(super) struct Selected {
 /// or namespaces (no query: all); for SET, full names only. Each once, in order.
 pub(super) fn matching(catalog: &dyn Catalog, export: &str, queries: &[String], set: bool) -> Vec<(String, u64)> {
     let mut out: Vec<(String, u64)> = Vec::new();
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut asked: HashSet<&str> = HashSet::new();
     let all = [String::new()];
     let queries = if queries.is_empty() && !set { &all[..] } else { queries };
     for q in queries {
-        if q.starts_with("base:") || (set && (q.is_empty() || q.ends_with(':'))) {
+        if q.starts_with("base:") || (set && (q.is_empty() || q.ends_with(':'))) || !asked.insert(q.as_str()) {
             continue;
         }
         for (name, key) in catalog.meta_contexts(export, q) {
@@ -42,7 +46,7 @@ pub(super) fn matching(catalog: &dyn Catalog, export: &str, queries: &[String], 
             } else {
                 q.is_empty() || name == *q || (q.ends_with(':') && name.starts_with(q.as_str()))
             };
-            if wanted && !out.iter().any(|(n, _)| *n == name) {
+            if wanted && seen.insert(name.clone()) {
                 out.push((name, key));
             }
         }
