@@ -278,6 +278,28 @@ fn nbdinfo_maps_thinpool_changed_exactly_as_thinctl_diff() {
     let want = diff_ranges(&sc, "s1", "web");
     assert_eq!(want.len(), 4, "{want:?}");
     assert_eq!(nbdinfo_ranges(&server.uri("web"), "thinpool:changed:s1", 1), want);
+    // qemu reads it through its x-dirty-bitmap option: changed ranges are "data": false.
+    let (host, port) = server.addr.rsplit_once(':').expect("host:port");
+    let map = tool(
+        "qemu-img",
+        "qemu-utils",
+        &[
+            "map",
+            "--output=json",
+            "--image-opts",
+            &format!("driver=nbd,server.type=inet,server.host={host},server.port={port},export=web,x-dirty-bitmap=thinpool:changed:s1"),
+        ],
+    );
+    let extents: Vec<Value> = serde_json::from_str(&map).unwrap_or_else(|e| panic!("{e}: {map}"));
+    let mut dirty: Vec<(u64, u64)> = Vec::new();
+    for e in extents.iter().filter(|e| e["data"] == Value::Bool(false)) {
+        let (off, len) = (e["start"].as_u64().expect("start"), e["length"].as_u64().expect("length"));
+        match dirty.last_mut() {
+            Some(r) if r.0 + r.1 == off => r.1 += len,
+            _ => dirty.push((off, len)),
+        }
+    }
+    assert_eq!(dirty, want, "qemu-img map with x-dirty-bitmap");
     // The other way round: the snapshot against the device.
     assert_eq!(nbdinfo_ranges(&server.uri("s1"), "thinpool:changed:web", 1), diff_ranges(&sc, "web", "s1"));
     // More changed ranges than one reply holds (1024 extents): every other block
