@@ -23,5 +23,5 @@ pub mod server;
 mod transmission;
 pub mod wire;
 
-pub use export::{Catalog, ContextExtent, Export, ExportError, Extent};
+pub use export::{Catalog, Export, ExportError, Extent};
 pub use server::{serve_connection, Limits, Server, ServerConfig};

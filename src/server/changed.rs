@@ -13,7 +13,7 @@
 //! short step under the metadata lock, a diff limited to the request's blocks).
 
 use crate::error::PoolError;
-use crate::nbd::ContextExtent;
+use crate::nbd::export::ContextExtent;
 use crate::server::exports::ExportedDevice;
 use crate::server::service::Service;
 use crate::thin::{DevId, DiffOptions};

@@ -8,7 +8,8 @@
 use std::sync::{Arc, RwLock};
 
 use crate::error::PoolError;
-use crate::nbd::{Catalog, ContextExtent, Export, ExportError, Extent};
+use crate::nbd::export::ContextExtent;
+use crate::nbd::{Catalog, Export, ExportError, Extent};
 use crate::server::service::Service;
 use crate::thin::DevId;
 
