@@ -9,7 +9,6 @@
 //! While `thinctl serve DIR` runs, `create`, `snapshot`, `delete`, `discard`,
 //! `resize`, `ls` and `status` are sent to it over `DIR/control.sock`; the other
 //! commands report the pool busy (see `remote`).
-//! `diff` and `rollback` (in `diff.rs` and `rollback.rs`) go through it too.
 //!
 //! JSON outputs (stable: fields are only ever added):
 //! - `ls --json`: `{"devices": [{"name", "id", "size_bytes", "mapped_bytes",
