@@ -17,6 +17,7 @@
 //! - [`export`]: what the server needs from storage; [`mem`]: an in-memory one.
 
 mod conn;
+mod contexts;
 pub mod export;
 mod handshake;
 pub mod mem;

@@ -50,6 +50,26 @@ pub enum Request {
     Ls,
     /// The pool's status; answered with [`Response::Status`].
     Status,
+    /// The runs where device `to` differs from device `from`, taken at one
+    /// instant; answered with [`Response::Diff`].
+    Diff {
+        /// The left device (typically the older snapshot).
+        from: String,
+        /// The right device.
+        to: String,
+        /// List `same` runs too.
+        #[serde(default)]
+        include_same: bool,
+    },
+    /// Make `device`'s contents `snapshot`'s in O(1); refused while a client has
+    /// `device` attached ([`ErrorKind::Attached`]); answered with
+    /// [`Response::RolledBack`].
+    Rollback {
+        /// The device to roll back.
+        device: String,
+        /// The snapshot whose contents it takes.
+        snapshot: String,
+    },
 }
 
 /// What the server answers.
@@ -72,6 +92,18 @@ pub enum Response {
     Status {
         /// The numbers.
         status: PoolStatus,
+    },
+    /// The diff of two devices.
+    Diff {
+        /// The runs.
+        diff: crate::server::diff::DiffReport,
+    },
+    /// A rollback was done (committed and saved).
+    RolledBack {
+        /// What it did.
+        outcome: crate::server::rollback::RollbackOutcome,
+        /// The pool's data block size in bytes.
+        block_bytes: u64,
     },
     /// The request failed; nothing it would have changed was changed.
     Error {
