@@ -80,10 +80,26 @@ pub fn run(
     stop: Arc<AtomicBool>,
     ready: impl FnOnce(SocketAddr),
 ) -> std::io::Result<()> {
+    run_with_catalog(service, devices, opts, control, stop, ready, |_| {})
+}
+
+/// [`run`], also handing the export catalog to `catalog_ready` before serving, so that a
+/// program that changes devices by other means than the control socket (the
+/// containerd snapshotter) can refresh the exports with [`PoolCatalog::set_devices`].
+pub fn run_with_catalog(
+    service: Arc<Service>,
+    devices: DeviceList,
+    opts: &Options,
+    control: Option<(PathBuf, Handler)>,
+    stop: Arc<AtomicBool>,
+    ready: impl FnOnce(SocketAddr),
+    catalog_ready: impl FnOnce(Arc<PoolCatalog>),
+) -> std::io::Result<()> {
     signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
     let (list, default) = devices();
     let catalog = PoolCatalog::new(Arc::clone(&service), list, default, opts.read_only);
+    catalog_ready(Arc::clone(&catalog));
     let config = ServerConfig { read_only: opts.read_only, workers: opts.workers };
     let limits = Limits {
         max_connections: opts.max_connections.max(1),
