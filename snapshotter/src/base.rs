@@ -19,6 +19,9 @@ use thinpool::thin::DevId;
 
 use crate::error::SnapError;
 
+/// Name prefix of the scratch file `mkfs.ext4` formats (in the pool directory).
+pub const SCRATCH_PREFIX: &str = ".base-mkfs-";
+
 /// Bytes copied per write into the device.
 const CHUNK: usize = 1 << 20;
 
@@ -35,7 +38,7 @@ pub struct BaseStats {
 /// data into device `dev` of `service` (flushed). The scratch file is removed.
 pub fn format_into(service: &Service, dev: DevId, size: u64, scratch_dir: &Path) -> Result<BaseStats, SnapError> {
     let img = tempfile::Builder::new()
-        .prefix(".base-mkfs-")
+        .prefix(SCRATCH_PREFIX)
         .suffix(".img")
         .tempfile_in(scratch_dir)
         .map_err(|e| SnapError::Mkfs(format!("cannot create a scratch file in {}: {e}", scratch_dir.display())))?;

@@ -51,6 +51,8 @@ const KIND_BUILDING: &str = "base-building";
 pub const MAX_KEY_BYTES: usize = 4096;
 /// Longest label (key and value together), as containerd's own rule.
 pub const MAX_LABEL_BYTES: usize = 4096;
+/// Virtual blocks compared per hold of the pool by [`Store::usage`].
+pub const USAGE_WINDOW: u64 = 1 << 16;
 /// Most labels of one snapshot, all together.
 pub const MAX_LABELS_BYTES: usize = 64 << 10;
 
@@ -508,15 +510,46 @@ impl Store {
             .collect())
     }
 
-    /// Bytes only this snapshot's device maps (shared with no other device).
+    /// The snapshot's own bytes, excluding its parent's: the blocks its device maps
+    /// that its origin (the parent's device, or the base) does not map to the same
+    /// data block — what the layer added or changed, from the two mapping trees,
+    /// whatever children share since. Walked in windows of [`USAGE_WINDOW`] virtual
+    /// blocks, each under its own short hold of the pool.
     pub fn usage(&self, key: &str) -> Result<Usage, SnapError> {
-        let r = Self::find(&self.dir(), key)?;
+        let (r, origin) = {
+            let pd = self.dir();
+            let r = Self::find(&pd, key)?;
+            let origin = pd.device(&r.device)?.snapshot_of.as_ref().and_then(|o| pd.device(o).ok()).map(|e| e.id);
+            (r, origin)
+        };
         let bs = self.service.block_bytes();
-        let blocks = self.service.with_pool(|pool| pool.metadata_mut().exclusive_blocks(r.id))?;
-        Ok(Usage { inodes: 0, size: i64::try_from(blocks.saturating_mul(bs)).unwrap_or(i64::MAX) })
+        let Some(highest) = self.service.with_pool(|pool| pool.highest_mapped(r.id))? else {
+            return Ok(Usage { inodes: 0, size: 0 });
+        };
+        let mut own: u64 = 0;
+        let mut lo = 0u64;
+        while lo <= highest {
+            let hi = lo.saturating_add(USAGE_WINDOW).min(highest.saturating_add(1));
+            own += self.service.with_pool(|pool| -> Result<u64, SnapError> {
+                let mine = pool.mappings(r.id, lo, hi)?;
+                let theirs: HashMap<u64, u64> = match origin {
+                    Some(o) if pool.meta().has_device(o) => {
+                        pool.mappings(o, lo, hi)?.into_iter().map(|m| (m.vblock, m.data_block)).collect()
+                    }
+                    _ => HashMap::new(),
+                };
+                Ok(mine.iter().filter(|m| theirs.get(&m.vblock) != Some(&m.data_block)).count() as u64)
+            })?;
+            if hi == u64::MAX {
+                break;
+            }
+            lo = hi;
+        }
+        Ok(Usage { inodes: 0, size: i64::try_from(own.saturating_mul(bs)).unwrap_or(i64::MAX) })
     }
 
-    /// Devices a crash left half-made: a base whose formatting did not finish.
+    /// Devices a crash left half-made: a base whose formatting did not finish (its
+    /// scratch file is removed by [`Store::cleanup`] too).
     pub fn leftovers(pd: &PoolDir) -> Vec<String> {
         pd.devices()
             .filter(|(_, e)| e.labels.get(L_KIND).map(String::as_str) == Some(KIND_BUILDING))
@@ -531,6 +564,16 @@ impl Store {
         for name in Self::leftovers(&pd) {
             self.delete_device(&mut pd, &name)?;
             report.removed.push(name);
+        }
+        // Scratch files of interrupted formatting (none is in use: formatting holds
+        // the pool directory's lock, as this does).
+        if let Ok(entries) = std::fs::read_dir(pd.dir()) {
+            for e in entries.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.starts_with(crate::base::SCRATCH_PREFIX) && std::fs::remove_file(e.path()).is_ok() {
+                    report.removed.push(n);
+                }
+            }
         }
         Ok(report)
     }

@@ -113,10 +113,12 @@ fn a_snapshotter_killed_while_formatting_the_base_recovers_and_cleanup_removes_t
     let dir = tmp.path().join("pool");
     let sock = tmp.path().join("snapshotter.sock");
     let log = tmp.path().join("snapshotter.log");
-    let snap = Snapshotter::start(&dir, &sock, &log);
+    // A 1 TiB base: formatting it takes long enough to be caught in the act.
+    let snap = Snapshotter::start_sized(&dir, &sock, &log, "1T");
     let c = Containerd::start(tmp.path(), &sock);
 
-    // The first Prepare formats the base; kill -9 the snapshotter while it does.
+    // The first Prepare formats the base; kill -9 the snapshotter while it does
+    // (its scratch file exists once the base device is created and committed).
     let prepare = Command::new("ctr")
         .arg("--address")
         .arg(&c.socket)
@@ -125,16 +127,28 @@ fn a_snapshotter_killed_while_formatting_the_base_recovers_and_cleanup_removes_t
         .stderr(Stdio::null())
         .spawn()
         .expect("ctr");
-    wait_for("the base to be recorded as being formatted", 30, || {
-        std::fs::read_to_string(dir.join("pool.toml")).is_ok_and(|t| t.contains("base-building"))
-    });
+    let scratch = |d: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(d)
+            .map(|it| {
+                it.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with(".base-mkfs-"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while scratch(&dir).is_empty() {
+        assert!(std::time::Instant::now() < until, "the base was never formatted");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
     snap.kill();
     let st = prepare.wait_with_output().expect("ctr").status;
     assert!(!st.success(), "the interrupted prepare failed");
 
     // Restarted: the half-made base is still there (and said so), containerd has
     // no snapshot, and the pool has none either.
-    let snap = Snapshotter::start(&dir, &sock, &log);
+    let snap = Snapshotter::start_sized(&dir, &sock, &log, "1T");
     let text = std::fs::read_to_string(&log).expect("log");
     assert!(text.contains("did not finish"), "{text}");
     let leftovers: Vec<String> = pool_config(&dir)
@@ -146,6 +160,7 @@ fn a_snapshotter_killed_while_formatting_the_base_recovers_and_cleanup_removes_t
     assert_eq!(leftovers.len(), 1, "{leftovers:?}");
     assert!(c.ls().is_empty());
     assert!(records(&dir).is_empty());
+    assert_eq!(scratch(&dir).len(), 1, "the scratch file of the interrupted mkfs");
 
     // Work goes on (a new base is formatted beside the leftover); containerd's
     // garbage collection after a removal calls Cleanup, which deletes the leftover.
@@ -153,7 +168,9 @@ fn a_snapshotter_killed_while_formatting_the_base_recovers_and_cleanup_removes_t
     c.snap(&["commit", "c1", "a1"]);
     c.snap(&["prepare", "a2", "c1"]);
     c.snap(&["rm", "a2"]);
-    wait_for("Cleanup to remove the leftover", 30, || !pool_config(&dir).devices.keys().any(|n| leftovers.contains(n)));
+    wait_for("Cleanup to remove the leftover device and its scratch file", 30, || {
+        !pool_config(&dir).devices.keys().any(|n| leftovers.contains(n)) && scratch(&dir).is_empty()
+    });
     assert_eq!(c.ls(), vec![("c1".into(), "".into(), "Committed".into())]);
     assert_eq!(
         records(&dir).iter().map(|r| (r.0.as_str(), r.1.as_str())).collect::<Vec<_>>(),
@@ -163,7 +180,7 @@ fn a_snapshotter_killed_while_formatting_the_base_recovers_and_cleanup_removes_t
     // kill -9 again with a committed snapshot: after the restart containerd and the
     // pool still agree, and both checkers accept the pool.
     snap.kill();
-    let snap = Snapshotter::start(&dir, &sock, &log);
+    let snap = Snapshotter::start_sized(&dir, &sock, &log, "1T");
     assert_eq!(c.ls(), vec![("c1".into(), "".into(), "Committed".into())]);
     c.snap_after_restart(&["view", "v1", "c1"]);
     assert_eq!(records(&dir).len(), 2);

@@ -150,10 +150,23 @@ fn snapshots_share_the_base_usage_counts_exclusive_bytes_and_remove_frees_blocks
     svc.flush().expect("flush");
     assert_eq!(s.usage("a0").expect("usage").size, 1 << 20);
     assert_eq!(s.usage("a1").expect("usage").size, 0);
+    // Usage excludes the parent's bytes and stays the layer's own when children
+    // share them: commit a0, snapshot it twice, write 64 KiB into one child.
+    s.commit("c0", "a0", labels(&[])).expect("commit");
+    s.prepare("k1", "c0", labels(&[]), false).expect("child");
+    s.prepare("k2", "c0", labels(&[]), true).expect("view");
+    assert_eq!(s.usage("c0").expect("usage").size, 1 << 20, "c0's own megabyte, shared with its children");
+    assert_eq!(s.usage("k1").expect("usage").size, 0);
+    let k1 = device_id(&dir, &s, "k1");
+    svc.write(k1, 1 << 30, &vec![0x77; 64 << 10]).expect("write");
+    assert_eq!(s.usage("k1").expect("usage").size, 64 << 10);
+    assert_eq!(s.usage("c0").expect("usage").size, 1 << 20);
+    s.remove("k1").expect("remove k1");
+    s.remove("k2").expect("remove k2");
     assert_eq!(svc.status().data_used_blocks, base_used + 16);
-    s.remove("a0").expect("remove");
+    s.remove("c0").expect("remove");
     assert_eq!(svc.status().data_used_blocks, base_used, "freed by Remove, no trim needed");
-    assert_eq!(code(s.stat("a0")), Code::NotFound);
+    assert_eq!(code(s.stat("c0")), Code::NotFound);
     for i in 1..20 {
         s.remove(&format!("a{i}")).expect("remove");
     }

@@ -30,12 +30,17 @@ impl Snapshotter {
     /// Start `thinpool-snapshotter DIR --socket SOCK --attach none` and wait for its
     /// ready line.
     pub fn start(dir: &Path, socket: &Path, log: &Path) -> Snapshotter {
+        Self::start_sized(dir, socket, log, "64G")
+    }
+
+    /// [`Snapshotter::start`] with file systems of `size`.
+    pub fn start_sized(dir: &Path, socket: &Path, log: &Path, size: &str) -> Snapshotter {
         let stderr = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log");
         let mut child = Command::new(env!("CARGO_BIN_EXE_thinpool-snapshotter"))
             .arg(dir)
             .arg("--socket")
             .arg(socket)
-            .args(["--attach", "none", "--size", "64G", "--data-size", "2G", "--json"])
+            .args(["--attach", "none", "--size", size, "--data-size", "2G", "--json"])
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
@@ -163,7 +168,7 @@ impl Containerd {
 
     /// The keys `ctr snapshots ls` lists, with parent and kind.
     pub fn ls(&self) -> Vec<(String, String, String)> {
-        let out = self.snap(&["ls"]);
+        let out = self.snap_after_restart(&["ls"]);
         let mut rows: Vec<(String, String, String)> = out
             .lines()
             .skip(1)
