@@ -187,3 +187,34 @@ fn a_snapshotter_killed_while_formatting_the_base_recovers_and_cleanup_removes_t
     snap.stop();
     check_pool(&dir);
 }
+
+#[test]
+fn the_snapshotter_runs_as_an_ordinary_user() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // containerd needs root; the snapshotter (attaching nothing) does not: run it as
+    // `nobody` in a directory that user owns.
+    let nobody = 65534;
+    let tmp = tempfile::tempdir().expect("tmp");
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let home = tmp.path().join("home");
+    std::fs::create_dir(&home).expect("home");
+    std::os::unix::fs::chown(&home, Some(nobody), Some(nobody)).expect("chown");
+    let dir = home.join("pool");
+    let sock = home.join("snapshotter.sock");
+    let snap = Snapshotter::start_as(&dir, &sock, &tmp.path().join("snapshotter.log"), "64G", Some(nobody));
+    let c = Containerd::start(tmp.path(), &sock);
+    c.snap(&["prepare", "a1"]);
+    c.snap(&["commit", "c1", "a1"]);
+    c.snap(&["prepare", "a2", "c1"]);
+    assert_eq!(records(&dir).len(), 2);
+    for f in ["pool.toml", "metadata", "data", "control.sock"] {
+        let m = std::fs::metadata(dir.join(f)).expect(f);
+        assert_eq!(m.uid(), nobody, "{f} belongs to the ordinary user");
+    }
+    assert_eq!(std::fs::metadata(&sock).expect("socket").uid(), nobody);
+    c.snap(&["rm", "a2"]);
+    c.snap(&["rm", "c1"]);
+    wait_for("the snapshots to be removed", 30, || records(&dir).is_empty());
+    snap.stop();
+    check_pool(&dir);
+}

@@ -35,8 +35,25 @@ impl Snapshotter {
 
     /// [`Snapshotter::start`] with file systems of `size`.
     pub fn start_sized(dir: &Path, socket: &Path, log: &Path, size: &str) -> Snapshotter {
+        Self::start_as(dir, socket, log, size, None)
+    }
+
+    /// [`Snapshotter::start_sized`], run as user and group `uid` (through
+    /// util-linux's `setpriv`) when given.
+    pub fn start_as(dir: &Path, socket: &Path, log: &Path, size: &str, uid: Option<u32>) -> Snapshotter {
         let stderr = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_thinpool-snapshotter"))
+        let bin = env!("CARGO_BIN_EXE_thinpool-snapshotter");
+        let mut cmd = match uid {
+            None => Command::new(bin),
+            Some(u) => {
+                need("setpriv", "util-linux");
+                let mut c = Command::new("setpriv");
+                c.args([format!("--reuid={u}"), format!("--regid={u}"), "--clear-groups".into(), "--".into()]);
+                c.arg(bin);
+                c
+            }
+        };
+        let mut child = cmd
             .arg(dir)
             .arg("--socket")
             .arg(socket)
