@@ -21,6 +21,9 @@ need fio fio
 need qemu-img qemu-utils
 need xz xz-utils
 need openssl openssl
+need containerd containerd            # the snapshotter's tests drive containerd and ctr
+need protoc protobuf-compiler         # containerd-snapshots generates its gRPC code with protoc
+need mkfs.ext4 e2fsprogs              # the snapshotter formats its base file system
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "== installing: ${missing[*]}"
   as_root apt-get update -qq
@@ -38,3 +41,6 @@ echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 echo "== cargo test --all-targets"
 cargo test --all-targets
+echo "== the containerd snapshotter (snapshotter/): clippy and tests"
+cargo clippy -p thinpool-snapshotter --all-targets -- -D warnings
+cargo test -p thinpool-snapshotter --all-targets

@@ -108,6 +108,21 @@ pub fn run(
     stop: Arc<AtomicBool>,
     ready: impl FnOnce(&Bound),
 ) -> std::io::Result<()> {
+    run_with_catalog(service, devices, opts, control, stop, ready, |_| {})
+}
+
+/// [`run`], also handing the export catalog to `catalog_ready` before serving, so that a
+/// program that changes devices by other means than the control socket (the
+/// containerd snapshotter) can refresh the exports with [`PoolCatalog::set_devices`].
+pub fn run_with_catalog(
+    service: Arc<Service>,
+    devices: DeviceList,
+    opts: &Options,
+    control: Option<(PathBuf, Handler)>,
+    stop: Arc<AtomicBool>,
+    ready: impl FnOnce(&Bound),
+    catalog_ready: impl FnOnce(Arc<PoolCatalog>),
+) -> std::io::Result<()> {
     if !opts.tcp && opts.socket.is_none() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -118,6 +133,7 @@ pub fn run(
     signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
     let (list, default) = devices();
     let catalog = PoolCatalog::new(Arc::clone(&service), list, default, opts.read_only);
+    catalog_ready(Arc::clone(&catalog));
     let config = ServerConfig { read_only: opts.read_only, workers: opts.workers };
     let limits = Limits {
         max_connections: opts.max_connections.max(1),

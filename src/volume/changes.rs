@@ -183,9 +183,10 @@ impl PoolDir {
         let id = self.new_device_id(pool, name, id)?;
         pool.create_thin(id.into())?;
         pool.commit()?;
-        self.config
-            .devices
-            .insert(name.to_string(), DeviceEntry { id, size_bytes, created: Some(now_unix()), snapshot_of: None });
+        self.config.devices.insert(
+            name.to_string(),
+            DeviceEntry { id, size_bytes, created: Some(now_unix()), snapshot_of: None, labels: Default::default() },
+        );
         self.save()?;
         Ok(id)
     }
@@ -200,9 +201,10 @@ impl PoolDir {
         if self.config.devices.contains_key(name) {
             return Err(PoolDirError::NameTaken(name.to_string()));
         }
-        self.config
-            .devices
-            .insert(name.to_string(), DeviceEntry { id, size_bytes, created: Some(now_unix()), snapshot_of: None });
+        self.config.devices.insert(
+            name.to_string(),
+            DeviceEntry { id, size_bytes, created: Some(now_unix()), snapshot_of: None, labels: Default::default() },
+        );
         self.save()
     }
 
@@ -226,6 +228,7 @@ impl PoolDir {
                 size_bytes: o.size_bytes,
                 created: Some(now_unix()),
                 snapshot_of: Some(origin.to_string()),
+                labels: Default::default(),
             },
         );
         self.save()?;

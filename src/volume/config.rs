@@ -263,6 +263,12 @@ pub struct DeviceEntry {
     /// Name of the device this one is a snapshot of, while that device exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_of: Option<String>,
+    /// Free-form labels kept with the device (key → value), saved in the same atomic
+    /// replace of `pool.toml` as the rest of its entry. Programs that manage devices
+    /// keep their own facts here (the containerd snapshotter keeps each snapshot's
+    /// key, kind, parent and containerd's labels), so there is no second database.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// The contents of `pool.toml`.
@@ -477,11 +483,19 @@ mod tests {
     #[test]
     fn pool_toml_round_trips_and_rejects_inconsistent_files() {
         let mut cfg = PoolConfig::default();
-        cfg.devices
-            .insert("web".into(), DeviceEntry { id: 0, size_bytes: 1 << 30, created: Some(5), snapshot_of: None });
+        cfg.devices.insert(
+            "web".into(),
+            DeviceEntry { id: 0, size_bytes: 1 << 30, created: Some(5), snapshot_of: None, labels: BTreeMap::new() },
+        );
         cfg.devices.insert(
             "web.snap".into(),
-            DeviceEntry { id: 1, size_bytes: 1 << 30, created: None, snapshot_of: Some("web".into()) },
+            DeviceEntry {
+                id: 1,
+                size_bytes: 1 << 30,
+                created: None,
+                snapshot_of: Some("web".into()),
+                labels: BTreeMap::new(),
+            },
         );
         let text = cfg.to_text().expect("text");
         let p = Path::new("pool.toml");

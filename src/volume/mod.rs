@@ -57,6 +57,7 @@ mod config;
 mod error;
 mod files;
 mod lock;
+mod records;
 
 pub use changes::{cut_after, discard_blocks, ChangeOutcome, Grow, PoolChange};
 pub use config::{
@@ -72,6 +73,7 @@ pub use config::{
 pub use error::PoolDirError;
 pub use files::{create_private, make_dir_private, open_regular, DIR_MODE, FILE_MODE};
 pub use lock::{lock_dir, Access, DirLock};
+pub use records::NewRecord;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions, Permissions};
@@ -333,9 +335,10 @@ impl PoolDir {
                     mapped_end
                 }
             };
-            config
-                .devices
-                .insert(format!("thin{id}"), DeviceEntry { id, size_bytes: size, created: None, snapshot_of: None });
+            config.devices.insert(
+                format!("thin{id}"),
+                DeviceEntry { id, size_bytes: size, created: None, snapshot_of: None, labels: Default::default() },
+            );
         }
         let pd = PoolDir { dir: dir.to_path_buf(), config, access: Access::Read, _lock: lock, warnings };
         undo.files.push(dir.join(CONFIG_FILE));
@@ -440,7 +443,10 @@ impl PoolDir {
             self.warnings.push(format!(
                 "device {id} is in the metadata but not in pool.toml (a change was committed but pool.toml was not updated): added as \"{name}\" with size {size} bytes (its highest mapped block)"
             ));
-            self.config.devices.insert(name, DeviceEntry { id, size_bytes: size, created: None, snapshot_of: None });
+            self.config.devices.insert(
+                name,
+                DeviceEntry { id, size_bytes: size, created: None, snapshot_of: None, labels: Default::default() },
+            );
             changed = true;
         }
         Ok(changed)
