@@ -5,6 +5,7 @@ pub mod control;
 pub mod exports;
 pub mod health;
 pub mod protocol;
+pub mod replicate;
 pub mod run;
 pub mod service;
 pub mod usage;

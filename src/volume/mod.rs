@@ -51,6 +51,7 @@ mod config;
 mod error;
 mod files;
 mod lock;
+mod replication;
 
 pub use changes::{cut_after, discard_blocks, ChangeOutcome, Grow, PoolChange};
 pub use config::{
@@ -62,6 +63,7 @@ pub use config::{
 pub use error::PoolDirError;
 pub use files::{create_private, make_dir_private, open_regular, DIR_MODE, FILE_MODE};
 pub use lock::{lock_dir, Access, DirLock};
+pub use replication::{IdentityEntry, IdentityState};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions, Permissions};
@@ -401,6 +403,9 @@ impl PoolDir {
         let m = open_regular(&mpath, write)?;
         let d = open_regular(&dpath, write)?;
         let mut pool = Pool::open(m, d, PoolOpenOptions { read_only: !write })?;
+        if write {
+            self.clean_hidden(&mut pool)?;
+        }
         if self.reconcile(&mut pool)? && write {
             self.save()?;
         }
@@ -421,7 +426,8 @@ impl PoolDir {
             ));
             changed = true;
         }
-        let known: BTreeSet<DevId> = self.config.devices.values().map(|e| e.id).collect();
+        let known: BTreeSet<DevId> =
+            self.config.devices.values().map(|e| e.id).chain(self.config.hidden.iter().copied()).collect();
         let bs = pool.block_bytes();
         for id in ids.difference(&known).copied().collect::<Vec<_>>() {
             let highest = pool.highest_mapped(id)?;
@@ -446,6 +452,7 @@ impl PoolDir {
     /// Remove a name and every `snapshot_of` pointing at it.
     fn forget(&mut self, name: &str) {
         self.config.devices.remove(name);
+        self.config.identities.remove(name);
         for e in self.config.devices.values_mut() {
             if e.snapshot_of.as_deref() == Some(name) {
                 e.snapshot_of = None;

@@ -34,7 +34,9 @@ mod error;
 mod image;
 mod open;
 mod progress;
+mod receive;
 mod remote;
+mod send;
 mod serve;
 mod units;
 mod views;
@@ -111,6 +113,14 @@ fn run(cli: Cli) -> CliResult {
                     create_default: default_pool,
                 },
             )
+        }
+        Cmd::Send { args, from } => {
+            let (dir, rest) = split_dir(args, 1);
+            send::send(&dir, &utf8(&rest[0], "NAME")?, from.as_deref())
+        }
+        Cmd::Receive { args } => {
+            let (dir, rest) = split_dir(args, 1);
+            receive::receive(&dir, &utf8(&rest[0], "NAME")?)
         }
         Cmd::Create { .. } | Cmd::Snapshot { .. } | Cmd::Delete { .. } | Cmd::Discard { .. } | Cmd::Resize { .. } => {
             Err(msg("internal error: a change was not dispatched"))

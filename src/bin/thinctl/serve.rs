@@ -110,6 +110,7 @@ pub fn serve(dir: &Path, args: ServeArgs) -> CliResult {
             autoextend_percent: tuning.autoextend_percent,
             autoextend_max: tuning.autoextend_max,
         },
+        streams: thinpool::server::replicate::stream_handler(Arc::clone(&service), Arc::clone(&pd), read_only),
     };
     let sock: PathBuf = dir.join(CONTROL_SOCKET);
     let stop = Arc::new(AtomicBool::new(false));
