@@ -216,7 +216,7 @@ pub enum StreamError {
 
 fn check_header(h: &Header) -> Result<(), String> {
     let bs = h.block_bytes;
-    if bs < 64 << 10 || bs > 1 << 30 || bs % (64 << 10) != 0 {
+    if !(64 << 10..=1 << 30).contains(&bs) || bs % (64 << 10) != 0 {
         return Err(format!("block size {bs} bytes: it must be a multiple of 64 KiB from 64 KiB to 1 GiB"));
     }
     if h.device_bytes == 0 || h.device_bytes > MAX_DEVICE_BYTES {
@@ -556,6 +556,16 @@ impl<R: Read> StreamReader<R> {
             }
             other => return Err(bad(format!("unknown record kind {other}"))),
         };
+        self.buf.clear();
+        self.buf.resize(want as usize, 0);
+        read_full(&mut self.input, &mut self.buf, self.at + RECORD_HEADER_BYTES as u64, &|| {
+            format!("the payload of record {index}")
+        })?;
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&h[..0x18]), &self.buf);
+        if crc != LE::read_u32(&h[0x18..]) {
+            return Err(StreamError::RecordChecksum { index, at: start });
+        }
+        // The meaning is checked after the checksum, so that damage reads as damage.
         if LE::read_u32(&h[0x1C..]) != 0 {
             return Err(bad("reserved bytes are not zero".into()));
         }
@@ -573,15 +583,6 @@ impl<R: Read> StreamReader<R> {
                     self.pos
                 )));
             }
-        }
-        self.buf.clear();
-        self.buf.resize(want as usize, 0);
-        read_full(&mut self.input, &mut self.buf, self.at + RECORD_HEADER_BYTES as u64, &|| {
-            format!("the payload of record {index}")
-        })?;
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&h[..0x18]), &self.buf);
-        if crc != LE::read_u32(&h[0x18..]) {
-            return Err(StreamError::RecordChecksum { index, at: start });
         }
         let stream_crc = self.crc;
         self.crc = crc32c::crc32c_append(crc32c::crc32c_append(self.crc, &h), &self.buf);
@@ -643,9 +644,12 @@ impl<R: Read> StreamReader<R> {
     }
 }
 
+/// A record as [`read_all`] returns it: offset, the bytes (DATA) or none (ZERO), length.
+pub type OwnedRecord = (u64, Option<Vec<u8>>, u64);
+
 /// Read a whole stream from bytes, checking everything (for tests and fuzzing):
 /// the header, the records and the totals.
-pub fn read_all(bytes: &[u8]) -> Result<(Header, Vec<(u64, Option<Vec<u8>>, u64)>, Totals), StreamError> {
+pub fn read_all(bytes: &[u8]) -> Result<(Header, Vec<OwnedRecord>, Totals), StreamError> {
     let mut r = StreamReader::new(bytes)?;
     let mut out = Vec::new();
     while let Some(rec) = r.next_record()? {
@@ -759,7 +763,7 @@ mod tests {
     fn records_out_of_order_or_past_the_end_are_refused() {
         let mut s = Vec::new();
         s.extend_from_slice(&encode_header(&header(false)));
-        let mut rec = |kind, off: u64, len: u64| {
+        let rec = |kind, off: u64, len: u64| {
             let mut h = record_header(kind, 0, off, len);
             seal(&mut h, &[]);
             h
