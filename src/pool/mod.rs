@@ -23,6 +23,7 @@ use crate::io::{is_read_only_error, FileStorage, ReadOnlyStorage, Storage};
 use crate::thin::{Committed, DevId, MappedBlock, Metadata};
 
 mod data;
+mod diff;
 mod discard;
 mod read;
 mod write;

@@ -15,6 +15,7 @@
 
 mod commit;
 mod devices;
+mod diff;
 mod mapping;
 mod restore;
 mod usage;
@@ -34,6 +35,7 @@ use crate::space_map::RefCounts;
 use crate::transaction::Txn;
 
 pub use crate::units::DevId;
+pub use diff::{DeltaKind, DeltaRun, DiffOptions, DiffStats};
 
 /// Bottom-level mapping trees: `block_time` values, each a reference on a data block.
 pub const MAPPING: Values = Values::DataRefs { data_block: |v| unpack_block_time(btree::u64_of(v)).0 };
