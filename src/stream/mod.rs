@@ -50,7 +50,8 @@ use format::{Header, Identity, Record, StreamError, StreamReader, StreamWriter, 
 
 use crate::error::PoolError;
 use crate::pool::Pool;
-use crate::thin::DevId;
+use crate::thin::{DeltaKind, DevId, DiffOptions};
+use crate::units::VirtBlock;
 use crate::volume::{check_name, check_size, cut_after, IdentityState, PoolDir, PoolDirError};
 
 /// Bytes read from the source per step.
@@ -345,8 +346,13 @@ fn mapped_runs<T: Target>(t: &T, hs: DevId, lo: u64, hi: u64, out: &mut Vec<Send
     Ok(())
 }
 
-/// The runs to send for an incremental stream: where `hb` and `hs` differ in
-/// `[0, hi)` (blocks mapped only in `hb` read as zeros now).
+/// Virtual blocks diffed per short step (the hidden snapshots do not change, so
+/// the steps see one instant).
+const DIFF_WINDOW: u64 = 1 << 20;
+
+/// The runs to send for an incremental stream: where the mapping trees of `hb`
+/// and `hs` differ in `[0, hi)`, by the tree diff that skips shared subtrees
+/// (blocks only `hb` maps read as zeros now).
 fn changed_runs<T: Target>(
     t: &T,
     hb: DevId,
@@ -354,37 +360,22 @@ fn changed_runs<T: Target>(
     hi: u64,
     out: &mut Vec<SendRun>,
 ) -> Result<(), ReplicationError> {
-    // Until the tree diff is available: compare mappings window by window.
     let mut vb = 0;
     while vb < hi {
-        let stop = vb.saturating_add(WALK_WINDOW * 16).min(hi);
-        let (a, b) = t.locked(|_, pool| -> Result<_, PoolError> {
-            Ok((pool.mappings(hb, vb, stop)?, pool.mappings(hs, vb, stop)?))
-        })?;
-        let (mut i, mut j) = (0, 0);
-        let mut push = |run: SendRun| match (out.last_mut(), run) {
-            (Some(SendRun::Data(_, e)), SendRun::Data(s, n)) if *e == s => *e = n,
-            (Some(SendRun::Zero(_, e)), SendRun::Zero(s, n)) if *e == s => *e = n,
-            _ => out.push(run),
-        };
-        while i < a.len() || j < b.len() {
-            match (a.get(i), b.get(j)) {
-                (Some(x), Some(y)) if x.vblock == y.vblock => {
-                    if x.data_block != y.data_block {
-                        push(SendRun::Data(y.vblock, y.vblock + 1));
-                    }
-                    i += 1;
-                    j += 1;
-                }
-                (Some(x), y) if y.is_none_or(|y| x.vblock < y.vblock) => {
-                    push(SendRun::Zero(x.vblock, x.vblock + 1));
-                    i += 1;
-                }
-                (_, Some(y)) => {
-                    push(SendRun::Data(y.vblock, y.vblock + 1));
-                    j += 1;
-                }
-                _ => break,
+        let stop = vb.saturating_add(DIFF_WINDOW).min(hi);
+        let opts = DiffOptions::range(VirtBlock(vb), VirtBlock(stop));
+        let delta = t.locked(|_, pool| pool.diff_with(hb, hs, &opts))?;
+        for run in delta {
+            let (lo, end) = (run.begin.0, run.end().0);
+            let next = match run.kind {
+                DeltaKind::Same => continue,
+                DeltaKind::LeftOnly => SendRun::Zero(lo, end),
+                DeltaKind::Different | DeltaKind::RightOnly => SendRun::Data(lo, end),
+            };
+            match (out.last_mut(), next) {
+                (Some(SendRun::Data(_, e)), SendRun::Data(s, n)) if *e == s => *e = n,
+                (Some(SendRun::Zero(_, e)), SendRun::Zero(s, n)) if *e == s => *e = n,
+                _ => out.push(next),
             }
         }
         vb = stop;
