@@ -8,7 +8,8 @@
 //!
 //! While `thinctl serve DIR` runs, `create`, `snapshot`, `delete`, `discard`,
 //! `resize`, `ls` and `status` are sent to it over `DIR/control.sock`; the other
-//! commands report the pool busy (see `remote`).
+//! commands report the pool busy (see `remote`), except `send` and `receive`, which
+//! stream through the same socket (`send`, `receive`).
 //!
 //! JSON outputs (stable: fields are only ever added):
 //! - `ls --json`: `{"devices": [{"name", "id", "size_bytes", "mapped_bytes",
