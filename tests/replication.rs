@@ -430,3 +430,24 @@ fn send_and_receive_refuse_terminals_and_say_what_they_need() {
     let r = sc.run(&["send", "a", "nope"]);
     assert!(r.fails(1).contains("no such device"), "{}", r.stderr);
 }
+
+#[test]
+fn summaries_come_as_json_too() {
+    let sc = Scratch::new();
+    let (s1, _) = two_streams(&sc);
+    let sent = sc.run(&["send", "a", "s2", "--from", "s1", "--json"]);
+    sent.ok();
+    let tx: serde_json::Value = serde_json::from_str(sent.stderr.trim()).expect("send --json");
+    sc.pool("b", "64M");
+    sc.run_with_input(&["receive", "b", "s1"], Some(&s1)).ok();
+    let got = sc.run_with_input(&["receive", "b", "s2", "--json"], Some(&sent.raw_stdout));
+    let rx: serde_json::Value = serde_json::from_str(got.ok().trim()).expect("receive --json");
+    assert_eq!(rx["base_name"], "s1");
+    assert_eq!(rx["id"], 1);
+    for field in ["source_identity", "base_identity", "data_records", "data_bytes", "zero_records", "zero_bytes"] {
+        assert_eq!(rx[field], tx[field], "{field}");
+    }
+    assert_eq!(tx["stream_bytes"].as_u64(), Some(sent.raw_stdout.len() as u64));
+    assert_eq!(rx["stream_bytes"].as_u64(), Some(sent.raw_stdout.len() as u64));
+    assert!(tx["data_records"].as_u64().expect("n") > 0 && tx["zero_records"].as_u64().expect("n") > 0, "{tx}");
+}

@@ -23,7 +23,17 @@
 //! size_bytes = 10737418240
 //! created = 1732329800
 //! snapshot_of = "web"
+//!
+//! [identities.web-snap]      # replication (thinctl send/receive): see `replication`
+//! uuid = "0f8a…"             # 32 hex digits
+//! id = 1                     # the stamp under which the identity holds
+//! root = 1234
+//! mapped_blocks = 46
+//! size_bytes = 10737418240
 //! ```
+//!
+//! A top-level `hidden = [ids]` lists the hidden work devices of sends and receives
+//! in progress (deleted at the next writable open when they have no name).
 //!
 //! Rules:
 //! - `pool.toml` is only ever replaced atomically: written to a temporary file,

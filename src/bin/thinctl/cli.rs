@@ -159,6 +159,11 @@ pub enum Cmd {
         /// unchanged since; the receiving pool must hold its copy.
         #[arg(long, value_name = "BASE")]
         from: Option<String>,
+        /// Print the summary (on standard error) as JSON: {"device_bytes",
+        /// "block_bytes", "source_identity", "base_identity", "data_records",
+        /// "data_bytes", "zero_records", "zero_bytes", "stream_bytes", ...}.
+        #[arg(long)]
+        json: bool,
     },
     /// Create device NAME from a replication stream read from standard input (an
     /// incremental stream applies on top of the copy of its base).
@@ -166,6 +171,9 @@ pub enum Cmd {
     Receive {
         #[arg(value_name = "DIR_NAME", num_args = 1..=2, required = true)]
         args: Vec<OsString>,
+        /// Print the summary as JSON (the fields of send's, plus "id" and "base_name").
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -115,13 +115,13 @@ fn run(cli: Cli) -> CliResult {
                 },
             )
         }
-        Cmd::Send { args, from } => {
+        Cmd::Send { args, from, json } => {
             let (dir, rest) = split_dir(args, 1);
-            send::send(&dir, &utf8(&rest[0], "NAME")?, from.as_deref())
+            send::send(&dir, &utf8(&rest[0], "NAME")?, from.as_deref(), json)
         }
-        Cmd::Receive { args } => {
+        Cmd::Receive { args, json } => {
             let (dir, rest) = split_dir(args, 1);
-            receive::receive(&dir, &utf8(&rest[0], "NAME")?)
+            receive::receive(&dir, &utf8(&rest[0], "NAME")?, json)
         }
         Cmd::Create { .. } | Cmd::Snapshot { .. } | Cmd::Delete { .. } | Cmd::Discard { .. } | Cmd::Resize { .. } => {
             Err(msg("internal error: a change was not dispatched"))

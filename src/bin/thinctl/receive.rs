@@ -18,7 +18,7 @@ use crate::send::{describe_report, read_reply, repl_err, request, served};
 use crate::units::format_size;
 
 /// `thinctl receive`.
-pub fn receive(dir: &Path, name: &str) -> CliResult {
+pub fn receive(dir: &Path, name: &str, json: bool) -> CliResult {
     let stdin = std::io::stdin();
     if stdin.is_terminal() {
         return Err(msg(
@@ -38,6 +38,10 @@ pub fn receive(dir: &Path, name: &str) -> CliResult {
             .map_err(repl_err)?
         }
     };
+    if json {
+        println!("{}", serde_json::to_string(&report).map_err(|e| msg(e.to_string()))?);
+        return Ok(());
+    }
     let kind = match &report.base_name {
         Some(b) => format!("incremental, on top of \"{b}\""),
         None => "full".to_string(),

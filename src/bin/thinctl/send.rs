@@ -74,7 +74,7 @@ pub fn describe_report(r: &StreamReport) -> String {
 }
 
 /// `thinctl send`.
-pub fn send(dir: &Path, name: &str, from: Option<&str>) -> CliResult {
+pub fn send(dir: &Path, name: &str, from: Option<&str>, json: bool) -> CliResult {
     let stdout = std::io::stdout();
     if stdout.is_terminal() {
         return Err(msg(
@@ -93,6 +93,10 @@ pub fn send(dir: &Path, name: &str, from: Option<&str>) -> CliResult {
         }
     };
     out.flush().map_err(|e| msg(format!("cannot write the stream: {e}")))?;
+    if json {
+        eprintln!("{}", serde_json::to_string(&report).map_err(|e| msg(e.to_string()))?);
+        return Ok(());
+    }
     let kind = match from {
         Some(b) => format!("changes since \"{b}\""),
         None => "full".to_string(),
