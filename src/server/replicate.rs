@@ -208,3 +208,53 @@ impl Write for Frames<'_> {
         self.flush_frame()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::protocol::{decode_request, RequestLine};
+
+    #[test]
+    fn streaming_requests_have_a_stable_wire_form() {
+        let send = Request::Send { name: "s2".into(), from: Some("s1".into()) };
+        let line = encode(&RequestLine { version: PROTOCOL_VERSION, request: send.clone() });
+        assert_eq!(line, "{\"version\":2,\"request\":{\"op\":\"send\",\"name\":\"s2\",\"from\":\"s1\"}}\n");
+        assert_eq!(decode_request(line.trim_end().as_bytes()).expect("decode"), send);
+        let recv = Request::Receive { name: "s2".into() };
+        let line = encode(&RequestLine { version: PROTOCOL_VERSION, request: recv.clone() });
+        assert_eq!(line, "{\"version\":2,\"request\":{\"op\":\"receive\",\"name\":\"s2\"}}\n");
+        assert_eq!(decode_request(line.trim_end().as_bytes()).expect("decode"), recv);
+        assert!(send.is_streaming() && recv.is_streaming() && !Request::Ls.is_streaming());
+        assert_eq!(
+            encode(&ResponseLine { version: PROTOCOL_VERSION, response: Response::Ready }),
+            "{\"version\":2,\"response\":{\"result\":\"ready\"}}\n"
+        );
+        // A client of version 1 still gets its old requests answered.
+        assert_eq!(decode_request(br#"{"version":1,"request":{"op":"ls"}}"#).expect("v1"), Request::Ls);
+    }
+
+    #[test]
+    fn frames_are_at_most_max_frame_bytes() {
+        let (a, b) = UnixStream::pair().expect("pair");
+        let writer = std::thread::spawn(move || {
+            let mut f = Frames { out: Deadline { conn: &a, stop: None }, buf: Vec::new() };
+            f.write_all(&vec![7u8; MAX_FRAME as usize * 2 + 5]).expect("write");
+            f.flush().expect("flush");
+        });
+        let mut r = &b;
+        let mut lens = Vec::new();
+        let mut total = 0;
+        while total < MAX_FRAME as usize * 2 + 5 {
+            let mut len = [0u8; 4];
+            r.read_exact(&mut len).expect("len");
+            let n = u32::from_le_bytes(len) as usize;
+            let mut body = vec![0u8; n];
+            r.read_exact(&mut body).expect("body");
+            assert!(body.iter().all(|&x| x == 7));
+            lens.push(n);
+            total += n;
+        }
+        writer.join().expect("writer");
+        assert_eq!(lens, vec![MAX_FRAME as usize, MAX_FRAME as usize, 5]);
+    }
+}
