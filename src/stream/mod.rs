@@ -1,5 +1,5 @@
 //! Replication between pools: `thinctl send` writes a device (or what changed in it
-//! since a base) as a self-describing stream ([`format`]), `thinctl receive`
+//! since a base) as a self-describing stream ([`format`](mod@format)), `thinctl receive`
 //! recreates it in another pool. The same code runs on a pool a command opened
 //! ([`Offline`]) and on a served pool ([`Target`] is implemented by the server over
 //! its shared service), so a served pool sends and receives without pausing its
