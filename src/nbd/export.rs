@@ -17,6 +17,16 @@ pub struct Extent {
     pub zero: bool,
 }
 
+/// One extent of a metadata context other than `base:allocation` (see
+/// [`Catalog::meta_contexts`]): its length and the context's flags for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContextExtent {
+    /// Length in bytes.
+    pub length: u64,
+    /// The context's flags.
+    pub flags: u32,
+}
+
 /// Errors an export reports; [`errno`] maps them to the wire.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -73,6 +83,12 @@ pub trait Export: Send + Sync {
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, fast: bool) -> Result<(), ExportError>;
     /// Extents covering `[offset, offset+len)`, in order (may stop early, at least 1 byte).
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, ExportError>;
+    /// Extents of an extra metadata context, named by the `key` its catalog gave
+    /// it ([`Catalog::meta_contexts`]), covering `[offset, offset+len)` in order
+    /// (may stop early, at least 1 byte). The default offers none.
+    fn context_extents(&self, _key: u64, _offset: u64, _len: u64) -> Result<Vec<ContextExtent>, ExportError> {
+        Err(ExportError::NotSupported)
+    }
 }
 
 /// The exports a server offers.
@@ -83,4 +99,11 @@ pub trait Catalog: Send + Sync {
     fn open(&self, name: &str) -> Option<Arc<dyn Export>>;
     /// A connection to `name` ended.
     fn close(&self, _name: &str) {}
+    /// Metadata contexts other than `base:allocation` that export `export` offers,
+    /// matching `query`: a full context name, a namespace prefix ending in `:`, or
+    /// `""` for all. Each comes with a key that [`Export::context_extents`] takes.
+    /// The default offers none.
+    fn meta_contexts(&self, _export: &str, _query: &str) -> Vec<(String, u64)> {
+        Vec::new()
+    }
 }

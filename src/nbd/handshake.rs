@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use byteorder::{BigEndian as BE, ByteOrder};
 
+use super::contexts::{self, Selected};
 use super::export::{Catalog, Export};
 use super::server::MAX_PAYLOAD;
 use super::wire::{self, OptionCode};
@@ -73,6 +74,8 @@ pub(super) struct Session<'c> {
     pub(super) base_allocation: bool,
     /// Writes are refused (server setting or export).
     pub(super) read_only: bool,
+    /// Other metadata contexts selected with SET_META_CONTEXT.
+    pub(super) contexts: Vec<Selected>,
 }
 
 impl Session<'_> {
@@ -182,19 +185,19 @@ fn parse_info_request(data: &[u8]) -> Option<(String, Vec<u16>)> {
     c.0.is_empty().then_some((name, infos))
 }
 
-/// The payload of LIST/SET_META_CONTEXT: export name (ignored), then the queries.
+/// The payload of LIST/SET_META_CONTEXT: export name, then the queries.
 /// `None` when malformed or with more than [`MAX_QUERIES`] queries.
-fn parse_meta_context_request(data: &[u8]) -> Option<Vec<String>> {
+fn parse_meta_context_request(data: &[u8]) -> Option<(String, Vec<String>)> {
     let mut c = Cursor(data);
     let n = c.u32()?;
-    let _export = c.string(n)?;
+    let export = c.string(n)?;
     let k = c.u32()?;
     let mut queries = Vec::new();
     for _ in 0..k.min(MAX_QUERIES) {
         let l = c.u32()?;
         queries.push(c.string(l)?);
     }
-    (c.0.is_empty() && k <= MAX_QUERIES).then_some(queries)
+    (c.0.is_empty() && k <= MAX_QUERIES).then_some((export, queries))
 }
 
 /// What to do after an option.
@@ -216,6 +219,8 @@ pub(super) struct Negotiation<'c> {
     no_zeroes: bool,
     structured: bool,
     base_allocation: bool,
+    /// Other contexts selected with SET_META_CONTEXT.
+    contexts: Vec<Selected>,
     /// Every option is refused with this message (the server is over its
     /// connection limit, or shutting down) and this error.
     refuse: Option<(u32, String)>,
@@ -233,6 +238,7 @@ impl<'c> Negotiation<'c> {
             no_zeroes: client_flags & wire::FLAG_C_NO_ZEROES != 0,
             structured: false,
             base_allocation: false,
+            contexts: Vec::new(),
             refuse: None,
         })
     }
@@ -322,7 +328,13 @@ impl<'c> Negotiation<'c> {
         }
         out.extend_from_slice(&reply);
         let read_only = self.read_only || export.read_only();
-        Ok(Step::Serve(Session { attachment, structured: false, base_allocation: false, read_only }))
+        Ok(Step::Serve(Session {
+            attachment,
+            structured: false,
+            base_allocation: false,
+            read_only,
+            contexts: Vec::new(),
+        }))
     }
 
     /// LIST: one REP_SERVER per export, then ACK.
@@ -386,6 +398,7 @@ impl<'c> Negotiation<'c> {
                 structured: self.structured,
                 base_allocation: self.base_allocation,
                 read_only,
+                contexts: self.contexts.clone(),
             });
         }
         Step::Next
@@ -411,14 +424,15 @@ impl<'c> Negotiation<'c> {
         Some(d)
     }
 
-    /// LIST_META_CONTEXT and SET_META_CONTEXT: the only context is
-    /// `base:allocation`; SET needs structured replies first.
+    /// LIST_META_CONTEXT and SET_META_CONTEXT: `base:allocation`, and the contexts
+    /// the catalog offers for the export named in the request (see `contexts.rs`);
+    /// SET needs structured replies first.
     fn meta_context(&mut self, option: OptionCode, data: &[u8], out: &mut Vec<u8>) {
         let set = option == OptionCode::SetMetaContext;
         if set && !self.structured {
             return self.reply(out, option, wire::REP_ERR_INVALID, b"negotiate structured replies first");
         }
-        let Some(queries) = parse_meta_context_request(data) else {
+        let Some((export, queries)) = parse_meta_context_request(data) else {
             return self.reply(out, option, wire::REP_ERR_INVALID, b"");
         };
         let matches = if queries.is_empty() {
@@ -432,6 +446,18 @@ impl<'c> Negotiation<'c> {
         if matches {
             let mut d = CTX_BASE_ALLOCATION.to_be_bytes().to_vec();
             d.extend_from_slice(b"base:allocation");
+            self.reply(out, option, wire::REP_META_CONTEXT, &d);
+        }
+        let found = contexts::matching(self.catalog.get(), &export, &queries, set);
+        let listed: Vec<(u32, String)> = if set {
+            self.contexts = contexts::select(found);
+            self.contexts.iter().map(|c| (c.id, c.name.clone())).collect()
+        } else {
+            found.into_iter().map(|(name, _)| (0, name)).collect()
+        };
+        for (id, name) in listed {
+            let mut d = id.to_be_bytes().to_vec();
+            d.extend_from_slice(name.as_bytes());
             self.reply(out, option, wire::REP_META_CONTEXT, &d);
         }
         self.reply(out, option, wire::REP_ACK, b"")

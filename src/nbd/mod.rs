@@ -15,6 +15,7 @@
 //! - [`export`]: what the server needs from storage; [`mem`]: an in-memory one.
 
 mod conn;
+mod contexts;
 pub mod export;
 mod handshake;
 pub mod mem;
@@ -22,5 +23,5 @@ pub mod server;
 mod transmission;
 pub mod wire;
 
-pub use export::{Catalog, Export, ExportError, Extent};
+pub use export::{Catalog, ContextExtent, Export, ExportError, Extent};
 pub use server::{serve_connection, Limits, Server, ServerConfig};

@@ -88,7 +88,7 @@ pub(super) fn check_request(s: &Session, command: Command, req: &Request) -> Res
             }
         }
         Command::BlockStatus => {
-            if !s.base_allocation || req.length == 0 || !in_bounds {
+            if (!s.base_allocation && s.contexts.is_empty()) || req.length == 0 || !in_bounds {
                 return Err(wire::EINVAL);
             }
         }
@@ -215,11 +215,41 @@ fn do_read(s: &Session, out: &mut Vec<u8>, req: &Request) {
     }
 }
 
-/// BLOCK_STATUS: one `base:allocation` chunk of at most [`MAX_EXTENTS`] extents.
+/// BLOCK_STATUS: one chunk per selected context (`base:allocation` first), each of
+/// at most [`MAX_EXTENTS`] extents; the last one carries the DONE flag.
 fn do_block_status(s: &Session, out: &mut Vec<u8>, req: &Request) {
+    let mut payloads = Vec::new();
+    if s.base_allocation {
+        match base_allocation_payload(s, req) {
+            Ok(p) => payloads.push(p),
+            Err(e) => return error_reply(s, out, Command::BlockStatus, req, e),
+        }
+    }
+    let one = req.flags & wire::CMD_FLAG_REQ_ONE != 0;
+    for ctx in &s.contexts {
+        match super::contexts::payload(s.export(), ctx, req.offset, req.length as u64, one, MAX_EXTENTS) {
+            Ok(p) => payloads.push(p),
+            Err(e) => return error_reply(s, out, Command::BlockStatus, req, e),
+        }
+    }
+    let n = payloads.len();
+    for (i, payload) in payloads.into_iter().enumerate() {
+        let flags = if i + 1 == n { wire::REPLY_FLAG_DONE } else { 0 };
+        out.extend_from_slice(&wire::chunk_header(
+            flags,
+            wire::REPLY_TYPE_BLOCK_STATUS,
+            req.cookie,
+            payload.len() as u32,
+        ));
+        out.extend_from_slice(&payload);
+    }
+}
+
+/// The `base:allocation` payload of a BLOCK_STATUS, or the errno.
+fn base_allocation_payload(s: &Session, req: &Request) -> Result<Vec<u8>, u32> {
     let extents = match s.export().block_status(req.offset, req.length as u64) {
         Ok(x) => x,
-        Err(e) => return error_reply(s, out, Command::BlockStatus, req, errno(&e)),
+        Err(e) => return Err(errno(&e)),
     };
     let mut payload = CTX_BASE_ALLOCATION.to_be_bytes().to_vec();
     let mut covered = 0u64;
@@ -242,13 +272,7 @@ fn do_block_status(s: &Session, out: &mut Vec<u8>, req: &Request) {
         }
     }
     if payload.len() == 4 {
-        return error_reply(s, out, Command::BlockStatus, req, wire::EIO);
+        return Err(wire::EIO);
     }
-    out.extend_from_slice(&wire::chunk_header(
-        wire::REPLY_FLAG_DONE,
-        wire::REPLY_TYPE_BLOCK_STATUS,
-        req.cookie,
-        payload.len() as u32,
-    ));
-    out.extend_from_slice(&payload);
+    Ok(payload)
 }

@@ -311,6 +311,15 @@ impl Controller {
                 ErrorKind::BadRequest,
                 "send and receive stream on the connection: they go to the stream handler",
             )),
+            Request::Diff { from, to, include_same } => {
+                crate::server::diff::diff_served(&self.service, &self.pd, &from, &to, include_same)
+                    .map(|diff| Response::Diff { diff })
+                    .map_err(ControlError::from)
+            }
+            Request::Rollback { device, snapshot } => {
+                crate::server::rollback::rollback_served(&self.service, &self.pd, self.read_only, &device, &snapshot)
+                    .map(|outcome| Response::RolledBack { outcome, block_bytes: self.service.block_bytes() })
+            }
         };
         r.unwrap_or_else(|error| Response::Error { error })
     }

@@ -8,7 +8,7 @@
 use std::sync::{Arc, RwLock};
 
 use crate::error::PoolError;
-use crate::nbd::{Catalog, Export, ExportError, Extent};
+use crate::nbd::{Catalog, ContextExtent, Export, ExportError, Extent};
 use crate::server::service::Service;
 use crate::thin::DevId;
 
@@ -92,6 +92,10 @@ impl Export for DeviceExport {
         let runs = self.service.extents(self.id, offset, len).map_err(export_err)?;
         Ok(runs.into_iter().map(|r| Extent { length: r.len, hole: !r.mapped, zero: !r.mapped }).collect())
     }
+    fn context_extents(&self, key: u64, offset: u64, len: u64) -> Result<Vec<ContextExtent>, ExportError> {
+        let base = DevId::try_from(key).map_err(|_| ExportError::Invalid(format!("no device {key}")))?;
+        crate::server::changed::extents(&self.service, self.id, base, offset, len).map_err(export_err)
+    }
 }
 
 /// The exports of a served pool. The device list can change while serving
@@ -168,4 +172,13 @@ impl Catalog for PoolCatalog {
     /// Nothing to do: the export's `Drop` releases the attach count (by device id,
     /// so a name that changed meanwhile cannot release the wrong device).
     fn close(&self, _name: &str) {}
+
+    /// `thinpool:changed:<device>` for every other exported device (see
+    /// [`crate::server::changed`]).
+    fn meta_contexts(&self, export: &str, query: &str) -> Vec<(String, u64)> {
+        match self.find(export) {
+            Some(d) => crate::server::changed::contexts(&self.devices(), &d, query),
+            None => Vec::new(),
+        }
+    }
 }

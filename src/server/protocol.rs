@@ -65,6 +65,26 @@ pub enum Request {
     Ls,
     /// The pool's status; answered with [`Response::Status`].
     Status,
+    /// The runs where device `to` differs from device `from`, taken at one
+    /// instant; answered with [`Response::Diff`].
+    Diff {
+        /// The left device (typically the older snapshot).
+        from: String,
+        /// The right device.
+        to: String,
+        /// List `same` runs too.
+        #[serde(default)]
+        include_same: bool,
+    },
+    /// Make `device`'s contents `snapshot`'s in O(1); refused while a client has
+    /// `device` attached ([`ErrorKind::Attached`]); answered with
+    /// [`Response::RolledBack`].
+    Rollback {
+        /// The device to roll back.
+        device: String,
+        /// The snapshot whose contents it takes.
+        snapshot: String,
+    },
     /// Stream device `name` (and the changes since `from`) as a replication stream
     /// (since version 2): answered with [`Response::Ready`], then the stream in
     /// frames, then [`Response::Sent`] or an error (see the module documentation).
@@ -110,6 +130,18 @@ pub enum Response {
     Status {
         /// The numbers.
         status: PoolStatus,
+    },
+    /// The diff of two devices.
+    Diff {
+        /// The runs.
+        diff: crate::server::diff::DiffReport,
+    },
+    /// A rollback was done (committed and saved).
+    RolledBack {
+        /// What it did.
+        outcome: crate::server::rollback::RollbackOutcome,
+        /// The pool's data block size in bytes.
+        block_bytes: u64,
     },
     /// A streaming request was accepted: the stream follows (send) or may be sent
     /// (receive).

@@ -249,6 +249,12 @@ impl Service {
         r
     }
 
+    /// Run `f` under the metadata lock only, for what reads metadata (a step of a
+    /// diff walk): I/O outside the lock goes on, nothing is quiesced.
+    pub fn with_pool_locked<R>(&self, f: impl FnOnce(&mut Pool) -> R) -> R {
+        f(&mut self.lock().pool)
+    }
+
     /// Read from a device. The mapping is looked up under the lock and the data read
     /// outside it, so reads overlap each other and writes; a data block can only be
     /// handed to another device after the reuse epoch moves, so when it moved during
@@ -455,6 +461,27 @@ impl Service {
         }
         g.pool.delete(dev as u64)?;
         let r = g.pool.commit();
+        drop(g);
+        self.space.notify();
+        r
+    }
+
+    /// Run `f` on the pool unless a client has `dev` attached: the check and `f`
+    /// are one step under the metadata lock, with I/O quiesced as for
+    /// [`Service::with_pool`], so no client can attach in between. An attached device
+    /// is [`PoolError::Invalid`] and `f` does not run.
+    pub fn with_pool_unattached<R>(
+        &self,
+        dev: DevId,
+        f: impl FnOnce(&mut Pool) -> Result<R, PoolError>,
+    ) -> Result<R, PoolError> {
+        let _quiet = self.quiesce();
+        let _change = self.commits.change();
+        let mut g = self.lock();
+        if let Some(&n) = g.attached.get(&dev).filter(|&&n| n > 0) {
+            return Err(PoolError::invalid(format!("thin device {dev} is attached by {n} client(s)")));
+        }
+        let r = f(&mut g.pool);
         drop(g);
         self.space.notify();
         r

@@ -127,7 +127,31 @@ enum Item {
     Node { block: u64, lo: u64, hi: Option<u64>, height: usize },
 }
 
+/// A diff being walked in steps (see [`Metadata::diff_walk`]).
+#[derive(Debug)]
+pub struct DiffWalk {
+    a: Side,
+    b: Side,
+    runs: Runs,
+    opts: DiffOptions,
+    stats: DiffStats,
+}
+
+impl DiffWalk {
+    /// The runs found and what the walk read (complete once
+    /// [`Metadata::diff_step`] returned `true`).
+    pub fn finish(self) -> (Vec<DeltaRun>, DiffStats) {
+        (self.runs.out, self.stats)
+    }
+
+    /// What the walk read so far.
+    pub fn stats(&self) -> DiffStats {
+        self.stats
+    }
+}
+
 /// One side of the walk: pending items, the front last.
+#[derive(Debug)]
 struct Side {
     stack: Vec<Item>,
     /// The last entry key taken from this side (keys must ascend).
@@ -136,6 +160,7 @@ struct Side {
 }
 
 /// Runs being built, adjacent runs of one kind merged.
+#[derive(Debug)]
 struct Runs {
     out: Vec<DeltaRun>,
     include_same: bool,
@@ -154,6 +179,110 @@ impl Runs {
         }
         self.out.push(DeltaRun { kind, begin: VirtBlock(key), len: 1 });
     }
+}
+
+/// The uuid a metadata snapshot held for a diff carries in its superblock copy, so
+/// that one left behind by an interrupted diff can be told from a snapshot someone
+/// else holds (the kernel and `thin_check` ignore the field).
+pub const HELD_FOR_DIFF: [u8; 16] = *b"thinpool:diff\0\0\0";
+
+/// Every device's mapping tree at one instant, kept by a held metadata snapshot
+/// (dm-thin's `reserve_metadata_snap`): while it is held, changes to the devices
+/// copy the nodes they touch, so these trees stay as they were and can be walked
+/// at leisure. Crash-safe: a commit while it is held records it on disk like any
+/// held snapshot; [`Metadata::hold_mappings`] releases one an interrupted diff left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldMappings {
+    /// The block of the superblock copy (the pool's `held_root`).
+    pub block: u64,
+    mapping_root: u64,
+    details_root: u64,
+}
+
+impl Metadata {
+    /// Hold every device's mappings as they are now (see [`HeldMappings`]). The
+    /// metadata must be committed (nothing changed since), so that the held trees are
+    /// the committed ones. Refused when the pool is read-only or a metadata snapshot
+    /// is already held.
+    pub fn hold_mappings(&mut self) -> Result<HeldMappings, PoolError> {
+        self.writable()?;
+        if self.changed {
+            return Err(PoolError::MetadataSnapshot("the metadata has uncommitted changes: commit before holding it"));
+        }
+        if self.held_root != 0 {
+            return Err(PoolError::MetadataSnapshot("a metadata snapshot is already held"));
+        }
+        self.ensure_metadata(MetaNeed::Grow(1))?;
+        let h = self.t.alloc_meta()?;
+        let copy = Superblock {
+            data_sm_root: SmRoot::default(),
+            metadata_sm_root: SmRoot::default(),
+            held_root: 0,
+            uuid: HELD_FOR_DIFF,
+            ..self.sb.clone()
+        };
+        self.t.put(h, copy.encode(h), BlockKind::Superblock, 0);
+        self.t.meta_counts_mut().inc(self.sb.data_mapping_root)?;
+        self.t.meta_counts_mut().inc(self.sb.device_details_root)?;
+        self.held_root = h;
+        self.changed = true;
+        Ok(HeldMappings {
+            block: h,
+            mapping_root: self.sb.data_mapping_root,
+            details_root: self.sb.device_details_root,
+        })
+    }
+
+    /// Let go of mappings held by [`Metadata::hold_mappings`]: what only they kept is
+    /// freed (at the next commit, like any release).
+    pub fn release_held_mappings(&mut self, held: &HeldMappings) -> Result<(), PoolError> {
+        self.writable()?;
+        if self.held_root != held.block || held.block == 0 {
+            return Err(PoolError::MetadataSnapshot("those mappings are not held"));
+        }
+        self.held_root = 0;
+        self.changed = true;
+        btree::delete_tree(&mut self.t, held.mapping_root, TOP_LEVEL)?;
+        btree::delete_tree(&mut self.t, held.details_root, DETAILS)?;
+        self.t.dec_meta(held.block)?;
+        Ok(())
+    }
+
+    /// The root of device `id`'s mapping tree in held mappings.
+    pub fn held_device_root(&mut self, held: &HeldMappings, id: DevId) -> Result<u64, PoolError> {
+        btree::lookup_u64(&mut self.t, held.mapping_root, id as u64, TOP_LEVEL)?.ok_or(PoolError::NoSuchDevice(id))
+    }
+
+    /// Release a committed held snapshot whose copy carries [`HELD_FOR_DIFF`]: one
+    /// a diff took and could not release (its process ended). `false` when none is
+    /// held, or the held one is someone else's or was taken in this transaction.
+    /// Call it only while no [`HeldMappings`] of this pool is in use: it cannot tell
+    /// a live hold that was committed from a stale one.
+    pub fn release_stale_hold(&mut self) -> Result<bool, PoolError> {
+        let h = self.held_root;
+        if h == 0 || self.sb.held_root != h {
+            return Ok(false);
+        }
+        let raw = self.t.read_uncached(h)?;
+        let held = Superblock::decode(&raw, h).map_err(|e| MetaError::corrupt(h, Corruption::Superblock(e)))?;
+        if held.uuid != HELD_FOR_DIFF {
+            return Ok(false);
+        }
+        let stale =
+            HeldMappings { block: h, mapping_root: held.data_mapping_root, details_root: held.device_details_root };
+        self.release_held_mappings(&stale)?;
+        Ok(true)
+    }
+}
+
+/// Pop the front entry of `s` (key `key`), checking keys ascend.
+fn take(s: &mut Side, key: u64) -> Result<(), PoolError> {
+    s.stack.pop();
+    if s.last.is_some_and(|l| l >= key) {
+        return Err(corrupt(s.root, format!("mapping tree keys out of order at virtual block {key}")));
+    }
+    s.last = Some(key);
+    Ok(())
 }
 
 fn corrupt(b: u64, what: String) -> PoolError {
@@ -191,41 +320,66 @@ impl Metadata {
         right_root: u64,
         opts: &DiffOptions,
     ) -> Result<(Vec<DeltaRun>, DiffStats), PoolError> {
-        let mut stats = DiffStats::default();
-        let mut runs = Runs { out: Vec::new(), include_same: opts.include_same };
-        let from = opts.from.0;
-        let to = opts.to.map(|t| t.0);
-        if to.is_some_and(|t| t <= from) {
-            return Ok((runs.out, stats));
-        }
+        let mut walk = self.diff_walk(left_root, right_root, opts)?;
+        while !self.diff_step(&mut walk, u64::MAX)? {}
+        Ok(walk.finish())
+    }
+
+    /// Start a diff of two mapping trees that is walked in steps
+    /// ([`Metadata::diff_step`]), so a caller may let go of the metadata between
+    /// steps. The trees must not change until the walk ends: hold them (see
+    /// [`Metadata::hold_mappings`]) or keep the metadata locked.
+    pub fn diff_walk(&mut self, left_root: u64, right_root: u64, opts: &DiffOptions) -> Result<DiffWalk, PoolError> {
         let mut sides = [left_root, right_root].map(|root| Side { stack: Vec::new(), last: None, root });
-        for s in &mut sides {
-            let height = btree::depth(&mut self.t, s.root, MAPPING)? as usize - 1;
-            s.stack.push(Item::Node { block: s.root, lo: 0, hi: None, height });
+        if opts.to.is_none_or(|t| t > opts.from) {
+            for s in &mut sides {
+                let height = btree::depth(&mut self.t, s.root, MAPPING)?.saturating_sub(1) as usize;
+                s.stack.push(Item::Node { block: s.root, lo: 0, hi: None, height });
+            }
         }
-        let [mut a, mut b] = sides;
+        let [a, b] = sides;
+        Ok(DiffWalk {
+            a,
+            b,
+            runs: Runs { out: Vec::new(), include_same: opts.include_same },
+            opts: *opts,
+            stats: DiffStats::default(),
+        })
+    }
+
+    /// Walk on until the diff is complete (`true`) or `max_nodes` nodes were read
+    /// in this step (`false`: call again).
+    pub fn diff_step(&mut self, w: &mut DiffWalk, max_nodes: u64) -> Result<bool, PoolError> {
+        let from = w.opts.from.0;
+        let to = w.opts.to.map(|t| t.0);
+        let include_same = w.opts.include_same;
+        let limit = w.stats.nodes_read.saturating_add(max_nodes.max(1));
+        let DiffWalk { a, b, runs, stats, .. } = w;
         loop {
+            if stats.nodes_read >= limit {
+                return Ok(false);
+            }
             match (a.stack.last().copied(), b.stack.last().copied()) {
-                (None, None) => break,
+                (None, None) => return Ok(true),
                 (Some(Item::Entry { key: ka, data: da }), Some(Item::Entry { key: kb, data: db })) => {
                     if ka < kb {
-                        self.take(&mut a, ka)?;
+                        take(a, ka)?;
                         runs.push(DeltaKind::LeftOnly, ka);
                     } else if kb < ka {
-                        self.take(&mut b, kb)?;
+                        take(b, kb)?;
                         runs.push(DeltaKind::RightOnly, kb);
                     } else {
-                        self.take(&mut a, ka)?;
-                        self.take(&mut b, kb)?;
+                        take(a, ka)?;
+                        take(b, kb)?;
                         runs.push(if da == db { DeltaKind::Same } else { DeltaKind::Different }, ka);
                     }
                 }
                 (Some(Item::Entry { key, .. }), None) => {
-                    self.take(&mut a, key)?;
+                    take(a, key)?;
                     runs.push(DeltaKind::LeftOnly, key);
                 }
                 (None, Some(Item::Entry { key, .. })) => {
-                    self.take(&mut b, key)?;
+                    take(b, key)?;
                     runs.push(DeltaKind::RightOnly, key);
                 }
                 (Some(Item::Node { block: x, .. }), Some(Item::Node { block: y, .. })) if x == y => {
@@ -233,50 +387,39 @@ impl Metadata {
                     a.stack.pop();
                     b.stack.pop();
                     stats.shared_skipped += 1;
-                    if opts.include_same {
-                        self.same_subtree(x, from, to, &mut runs)?;
+                    if include_same {
+                        self.same_subtree(x, from, to, runs)?;
                     }
                 }
                 (Some(Item::Node { lo: la, height: ha, .. }), Some(Item::Node { lo: lb, height: hb, .. })) => {
                     // Descend where the keys start first; on a tie, the taller one
                     // (the other may be one of its subtrees).
                     if (la, std::cmp::Reverse(ha)) <= (lb, std::cmp::Reverse(hb)) {
-                        self.expand(&mut a, from, to, &mut stats)?;
+                        self.expand(a, from, to, stats)?;
                     } else {
-                        self.expand(&mut b, from, to, &mut stats)?;
+                        self.expand(b, from, to, stats)?;
                     }
                 }
                 (Some(Item::Node { lo, .. }), Some(Item::Entry { key, .. })) => {
                     if lo > key {
-                        self.take(&mut b, key)?;
+                        take(b, key)?;
                         runs.push(DeltaKind::RightOnly, key);
                     } else {
-                        self.expand(&mut a, from, to, &mut stats)?;
+                        self.expand(a, from, to, stats)?;
                     }
                 }
                 (Some(Item::Entry { key, .. }), Some(Item::Node { lo, .. })) => {
                     if lo > key {
-                        self.take(&mut a, key)?;
+                        take(a, key)?;
                         runs.push(DeltaKind::LeftOnly, key);
                     } else {
-                        self.expand(&mut b, from, to, &mut stats)?;
+                        self.expand(b, from, to, stats)?;
                     }
                 }
-                (Some(Item::Node { .. }), None) => self.expand(&mut a, from, to, &mut stats)?,
-                (None, Some(Item::Node { .. })) => self.expand(&mut b, from, to, &mut stats)?,
+                (Some(Item::Node { .. }), None) => self.expand(a, from, to, stats)?,
+                (None, Some(Item::Node { .. })) => self.expand(b, from, to, stats)?,
             }
         }
-        Ok((runs.out, stats))
-    }
-
-    /// Pop the front entry of `s` (key `key`), checking keys ascend.
-    fn take(&mut self, s: &mut Side, key: u64) -> Result<(), PoolError> {
-        s.stack.pop();
-        if s.last.is_some_and(|l| l >= key) {
-            return Err(corrupt(s.root, format!("mapping tree keys out of order at virtual block {key}")));
-        }
-        s.last = Some(key);
-        Ok(())
     }
 
     /// Replace the front node of `s` by its entries or children within `[from, to)`.

@@ -18,6 +18,7 @@ mod devices;
 mod diff;
 mod mapping;
 mod restore;
+mod rollback;
 mod usage;
 
 use std::collections::{BTreeMap, HashMap};
@@ -35,7 +36,7 @@ use crate::space_map::RefCounts;
 use crate::transaction::Txn;
 
 pub use crate::units::DevId;
-pub use diff::{DeltaKind, DeltaRun, DiffOptions, DiffStats};
+pub use diff::{DeltaKind, DeltaRun, DiffOptions, DiffStats, DiffWalk, HeldMappings, HELD_FOR_DIFF};
 
 /// Bottom-level mapping trees: `block_time` values, each a reference on a data block.
 pub const MAPPING: Values = Values::DataRefs { data_block: |v| unpack_block_time(btree::u64_of(v)).0 };

@@ -112,6 +112,30 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The runs of blocks where TO differs from FROM, in thin_delta's words
+    /// (different, left_only, right_only; same with --same); on a served pool taken at
+    /// one instant while clients keep running.
+    #[command(override_usage = "thinctl diff [DIR] FROM TO [--same] [--json]")]
+    Diff {
+        #[arg(value_name = "DIR_FROM_TO", num_args = 2..=3, required = true)]
+        args: Vec<OsString>,
+        /// List the runs both map to the same data blocks too (reads every mapping).
+        #[arg(long)]
+        same: bool,
+        /// Print JSON: {"left", "right", "left_id", "right_id", "block_bytes",
+        /// "changed_blocks", "changed_bytes", "runs": [{"kind", "begin_block",
+        /// "length_blocks", "offset_bytes", "length_bytes"}]}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make DEVICE's contents (and size) SNAPSHOT's at once (O(1): DEVICE shares
+    /// SNAPSHOT's mappings; what only DEVICE held is freed); refused while a client
+    /// has DEVICE attached.
+    #[command(override_usage = "thinctl rollback [DIR] DEVICE SNAPSHOT")]
+    Rollback {
+        #[arg(value_name = "DIR_DEVICE_SNAPSHOT", num_args = 2..=3, required = true)]
+        args: Vec<OsString>,
+    },
     /// Check the metadata strictly (exit 0 only when it is consistent).
     Check {
         /// The pool directory.

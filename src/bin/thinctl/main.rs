@@ -31,12 +31,14 @@
 
 mod cli;
 mod commands;
+mod diff;
 mod error;
 mod image;
 mod open;
 mod progress;
 mod receive;
 mod remote;
+mod rollback;
 mod send;
 mod serve;
 mod units;
@@ -98,6 +100,14 @@ fn run(cli: Cli) -> CliResult {
         Cmd::Ls { dir, json } => commands::ls(&dir.unwrap_or_else(default_dir), json),
         Cmd::Status { dir, json } => commands::status(&dir.unwrap_or_else(default_dir), json),
         Cmd::Check { dir } => commands::check(&dir.unwrap_or_else(default_dir)),
+        Cmd::Diff { args, same, json } => {
+            let (dir, rest) = split_dir(args, 2);
+            diff::diff(&dir, &utf8(&rest[0], "FROM")?, &utf8(&rest[1], "TO")?, same, json)
+        }
+        Cmd::Rollback { args } => {
+            let (dir, rest) = split_dir(args, 2);
+            rollback::rollback(&dir, &utf8(&rest[0], "DEVICE")?, &utf8(&rest[1], "SNAPSHOT")?)
+        }
         Cmd::Dump { dir } => xml::dump(&dir.unwrap_or_else(default_dir)),
         Cmd::Restore(args) => xml::restore(&args),
         Cmd::Serve { dir, exports, listen, read_only, commit_interval_ms, tuning } => {
