@@ -48,6 +48,9 @@ impl Target for Served {
         let mut pd = self.pd.lock().unwrap_or_else(PoisonError::into_inner);
         self.service.with_pool(|pool| f(&mut pd, pool))
     }
+    fn peek<R>(&self, f: impl FnOnce(&mut Pool) -> R) -> R {
+        self.service.with_pool_locked(f)
+    }
     fn read(&self, dev: DevId, offset: u64, buf: &mut [u8]) -> Result<(), PoolError> {
         self.service.read(dev, offset, buf)
     }

@@ -11,7 +11,8 @@
 //!    (a stale or missing one is replaced by a new random identity); BASE must have
 //!    a valid identity (it was sent or received before and has not changed since).
 //!    The hidden ids are listed in `pool.toml` first; then a commit.
-//! 2. The stream is written from the hidden snapshots: every mapped block of SNAP
+//! 2. The stream is written from the hidden snapshots (their metadata read under
+//!    the metadata lock only, in short steps): every mapped block of SNAP
 //!    (full) or every block where the two snapshots' mapping trees differ
 //!    (incremental, through the tree diff that skips shared subtrees), all-zero
 //!    blocks as ZERO records, blocks unmapped since the base as ZERO records.
@@ -82,6 +83,10 @@ pub enum ReplicationError {
 pub trait Target {
     /// Run `f` with exclusive access to the pool directory and the pool.
     fn locked<R>(&self, f: impl FnOnce(&mut PoolDir, &mut Pool) -> R) -> R;
+    /// Run `f` on the pool for what only reads the metadata of devices nobody
+    /// changes (the hidden snapshots): a served pool holds its metadata lock only,
+    /// and I/O goes on.
+    fn peek<R>(&self, f: impl FnOnce(&mut Pool) -> R) -> R;
     /// Read a device's bytes.
     fn read(&self, dev: DevId, offset: u64, buf: &mut [u8]) -> Result<(), PoolError>;
     /// Write a device's bytes.
@@ -108,6 +113,9 @@ impl<'a> Offline<'a> {
 impl Target for Offline<'_> {
     fn locked<R>(&self, f: impl FnOnce(&mut PoolDir, &mut Pool) -> R) -> R {
         f(&mut self.pd.borrow_mut(), &mut self.pool.borrow_mut())
+    }
+    fn peek<R>(&self, f: impl FnOnce(&mut Pool) -> R) -> R {
+        f(&mut self.pool.borrow_mut())
     }
     fn read(&self, dev: DevId, offset: u64, buf: &mut [u8]) -> Result<(), PoolError> {
         self.pool.borrow_mut().read(dev, offset, buf)
@@ -333,7 +341,7 @@ pub fn send<T: Target, W: Write>(
 fn mapped_runs<T: Target>(t: &T, hs: DevId, lo: u64, hi: u64, out: &mut Vec<SendRun>) -> Result<(), ReplicationError> {
     let mut vb = lo;
     while vb < hi {
-        let maps = t.locked(|_, pool| pool.mapping_window(hs, vb, hi, WALK_WINDOW))?;
+        let maps = t.peek(|pool| pool.mapping_window(hs, vb, hi, WALK_WINDOW))?;
         let Some(last) = maps.last().map(|m| m.vblock) else { break };
         for m in maps {
             match out.last_mut() {
@@ -346,13 +354,14 @@ fn mapped_runs<T: Target>(t: &T, hs: DevId, lo: u64, hi: u64, out: &mut Vec<Send
     Ok(())
 }
 
-/// Virtual blocks diffed per short step (the hidden snapshots do not change, so
-/// the steps see one instant).
-const DIFF_WINDOW: u64 = 1 << 20;
+/// B-tree nodes the diff reads per step under the lock.
+const DIFF_STEP_NODES: u64 = 128;
 
 /// The runs to send for an incremental stream: where the mapping trees of `hb`
 /// and `hs` differ in `[0, hi)`, by the tree diff that skips shared subtrees
-/// (blocks only `hb` maps read as zeros now).
+/// (blocks only `hb` maps read as zeros now). The hidden snapshots do not change,
+/// so the walk goes in short steps under the metadata lock only, and sees one
+/// instant.
 fn changed_runs<T: Target>(
     t: &T,
     hb: DevId,
@@ -360,25 +369,25 @@ fn changed_runs<T: Target>(
     hi: u64,
     out: &mut Vec<SendRun>,
 ) -> Result<(), ReplicationError> {
-    let mut vb = 0;
-    while vb < hi {
-        let stop = vb.saturating_add(DIFF_WINDOW).min(hi);
-        let opts = DiffOptions::range(VirtBlock(vb), VirtBlock(stop));
-        let delta = t.locked(|_, pool| pool.diff_with(hb, hs, &opts))?;
-        for run in delta {
-            let (lo, end) = (run.begin.0, run.end().0);
-            let next = match run.kind {
-                DeltaKind::Same => continue,
-                DeltaKind::LeftOnly => SendRun::Zero(lo, end),
-                DeltaKind::Different | DeltaKind::RightOnly => SendRun::Data(lo, end),
-            };
-            match (out.last_mut(), next) {
-                (Some(SendRun::Data(_, e)), SendRun::Data(s, n)) if *e == s => *e = n,
-                (Some(SendRun::Zero(_, e)), SendRun::Zero(s, n)) if *e == s => *e = n,
-                _ => out.push(next),
-            }
+    let opts = DiffOptions::range(VirtBlock(0), VirtBlock(hi));
+    let mut walk = t.peek(|pool| -> Result<_, PoolError> {
+        let md = pool.metadata_mut();
+        let (l, r) = (md.device_root(hb)?, md.device_root(hs)?);
+        md.diff_walk(l, r, &opts)
+    })?;
+    while !t.peek(|pool| pool.metadata_mut().diff_step(&mut walk, DIFF_STEP_NODES))? {}
+    for run in walk.finish().0 {
+        let (lo, end) = (run.begin.0, run.end().0);
+        let next = match run.kind {
+            DeltaKind::Same => continue,
+            DeltaKind::LeftOnly => SendRun::Zero(lo, end),
+            DeltaKind::Different | DeltaKind::RightOnly => SendRun::Data(lo, end),
+        };
+        match (out.last_mut(), next) {
+            (Some(SendRun::Data(_, e)), SendRun::Data(s, n)) if *e == s => *e = n,
+            (Some(SendRun::Zero(_, e)), SendRun::Zero(s, n)) if *e == s => *e = n,
+            _ => out.push(next),
         }
-        vb = stop;
     }
     Ok(())
 }
