@@ -226,3 +226,38 @@ pub fn xml_restore(data: &[u8]) {
     let (_, _, again) = xml_restore_in_memory(&xml).expect("a dump restores");
     assert_eq!(String::from_utf8_lossy(&again), String::from_utf8_lossy(&xml), "dump, restore, dump");
 }
+
+/// A replication stream from untrusted bytes: the reader must refuse or accept it
+/// without panicking or allocating more than one record; an accepted stream,
+/// written again by [`crate::stream::format::StreamWriter`], must read back as the
+/// same records (adjacent ZERO ranges merged).
+pub fn replication_stream(data: &[u8]) {
+    use crate::stream::format::{read_all, StreamWriter};
+    let Ok((header, records, _)) = read_all(data) else { return };
+    let merged = |recs: Vec<crate::stream::format::OwnedRecord>| {
+        let mut out: Vec<crate::stream::format::OwnedRecord> = Vec::new();
+        for r in recs {
+            match (out.last_mut(), &r) {
+                (Some((o, None, l)), (s, None, n)) if *o + *l == *s => *l += n,
+                _ => out.push(r),
+            }
+        }
+        out
+    };
+    let mut w = StreamWriter::new(Vec::new(), header).expect("an accepted header is writable");
+    for (offset, bytes, len) in &records {
+        match bytes {
+            Some(b) => w.data(*offset, b).expect("accepted records are writable"),
+            None => w.zero(*offset, *len).expect("accepted records are writable"),
+        }
+    }
+    let (_, again) = w.finish().expect("finish");
+    let (h2, r2, _) = read_all(&again).expect("what the writer writes reads back");
+    assert_eq!(h2, header, "header round trip");
+    assert_eq!(merged(r2), merged(records), "records round trip");
+}
+
+/// The records of a stream the reader accepts, for the seed test (`None` when refused).
+pub fn replication_stream_records(data: &[u8]) -> Option<usize> {
+    crate::stream::format::read_all(data).ok().map(|(_, r, _)| r.len())
+}

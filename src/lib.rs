@@ -12,6 +12,7 @@
 //! | [`server`] | the serving process: the pool shared between threads, thin devices as NBD exports, the typed control socket, `run` | `nbd`, `volume`, `pool`, `thin`, `io` |
 //! | [`nbd`] | the NBD protocol: wire format (typed commands and options), handshake, transmission, over an `Export` trait; knows nothing of pools | leaves |
 //! | [`volume`] | a pool directory: `pool.toml`, names and sizes, locking, create/adopt, reconcile, typed changes | `pool`, `thin` |
+//! | [`stream`] | replication: the send/receive stream format and sending and receiving devices between pools | `volume`, `pool`, `thin` |
 //! | [`xml`] | `thin_dump` XML dump and restore through an intermediate representation | `volume`, `pool`, `thin`, `io` |
 //! | [`pool`] | the I/O paths of thin devices over the data storage: read, write, copy-on-write, zero-fill, discard, commit | `thin`, `io` |
 //! | [`check`] | the strict checker (reads only storage and format) and the recount of live metadata; never on the write path | `thin`, `btree`, `space_map`, `transaction`, `io` |
@@ -36,6 +37,7 @@ pub mod nbd;
 pub mod pool;
 pub mod server;
 pub mod space_map;
+pub mod stream;
 pub mod thin;
 pub mod transaction;
 pub mod units;

@@ -43,6 +43,22 @@ const MAX_REPLY: u64 = 256 << 20;
 /// Runs requests for the control socket.
 pub type Handler = Arc<dyn Fn(Request) -> Response + Send + Sync>;
 
+/// Runs streaming requests (send, receive: see [`protocol`](crate::server::protocol)),
+/// which use the connection after the request line: the handler writes its own
+/// replies. The flag is the server's stop flag.
+pub type StreamHandler = Arc<dyn Fn(Request, &UnixStream, &AtomicBool) -> io::Result<()> + Send + Sync>;
+
+/// An optional [`StreamHandler`] (a server without one answers streaming requests
+/// with an error).
+#[derive(Clone, Default)]
+pub struct Streams(pub Option<StreamHandler>);
+
+impl std::fmt::Debug for Streams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Streams(Some)" } else { "Streams(None)" })
+    }
+}
+
 /// Why [`call`] got no response.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
@@ -71,6 +87,16 @@ pub fn call(sock: &Path, request: &Request) -> Result<Response, CallError> {
 
 /// Listen on `sock` (replacing a stale socket file) until `stop` is set.
 pub fn serve(sock: PathBuf, handler: Handler, stop: Arc<AtomicBool>) -> io::Result<JoinHandle<()>> {
+    serve_with_streams(sock, handler, Streams::default(), stop)
+}
+
+/// [`serve`], with a handler for streaming requests.
+pub fn serve_with_streams(
+    sock: PathBuf,
+    handler: Handler,
+    streams: Streams,
+    stop: Arc<AtomicBool>,
+) -> io::Result<JoinHandle<()>> {
     if sock.exists() {
         // A live server would answer; a stale socket file is left by a crash.
         if UnixStream::connect(&sock).is_ok() {
@@ -103,8 +129,9 @@ pub fn serve(sock: PathBuf, handler: Handler, stop: Arc<AtomicBool>) -> io::Resu
                     }
                     active.fetch_add(1, Ordering::SeqCst);
                     let (handler, stop, active) = (Arc::clone(&handler), Arc::clone(&stop), Arc::clone(&active));
+                    let streams = streams.clone();
                     threads.push(std::thread::spawn(move || {
-                        if let Err(e) = answer(&conn, &handler, &stop) {
+                        if let Err(e) = answer(&conn, &handler, &streams, &stop) {
                             eprintln!("thinpool control: {e}");
                         }
                         active.fetch_sub(1, Ordering::SeqCst);
@@ -167,7 +194,7 @@ fn read_request(conn: &UnixStream, stop: &AtomicBool) -> io::Result<Option<Vec<u
     }
 }
 
-fn answer(conn: &UnixStream, handler: &Handler, stop: &AtomicBool) -> io::Result<()> {
+fn answer(conn: &UnixStream, handler: &Handler, streams: &Streams, stop: &AtomicBool) -> io::Result<()> {
     conn.set_nonblocking(false)?;
     conn.set_read_timeout(Some(POLL))?;
     conn.set_write_timeout(Some(REQUEST_TIMEOUT))?;
@@ -186,6 +213,19 @@ fn answer(conn: &UnixStream, handler: &Handler, stop: &AtomicBool) -> io::Result
     }
     let response = match decode_request(&line) {
         Err(error) => Response::Error { error },
+        Ok(request) if request.is_streaming() => match &streams.0 {
+            Some(s) => {
+                let s = Arc::clone(s);
+                return std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s(request, conn, stop)))
+                    .unwrap_or_else(|_| {
+                        let error = ControlError::new(ErrorKind::Failed, "internal error: the stream handler panicked");
+                        reply(conn, Response::Error { error })
+                    });
+            }
+            None => Response::Error {
+                error: ControlError::new(ErrorKind::BadRequest, "this server does not stream (send, receive)"),
+            },
+        },
         Ok(request) => {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(request))).unwrap_or_else(|_| {
                 Response::Error {
@@ -279,6 +319,10 @@ impl Controller {
                 Ok(Response::Status { status })
             }
             Request::Change { change } => self.change(&change),
+            Request::Send { .. } | Request::Receive { .. } => Err(ControlError::new(
+                ErrorKind::BadRequest,
+                "send and receive stream on the connection: they go to the stream handler",
+            )),
             Request::Diff { from, to, include_same } => {
                 crate::server::diff::diff_served(&self.service, &self.pd, &from, &to, include_same)
                     .map(|diff| Response::Diff { diff })

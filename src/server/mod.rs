@@ -7,6 +7,7 @@ pub mod diff;
 pub mod exports;
 pub mod health;
 pub mod protocol;
+pub mod replicate;
 pub mod rollback;
 pub mod run;
 pub mod service;

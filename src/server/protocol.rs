@@ -18,6 +18,21 @@
 //!   [`ErrorKind::UnsupportedVersion`]); the server never drops the connection
 //!   without an answer unless the client stops talking.
 //!
+//! Streaming requests (version 2): `send` and `receive` carry a replication stream
+//! ([`crate::stream::format`]) on the same connection after their lines.
+//!
+//! - `send`: the server answers `{"result": "ready"}` (or an error line), then the
+//!   stream in frames, each a u32 little-endian length (1..=[`MAX_FRAME`]) and that
+//!   many bytes; a frame of length 0 ends the stream and is followed by one more
+//!   reply line, [`Response::Sent`] or an error (the frames before it then do not
+//!   hold a whole stream). The server takes hidden snapshots at one instant and
+//!   streams from them, so clients keep writing meanwhile.
+//! - `receive`: the server answers `{"result": "ready"}` (or an error line); only
+//!   then does the client send the raw stream, and half-closes the connection at
+//!   its end. The server answers [`Response::Received`] or an error; on an error
+//!   (a damaged or cut-off stream, a wrong base, a full pool) nothing was changed.
+//!   The client stops sending when the server closes early, and reads the answer.
+//!
 //! Growth: a client sends the version it speaks; a server answers requests of any
 //! version up to its own [`PROTOCOL_VERSION`] and refuses newer ones with
 //! `UnsupportedVersion`, saying which version it speaks. Fields may be added to
@@ -29,7 +44,7 @@ use crate::thin::DevId;
 use crate::volume::{ChangeOutcome, PoolChange};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Longest line (request or reply), newline included.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -70,6 +85,29 @@ pub enum Request {
         /// The snapshot whose contents it takes.
         snapshot: String,
     },
+    /// Stream device `name` (and the changes since `from`) as a replication stream
+    /// (since version 2): answered with [`Response::Ready`], then the stream in
+    /// frames, then [`Response::Sent`] or an error (see the module documentation).
+    Send {
+        /// The device to send.
+        name: String,
+        /// The base of an incremental stream.
+        from: Option<String>,
+    },
+    /// Receive a replication stream as new device `name` (since version 2):
+    /// answered with [`Response::Ready`], after which the client sends the stream and
+    /// half-closes; then [`Response::Received`] or an error.
+    Receive {
+        /// The new device's name.
+        name: String,
+    },
+}
+
+impl Request {
+    /// Does this request stream bytes after its line (send, receive)?
+    pub fn is_streaming(&self) -> bool {
+        matches!(self, Request::Send { .. } | Request::Receive { .. })
+    }
 }
 
 /// What the server answers.
@@ -104,6 +142,19 @@ pub enum Response {
         outcome: crate::server::rollback::RollbackOutcome,
         /// The pool's data block size in bytes.
         block_bytes: u64,
+    },
+    /// A streaming request was accepted: the stream follows (send) or may be sent
+    /// (receive).
+    Ready,
+    /// A send finished: every frame was sent.
+    Sent {
+        /// What was sent.
+        report: crate::stream::StreamReport,
+    },
+    /// A receive finished: the device exists, committed and named.
+    Received {
+        /// What was received.
+        report: crate::stream::StreamReport,
     },
     /// The request failed; nothing it would have changed was changed.
     Error {
@@ -288,6 +339,9 @@ pub struct PoolStatus {
     #[serde(default)]
     pub thresholds_crossed: Vec<String>,
 }
+
+/// Largest frame of a streamed send.
+pub const MAX_FRAME: u32 = 1 << 20;
 
 /// The JSON line (with its newline) of `value`.
 pub fn encode<T: Serialize>(value: &T) -> String {

@@ -53,6 +53,8 @@ pub struct Options {
     pub max_bytes_per_connection: usize,
     /// Thresholds, the threshold command and data autoextend.
     pub health: crate::server::health::HealthPolicy,
+    /// The control socket's handler of streaming requests (send, receive).
+    pub streams: control::Streams,
 }
 
 impl Default for Options {
@@ -74,6 +76,7 @@ impl Default for Options {
             max_requests_per_connection: l.max_requests_per_connection,
             max_bytes_per_connection: l.max_bytes_per_connection,
             health: Default::default(),
+            streams: Default::default(),
         }
     }
 }
@@ -173,7 +176,21 @@ pub fn run_with_catalog(
                 cat.set_devices(list, default);
                 r
             });
-            Some(control::serve(path, wrapped, Arc::clone(&stop))?)
+            // A receive adds a device: refresh the exports after streaming requests too.
+            let streams = match &opts.streams.0 {
+                Some(s) => {
+                    let (s, cat, devs) = (Arc::clone(s), Arc::clone(&catalog), Arc::clone(&devices));
+                    let wrapped: control::StreamHandler = Arc::new(move |request, conn, stop| {
+                        let r = s(request, conn, stop);
+                        let (list, default) = devs();
+                        cat.set_devices(list, default);
+                        r
+                    });
+                    control::Streams(Some(wrapped))
+                }
+                None => control::Streams(None),
+            };
+            Some(control::serve_with_streams(path, wrapped, streams, Arc::clone(&stop))?)
         }
         None => None,
     };

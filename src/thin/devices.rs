@@ -107,3 +107,34 @@ impl Metadata {
         self.trans_id
     }
 }
+
+impl Metadata {
+    /// The block of the root of device `id`'s mapping tree. Every change to the
+    /// device's mappings after a commit shadows the root, so an unchanged root since
+    /// a commit means unchanged mappings (what replication's identity stamp relies on).
+    pub fn device_root(&self, id: DevId) -> Result<u64, PoolError> {
+        Ok(self.dev(id)?.root)
+    }
+
+    /// Freeze device `id` as a snapshot does its origin: the pool's time moves on
+    /// and the device's `snapshotted_time` becomes the new time, so every block it
+    /// maps now counts as shared and the next write to any of them copies it (and so
+    /// changes the device's mapping root). Nothing else changes.
+    pub fn freeze(&mut self, id: u64) -> Result<(), PoolError> {
+        self.writable()?;
+        let id = Self::check_id(id)?;
+        self.dev(id)?;
+        let cost = self.device_change_cost()?;
+        self.ensure_metadata(MetaNeed::Grow(cost))?;
+        if self.time >= MAX_TIME {
+            return Err(PoolError::TimeExhausted);
+        }
+        self.time += 1;
+        if let Some(d) = self.devices.get_mut(&id) {
+            d.details.snapshotted_time = self.time;
+            d.details_dirty = true;
+        }
+        self.changed = true;
+        Ok(())
+    }
+}

@@ -289,6 +289,13 @@ pub struct PoolConfig {
     /// Devices by name.
     #[serde(default)]
     pub devices: BTreeMap<String, DeviceEntry>,
+    /// Replication identities by device name (see `volume::replication`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub identities: BTreeMap<String, super::replication::IdentityEntry>,
+    /// Hidden work devices of sends and receives in progress (deleted at the next
+    /// writable open when they have no name).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hidden: Vec<DevId>,
 }
 
 impl Default for PoolConfig {
@@ -299,6 +306,8 @@ impl Default for PoolConfig {
             data: None,
             options: PoolOptions::default(),
             devices: BTreeMap::new(),
+            identities: BTreeMap::new(),
+            hidden: Vec::new(),
         }
     }
 }

@@ -29,7 +29,17 @@
 //! size_bytes = 10737418240
 //! created = 1732329800
 //! snapshot_of = "web"
+//!
+//! [identities.web-snap]      # replication (thinctl send/receive): see `replication`
+//! uuid = "0f8a…"             # 32 hex digits
+//! id = 1                     # the stamp under which the identity holds
+//! root = 1234
+//! mapped_blocks = 46
+//! size_bytes = 10737418240
 //! ```
+//!
+//! A top-level `hidden = [ids]` lists the hidden work devices of sends and receives
+//! in progress (deleted at the next writable open when they have no name).
 //!
 //! Rules:
 //! - `pool.toml` is only ever replaced atomically: written to a temporary file,
@@ -58,6 +68,7 @@ mod error;
 mod files;
 mod lock;
 mod records;
+mod replication;
 
 pub use changes::{cut_after, discard_blocks, ChangeOutcome, Grow, PoolChange};
 pub use config::{
@@ -74,6 +85,7 @@ pub use error::PoolDirError;
 pub use files::{create_private, make_dir_private, open_regular, DIR_MODE, FILE_MODE};
 pub use lock::{lock_dir, Access, DirLock};
 pub use records::NewRecord;
+pub use replication::{IdentityEntry, IdentityState};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions, Permissions};
@@ -414,6 +426,9 @@ impl PoolDir {
         let m = open_regular(&mpath, write)?;
         let d = open_regular(&dpath, write)?;
         let mut pool = Pool::open(m, d, PoolOpenOptions { read_only: !write })?;
+        if write {
+            self.clean_hidden(&mut pool)?;
+        }
         if self.reconcile(&mut pool)? && write {
             self.save()?;
         }
@@ -434,7 +449,8 @@ impl PoolDir {
             ));
             changed = true;
         }
-        let known: BTreeSet<DevId> = self.config.devices.values().map(|e| e.id).collect();
+        let known: BTreeSet<DevId> =
+            self.config.devices.values().map(|e| e.id).chain(self.config.hidden.iter().copied()).collect();
         let bs = pool.block_bytes();
         for id in ids.difference(&known).copied().collect::<Vec<_>>() {
             let highest = pool.highest_mapped(id)?;
@@ -462,6 +478,7 @@ impl PoolDir {
     /// Remove a name and every `snapshot_of` pointing at it.
     fn forget(&mut self, name: &str) {
         self.config.devices.remove(name);
+        self.config.identities.remove(name);
         for e in self.config.devices.values_mut() {
             if e.snapshot_of.as_deref() == Some(name) {
                 e.snapshot_of = None;

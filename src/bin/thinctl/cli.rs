@@ -176,6 +176,32 @@ pub enum Cmd {
         #[command(flatten)]
         access: crate::serve::ServeAccess,
     },
+    /// Write a device as a replication stream to standard output (only what changed
+    /// since BASE with --from); `thinctl receive` recreates it in another pool.
+    #[command(override_usage = "thinctl send [DIR] NAME [--from BASE] > STREAM")]
+    Send {
+        #[arg(value_name = "DIR_NAME", num_args = 1..=2, required = true)]
+        args: Vec<OsString>,
+        /// Send only the changes since BASE, a device sent (or received) before and
+        /// unchanged since; the receiving pool must hold its copy.
+        #[arg(long, value_name = "BASE")]
+        from: Option<String>,
+        /// Print the summary (on standard error) as JSON: {"device_bytes",
+        /// "block_bytes", "source_identity", "base_identity", "data_records",
+        /// "data_bytes", "zero_records", "zero_bytes", "stream_bytes", ...}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create device NAME from a replication stream read from standard input (an
+    /// incremental stream applies on top of the copy of its base).
+    #[command(override_usage = "thinctl receive [DIR] NAME < STREAM")]
+    Receive {
+        #[arg(value_name = "DIR_NAME", num_args = 1..=2, required = true)]
+        args: Vec<OsString>,
+        /// Print the summary as JSON (the fields of send's, plus "id" and "base_name").
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// What a write does when the pool has no free data block.

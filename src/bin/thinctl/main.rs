@@ -8,7 +8,8 @@
 //!
 //! While `thinctl serve DIR` runs, `create`, `snapshot`, `delete`, `discard`,
 //! `resize`, `ls` and `status` are sent to it over `DIR/control.sock`; the other
-//! commands report the pool busy (see `remote`).
+//! commands report the pool busy (see `remote`), except `send` and `receive`, which
+//! stream through the same socket (`send`, `receive`).
 //!
 //! JSON outputs (stable: fields are only ever added):
 //! - `ls --json`: `{"devices": [{"name", "id", "size_bytes", "mapped_bytes",
@@ -38,8 +39,10 @@ mod health;
 mod image;
 mod open;
 mod progress;
+mod receive;
 mod remote;
 mod rollback;
+mod send;
 mod serve;
 mod units;
 mod views;
@@ -126,6 +129,14 @@ fn run(cli: Cli) -> CliResult {
                     access,
                 },
             )
+        }
+        Cmd::Send { args, from, json } => {
+            let (dir, rest) = split_dir(args, 1);
+            send::send(&dir, &utf8(&rest[0], "NAME")?, from.as_deref(), json)
+        }
+        Cmd::Receive { args, json } => {
+            let (dir, rest) = split_dir(args, 1);
+            receive::receive(&dir, &utf8(&rest[0], "NAME")?, json)
         }
         Cmd::Create { .. } | Cmd::Snapshot { .. } | Cmd::Delete { .. } | Cmd::Discard { .. } | Cmd::Resize { .. } => {
             Err(msg("internal error: a change was not dispatched"))

@@ -206,6 +206,7 @@ pub fn serve(dir: &Path, args: ServeArgs) -> CliResult {
             on_threshold: tuning.on_threshold.clone(),
             settings,
         },
+        streams: thinpool::server::replicate::stream_handler(Arc::clone(&service), Arc::clone(&pd), read_only),
     };
     let sock: PathBuf = dir.join(CONTROL_SOCKET);
     let stop = Arc::new(AtomicBool::new(false));
