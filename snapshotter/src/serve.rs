@@ -129,8 +129,7 @@ pub fn run(
     };
     let handler: Handler = Controller::new(Arc::clone(&service), Arc::clone(&pd), false).into_handler();
     let control = opts.dir.join(CONTROL_SOCKET);
-    let nbd_opts =
-        nbd_run::Options {
+    let nbd_opts = nbd_run::Options {
         listen: opts.listen.clone(),
         tcp: true,
         commit_interval: opts.commit_interval,
