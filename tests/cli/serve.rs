@@ -246,14 +246,24 @@ fn the_control_socket_answers_bad_requests_and_silent_clients_hold_nobody_up() {
 }
 
 #[test]
-fn a_pool_grows_offline_and_while_served_and_refuses_to_shrink() {
+fn a_pool_grows_offline_and_while_served_and_shrinks_only_an_unused_tail() {
     let sc = Scratch::new();
     let p = sc.pool("p", "64M");
     sc.ok(&["create", "p", "web", "--size", "1G"]);
     let out = sc.ok(&["pool", "extend", "p", "--data-size", "+64M", "--metadata-size", "8M"]);
     assert!(out.contains("data 128 MiB (2048 blocks of 64 KiB), metadata 8 MiB"), "{out}");
-    let err = sc.run(&["pool", "extend", "p", "--data-size", "32M"]).fails(1).to_string();
-    assert!(err.contains("cannot shrink"), "{err}");
+    // 20 MiB of data: blocks 0..320 in use.
+    let img = sc.path("img");
+    std::fs::write(&img, vec![0x5au8; 20 << 20]).expect("image");
+    sc.ok(&["import", "p", "web", img.to_str().expect("utf-8")]);
+    let err = sc.run(&["pool", "extend", "p", "--data-size", "16M"]).fails(1).to_string();
+    assert!(err.contains("cannot shrink") && err.contains("data block 256 past the new end is in use"), "{err}");
+    let err = sc.run(&["pool", "extend", "p", "--metadata-size", "4M"]).fails(1).to_string();
+    assert!(err.contains("metadata cannot shrink"), "{err}");
+    let out = sc.ok(&["pool", "extend", "p", "--data-size", "32M"]);
+    assert!(out.contains("data 32 MiB (512 blocks of 64 KiB)"), "{out}");
+    assert_eq!(std::fs::metadata(p.join("data")).expect("data").len(), 32 << 20);
+    assert_thin_check(&p, "shrink");
     sc.run(&["pool", "extend", "p"]).fails(1);
     let server = Server::start(&sc, "p");
     let out = sc.ok(&["pool", "extend", "p", "--data-size", "256M"]);
