@@ -405,6 +405,7 @@ fn list_and_set_meta_context_offer_two_contexts_at_once_with_distinct_ids() {
     assert_eq!(raw::meta(&mut c, wire::OPT_LIST_META_CONTEXT, "web", &["thinpool:changed:"]), listed);
     let all = raw::meta(&mut c, wire::OPT_LIST_META_CONTEXT, "web", &[]);
     assert_eq!(all.iter().map(|x| x.1.as_str()).collect::<Vec<_>>(), ["base:allocation", "thinpool:changed:s1"]);
+    assert!(all.iter().all(|x| x.0 == 0), "LIST replies carry the reserved context id 0: {all:?}");
     assert!(raw::meta(&mut c, wire::OPT_LIST_META_CONTEXT, "web", &["thinpool:changed:nope", "other:"]).is_empty());
     let mut d = 3u32.to_be_bytes().to_vec();
     d.extend_from_slice(b"web");

@@ -508,7 +508,9 @@ impl<'c> Negotiation<'c> {
             self.base_allocation = matches;
         }
         if matches {
-            let mut d = CTX_BASE_ALLOCATION.to_be_bytes().to_vec();
+            // LIST replies carry the reserved id 0 (the spec: clients disregard it).
+            let id = if set { CTX_BASE_ALLOCATION } else { 0 };
+            let mut d = id.to_be_bytes().to_vec();
             d.extend_from_slice(b"base:allocation");
             self.reply(out, option, wire::REP_META_CONTEXT, &d);
         }
