@@ -3,7 +3,7 @@
 # GUEST_SCRIPT in it as root (busybox sh -e). The guest reaches the host's loopback at
 # 10.0.2.2. Streams the console; exits with the guest script's status.
 #
-#   tools/guest/run.sh GUEST_SCRIPT [DISK ...]      VM_TIMEOUT (default 600 s)
+#   tools/guest/run.sh GUEST_SCRIPT [DISK ...]      VM_TIMEOUT (default 600 s), VM_MEM (MiB, default 512)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 script=$1; shift
@@ -18,7 +18,7 @@ drives=()
 for d in "$@"; do drives+=(-drive "file=$d,format=raw,if=virtio,cache=unsafe"); done
 log="$work/console.log"
 set +e
-timeout "${VM_TIMEOUT:-600}" qemu-system-x86_64 -accel tcg -m 512 -smp 1 -nographic -no-reboot \
+timeout "${VM_TIMEOUT:-600}" qemu-system-x86_64 -accel tcg -m "${VM_MEM:-512}" -smp 1 -nographic -no-reboot \
   -kernel "$cache/vmlinuz" -initrd "$work/initrd.gz" \
   -append "console=ttyS0 panic=-1 quiet loglevel=3" \
   -netdev user,id=n0 -device virtio-net-pci,netdev=n0 "${drives[@]}" </dev/null | tee "$log"
