@@ -392,7 +392,18 @@ impl Conn {
             if hub.forced() || self.shared.failed() {
                 return Outcome::Close;
             }
-            if self.in_handshake() && (hub.stopping() || self.deadline.is_some_and(|d| Instant::now() >= d)) {
+            if self.in_handshake() && hub.stopping() {
+                // Options already received get NBD_REP_ERR_SHUTDOWN (a clean
+                // refusal a client can report) before the connection closes.
+                if let Phase::Options { neg, .. } = &mut self.phase {
+                    neg.refuse_all(wire::REP_ERR_SHUTDOWN, "the server is shutting down".into());
+                    let _ = self.process(hub);
+                    self.flush_batch();
+                    self.shared.flush();
+                }
+                return Outcome::Close;
+            }
+            if self.in_handshake() && self.deadline.is_some_and(|d| Instant::now() >= d) {
                 return Outcome::Close;
             }
             if let Err(e) = self.process(hub) {
