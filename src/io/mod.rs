@@ -216,7 +216,7 @@ mod tests {
 
     #[test]
     fn every_storage_is_a_block_device_that_checks_its_bounds() {
-        let mut m = MemStorage::new(3 * BLOCK_SIZE as u64 + 100);
+        let m = MemStorage::new(3 * BLOCK_SIZE as u64 + 100);
         assert_eq!(m.nr_blocks(), 3);
         let blk = [7u8; BLOCK_SIZE];
         m.write_block(2, &blk).expect("write");
@@ -225,6 +225,6 @@ mod tests {
         assert_eq!(out, blk);
         assert_eq!(m.read_block(3, &mut out).expect_err("past end").kind(), io::ErrorKind::UnexpectedEof);
         assert_eq!(m.write_at(&[1, 2], m.len() - 1).expect_err("past end").kind(), io::ErrorKind::UnexpectedEof);
-        MetaStorage::sync(&mut m).expect("sync");
+        MetaStorage::sync(&m).expect("sync");
     }
 }
