@@ -51,6 +51,13 @@ fn tar_file(t: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32, data: &[u8]) {
 fn busybox_image(out: &Path) {
     need("busybox", "busybox-static");
     let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (Debian package busybox-static)");
+    // The image holds no libraries: busybox must be the static one.
+    let ldd = Command::new("ldd").arg("/bin/busybox").output().expect("ldd");
+    let said = format!("{}{}", String::from_utf8_lossy(&ldd.stdout), String::from_utf8_lossy(&ldd.stderr));
+    assert!(
+        said.contains("not a dynamic executable") || said.contains("statically linked"),
+        "/bin/busybox is linked dynamically: install the Debian package busybox-static ({said})"
+    );
     let mut layer = tar::Builder::new(Vec::new());
     for dir in ["bin", "dev", "etc", "proc", "sys", "tmp"] {
         let mut h = tar::Header::new_gnu();
