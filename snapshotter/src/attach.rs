@@ -27,7 +27,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use containerd_snapshots::api::types::Mount;
@@ -182,7 +182,7 @@ pub struct Recovered {
 #[derive(Debug)]
 pub struct Attacher {
     mode: AttachMode,
-    kernel: Box<dyn Kernel>,
+    kernel: Arc<dyn Kernel>,
     state: Option<PathBuf>,
     patience: Patience,
     attached: Mutex<BTreeMap<String, Attachment>>,
@@ -202,20 +202,22 @@ impl Attacher {
     /// An attacher working in `mode` with the real kernel, keeping no state file
     /// (see [`Attacher::with_state`]).
     pub fn new(mode: AttachMode) -> Attacher {
-        Attacher::with_kernel(mode, Box::new(NbdClient), None, Patience::default())
+        Attacher::with_kernel(mode, Arc::new(NbdClient), None, Patience::default())
     }
 
     /// An attacher with the real kernel whose attachments are kept in
     /// `DIR/attachments.json` (only in [`AttachMode::Nbd`]).
-    pub fn with_state(mode: AttachMode, dir: &Path) -> Attacher {
+    /// `kernel` is the privilege-separated helper when there is one, the real
+    /// kernel otherwise.
+    pub fn with_state(mode: AttachMode, dir: &Path, kernel: Option<Arc<dyn Kernel>>) -> Attacher {
         let state = (mode == AttachMode::Nbd).then(|| dir.join(STATE_FILE));
-        Attacher::with_kernel(mode, Box::new(NbdClient), state, Patience::default())
+        Attacher::with_kernel(mode, kernel.unwrap_or_else(|| Arc::new(NbdClient)), state, Patience::default())
     }
 
     /// An attacher over any [`Kernel`].
     pub fn with_kernel(
         mode: AttachMode,
-        kernel: Box<dyn Kernel>,
+        kernel: Arc<dyn Kernel>,
         state: Option<PathBuf>,
         patience: Patience,
     ) -> Attacher {
@@ -472,7 +474,6 @@ pub fn parse_state(text: &str) -> Result<(String, BTreeMap<String, Attachment>),
 mod tests {
     use super::*;
     use std::collections::HashMap;
-    use std::sync::Arc;
 
     /// A model kernel: devices with a connection pid, an open flag, and scripted
     /// disconnect failures.
@@ -546,7 +547,7 @@ mod tests {
 
     fn attacher(k: &Shared, state: &Path) -> Attacher {
         let quick = Patience { busy_checks: 3, detach_tries: 3, pause: Duration::from_millis(1) };
-        Attacher::with_kernel(AttachMode::Nbd, Box::new(k.clone()), Some(state.to_path_buf()), quick)
+        Attacher::with_kernel(AttachMode::Nbd, Arc::new(k.clone()), Some(state.to_path_buf()), quick)
     }
 
     const ADDR: &str = "127.0.0.1:10809";

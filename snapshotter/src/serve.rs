@@ -37,6 +37,10 @@ pub struct Options {
     pub data_bytes: u64,
     /// Periodic commit of writes no client flushed.
     pub commit_interval: Duration,
+    /// Who attaches kernel devices: the privilege-separated helper
+    /// ([`crate::privsep::Helper`]) when the snapshotter dropped root, else `None`
+    /// (this process runs `nbd-client` itself).
+    pub kernel: Option<Arc<dyn crate::attach::Kernel>>,
 }
 
 /// Why the snapshotter could not run.
@@ -122,7 +126,7 @@ pub fn run(
     }
     // The pool's lock is ours, so an earlier snapshotter of this pool is dead: the
     // devices it left attached point at a server that is gone.
-    let attacher = Attacher::with_state(opts.attach, &opts.dir);
+    let attacher = Attacher::with_state(opts.attach, &opts.dir, opts.kernel.clone());
     let recovered = attacher.recover();
     for (dev, name) in &recovered.detached {
         warn(&format!("disconnected {dev}, which a snapshotter that died left attached to \"{name}\""));

@@ -225,13 +225,15 @@ const SCRIPT: &str = r#"
 cd / && cpio -idm < /dev/vda 2>/dev/null
 export PATH=/sbin:/bin
 mkdir -p /sys/fs/cgroup /run /tmp/c && mount -t cgroup2 none /sys/fs/cgroup
+# The pool's parent belongs to the ordinary user the snapshotter becomes.
+mkdir -p /tmp/u && chown 65534:65534 /tmp/u
 T0=$(date +%s)
 say() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
-used() { thinctl status --json /tmp/pool | sed -n 's/.*"data_used_blocks": *\([0-9]*\).*/\1/p'; }
+used() { thinctl status --json /tmp/u/pool | sed -n 's/.*"data_used_blocks": *\([0-9]*\).*/\1/p'; }
 attached() { for d in /sys/block/nbd*; do [ -e $d/pid ] && printf '%s ' ${d##*/}; done; true; }
 start_snap() {
   : > /tmp/snap.out
-  thinpool-snapshotter /tmp/pool --socket /run/tp.sock --attach nbd --size 2G --data-size 1G --json > /tmp/snap.out 2>>/tmp/snap.log &
+  thinpool-snapshotter /tmp/u/pool --socket /tmp/u/tp.sock --attach nbd --size 2G --data-size 1G --json "$@" > /tmp/snap.out 2>>/tmp/snap.log &
   SPID=$!
   i=0; while [ ! -s /tmp/snap.out ]; do i=$((i+1)); [ $i -lt 300 ] || { cat /tmp/snap.log; exit 1; }; sleep 0.2; done
 }
@@ -248,7 +250,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [proxy_plugins]
   [proxy_plugins.thinpool]
     type = "snapshot"
-    address = "/run/tp.sock"
+    address = "/tmp/u/tp.sock"
 EOC
 C="ctr --address /tmp/c/c.sock"
 S="$C snapshots --snapshotter thinpool"
@@ -256,14 +258,20 @@ S="$C snapshots --snapshotter thinpool"
 # (the base file system stays).
 wait_clean() {
   i=0
-  while [ "$($S ls | wc -l)" -gt 1 ] || [ "$(thinctl ls /tmp/pool | grep -c '^ctr-[0-9]')" -gt 0 ]; do
-    i=$((i+1)); [ $i -lt 150 ] || { $S ls; thinctl ls /tmp/pool; cat /tmp/snap.log; exit 1; }; sleep 0.2
+  while [ "$($S ls | wc -l)" -gt 1 ] || [ "$(thinctl ls /tmp/u/pool | grep -c '^ctr-[0-9]')" -gt 0 ]; do
+    i=$((i+1)); [ $i -lt 150 ] || { $S ls; thinctl ls /tmp/u/pool; cat /tmp/snap.log; exit 1; }; sleep 0.2
   done
 }
 fail() { echo "FAILED: $*"; tail -20 /tmp/c/log; cat /tmp/snap.log; exit 1; }
 
-say "== the snapshotter (--attach nbd) and containerd in the guest"
-start_snap
+uid_of() { sed -n 's/^Uid:[[:space:]]*\([0-9]*\).*/\1/p' /proc/$1/status; }
+helpers() { for p in /proc/[0-9]*; do grep -q __attach-helper $p/cmdline 2>/dev/null && printf '%s ' "$(uid_of ${p#/proc/})"; done; true; }
+
+say "== the snapshotter (--attach nbd --user 65534) and containerd in the guest"
+start_snap --user 65534
+echo "snapshotter-uid: $(uid_of $SPID)"
+echo "helper-uids: [$(helpers)]"
+echo "pool-owner: $(stat -c %u /tmp/u/pool/metadata) $(stat -c %u /tmp/u/tp.sock)"
 containerd --config /tmp/c/config.toml > /tmp/c/log 2>&1 &
 i=0; while ! $C version >/dev/null 2>&1; do i=$((i+1)); [ $i -lt 300 ] || fail containerd; sleep 0.5; done
 $S prepare warm
@@ -326,7 +334,10 @@ umount /tmp/k
 K=$(attached)
 echo "k1-device: [$K] pid $(cat /sys/block/${K% }/pid)"
 kill -9 $SPID; wait $SPID || true
+sleep 1
 echo "attached-after-kill: [$(attached)]"
+echo "helpers-after-kill: [$(helpers)]"
+# Restarted as root this time (no --user): nbd-client runs in the process itself.
 start_snap
 echo "attached-after-restart: [$(attached)]"
 grep "left attached" /tmp/snap.log || true
@@ -339,7 +350,7 @@ wait_clean
 echo "final-attached: [$(attached)]"
 echo "final-used $(used)"
 kill -TERM $SPID; wait $SPID && echo "snapshotter exit 0"
-thinctl check /tmp/pool && echo "pool checks clean"
+thinctl check /tmp/u/pool && echo "pool checks clean"
 say "== snapshotter log"
 cat /tmp/snap.log
 echo GUEST-OK
@@ -352,6 +363,12 @@ fn containers_run_on_thin_snapshots_the_snapshotter_attaches_itself() {
     let disk = payload_disk(tmp.path());
     let out = run_guest(&SCRIPT.replace("IMAGE", IMAGE), &[&disk]);
     assert!(out.contains("GUEST-OK"), "the guest script finished");
+
+    // Privilege separation: the snapshotter runs as the ordinary user, its helper as root.
+    assert_eq!(line_after(&out, "snapshotter-uid:"), "65534");
+    assert_eq!(line_after(&out, "helper-uids:"), "[0 ]", "one helper, root");
+    assert_eq!(line_after(&out, "pool-owner:"), "65534 65534", "the pool and the socket are the user's");
+    assert_eq!(line_after(&out, "helpers-after-kill:"), "[]", "the helper ends with the snapshotter");
 
     // 1. Containers: import, run, commit, a second container reads the layer's file.
     assert!(out.contains("c1-ran"), "the first container ran");
