@@ -56,8 +56,9 @@ pub trait Kernel: Send + Sync + std::fmt::Debug {
     /// The pid the kernel recorded for `dev`'s connection; `None` when the device
     /// is not connected.
     fn connected(&self, dev: &str) -> Option<u32>;
-    /// Whether `dev` is open exclusively by someone (a mount).
-    fn busy(&self, dev: &str) -> bool;
+    /// Whether `dev` is open exclusively by someone (a mount); an error when that
+    /// cannot be told.
+    fn busy(&self, dev: &str) -> Result<bool, String>;
     /// Connect `dev` to export `name` at `addr`.
     fn connect(&self, dev: &str, addr: SocketAddr, name: &str, read_only: bool) -> Result<(), String>;
     /// Disconnect `dev`.
@@ -98,13 +99,14 @@ impl Kernel for NbdClient {
         std::fs::read_to_string(sys_dir(dev).join("pid")).ok().and_then(|s| s.trim().parse().ok())
     }
 
-    fn busy(&self, dev: &str) -> bool {
+    fn busy(&self, dev: &str) -> Result<bool, String> {
         use std::os::unix::fs::OpenOptionsExt;
         // An exclusive open of a block device fails with EBUSY while it is mounted
         // (or otherwise claimed exclusively).
         match std::fs::OpenOptions::new().read(true).custom_flags(nix::fcntl::OFlag::O_EXCL.bits()).open(dev) {
-            Ok(_) => false,
-            Err(e) => e.raw_os_error() == Some(nix::errno::Errno::EBUSY as i32),
+            Ok(_) => Ok(false),
+            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EBUSY as i32) => Ok(true),
+            Err(e) => Err(format!("cannot open {dev} to see whether it is in use: {e}")),
         }
     }
 
@@ -260,9 +262,16 @@ impl Attacher {
         }
         let mut last = String::new();
         for dev in devices {
-            if map.values().any(|a| a.device == dev) || self.kernel.connected(&dev).is_some() || self.kernel.busy(&dev)
-            {
+            if map.values().any(|a| a.device == dev) || self.kernel.connected(&dev).is_some() {
                 continue;
+            }
+            match self.kernel.busy(&dev) {
+                Ok(false) => {}
+                Ok(true) => continue,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
             }
             // Another process may take the same free device at the same time: try the next.
             match self.kernel.connect(&dev, addr, name, read_only) {
@@ -299,14 +308,24 @@ impl Attacher {
             self.save(&map)?;
             return Ok(Detached::Clean(dev));
         }
-        let mut busy = self.kernel.busy(&dev);
+        let mut state = self.kernel.busy(&dev);
         for _ in 0..self.patience.busy_checks {
-            if !busy {
+            if state != Ok(true) {
                 break;
             }
             std::thread::sleep(self.patience.pause);
-            busy = self.kernel.busy(&dev);
+            state = self.kernel.busy(&dev);
         }
+        let busy = match state {
+            Ok(b) => b,
+            Err(e) if !lazily => {
+                return Err(SnapError::Attach(format!(
+                    "cannot tell whether {dev} (snapshot device \"{name}\") is still open: {e}"
+                )))
+            }
+            // Disconnected as if open: the disconnect below says what is wrong.
+            Err(_) => true,
+        };
         if busy && !lazily {
             return Err(SnapError::FailedPrecondition(format!(
                 "{dev} (snapshot device \"{name}\") is still open, mounted somewhere: unmount it first"
@@ -384,7 +403,7 @@ impl Attacher {
                 for (name, a) in recorded {
                     match (a.pid, self.kernel.connected(&a.device)) {
                         (Some(p), Some(now)) if p == now => {
-                            let busy = self.kernel.busy(&a.device);
+                            let busy = self.kernel.busy(&a.device).unwrap_or(true);
                             match self.kernel.disconnect(&a.device) {
                                 Ok(()) => out.detached.push((a.device.clone(), name.clone())),
                                 Err(e) => out.problems.push(format!(
@@ -488,6 +507,7 @@ mod tests {
         conn: HashMap<String, (u32, String)>,
         open_for: HashMap<String, u32>,
         disconnect_failures: u32,
+        busy_error: Option<String>,
         next_pid: u32,
         log: Vec<String>,
     }
@@ -502,13 +522,16 @@ mod tests {
         fn connected(&self, dev: &str) -> Option<u32> {
             self.0.inner.lock().unwrap().conn.get(dev).map(|c| c.0)
         }
-        fn busy(&self, dev: &str) -> bool {
+        fn busy(&self, dev: &str) -> Result<bool, String> {
             let mut s = self.0.inner.lock().unwrap();
+            if let Some(e) = &s.busy_error {
+                return Err(e.clone());
+            }
             match s.open_for.get_mut(dev) {
-                Some(0) | None => false,
+                Some(0) | None => Ok(false),
                 Some(n) => {
                     *n -= 1;
-                    true
+                    Ok(true)
                 }
             }
         }
@@ -600,6 +623,21 @@ mod tests {
         assert_eq!(a.detach("ctr-1", true).unwrap(), Detached::Lazily("/dev/nbd0".into()));
         assert!(k.connected("/dev/nbd0").is_none());
         assert!(a.attached().is_empty());
+    }
+
+    #[test]
+    fn a_device_whose_use_cannot_be_told_is_not_taken_and_not_detached_by_a_commit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let k = model(2);
+        let a = attacher(&k, &tmp.path().join(STATE_FILE));
+        a.mounts("ctr-1", ADDR.parse().unwrap(), false).unwrap();
+        k.0.inner.lock().unwrap().busy_error = Some("permission denied".into());
+        let e = a.mounts("ctr-2", ADDR.parse().unwrap(), false).unwrap_err().to_string();
+        assert!(e.contains("cannot attach \"ctr-2\"") && e.contains("permission denied"), "{e}");
+        let e = a.detach("ctr-1", false).unwrap_err().to_string();
+        assert!(e.contains("cannot tell whether /dev/nbd0") && e.contains("permission denied"), "{e}");
+        assert!(k.connected("/dev/nbd0").is_some());
+        assert_eq!(a.detach("ctr-1", true).unwrap(), Detached::Lazily("/dev/nbd0".into()));
     }
 
     #[test]

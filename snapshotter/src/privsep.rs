@@ -54,7 +54,7 @@ fn serve_request(kernel: &dyn Kernel, line: &str) -> Result<serde_json::Value, S
         return Err(format!("the kernel has no {dev}"));
     }
     match op {
-        "busy" => Ok(serde_json::json!({ "busy": kernel.busy(dev) })),
+        "busy" => kernel.busy(dev).map(|b| serde_json::json!({ "busy": b })),
         "disconnect" => kernel.disconnect(dev).map(|()| serde_json::json!({})),
         "connect" => {
             let name = s("export")?;
@@ -178,12 +178,9 @@ impl Kernel for Helper {
     fn connected(&self, dev: &str) -> Option<u32> {
         NbdClient.connected(dev)
     }
-    fn busy(&self, dev: &str) -> bool {
-        // When the helper cannot tell, the device counts as open: nothing is
-        // disconnected under a mount because of a broken helper.
-        self.call(serde_json::json!({ "op": "busy", "device": dev }))
-            .map(|v| v.get("busy").and_then(|b| b.as_bool()).unwrap_or(true))
-            .unwrap_or(true)
+    fn busy(&self, dev: &str) -> Result<bool, String> {
+        let v = self.call(serde_json::json!({ "op": "busy", "device": dev }))?;
+        v.get("busy").and_then(|b| b.as_bool()).ok_or_else(|| "the attach helper's reply has no \"busy\"".into())
     }
     fn connect(&self, dev: &str, addr: SocketAddr, name: &str, read_only: bool) -> Result<(), String> {
         self.call(serde_json::json!({
@@ -245,9 +242,9 @@ mod tests {
         fn connected(&self, _: &str) -> Option<u32> {
             None
         }
-        fn busy(&self, dev: &str) -> bool {
+        fn busy(&self, dev: &str) -> Result<bool, String> {
             self.0.lock().unwrap().push(format!("busy {dev}"));
-            true
+            Ok(true)
         }
         fn connect(&self, dev: &str, addr: SocketAddr, name: &str, ro: bool) -> Result<(), String> {
             self.0.lock().unwrap().push(format!("connect {dev} {addr} {name} {ro}"));
