@@ -334,7 +334,8 @@ umount /tmp/k
 K=$(attached)
 echo "k1-device: [$K] pid $(cat /sys/block/${K% }/pid)"
 kill -9 $SPID; wait $SPID || true
-sleep 1
+# The helper sees its pipe close and exits (bounded wait: TCG is slow).
+i=0; while [ -n "$(helpers)" ] && [ $i -lt 50 ]; do i=$((i+1)); sleep 0.2; done
 echo "attached-after-kill: [$(attached)]"
 echo "helpers-after-kill: [$(helpers)]"
 # Restarted as root this time (no --user): nbd-client runs in the process itself.
