@@ -439,3 +439,115 @@ fn serve_raises_a_low_open_file_limit_to_fit_max_connections() {
         conns.push(c);
     }
 }
+
+/// A small deterministic generator for the mutations below (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// `seed` with a few random byte changes, cuts, duplications and big-endian
+/// integers that make lengths and offsets extreme.
+fn mutate(seed: &[u8], rng: &mut Rng) -> Vec<u8> {
+    let mut v = seed.to_vec();
+    for _ in 0..1 + rng.below(6) {
+        match rng.below(5) {
+            0 if !v.is_empty() => {
+                let i = rng.below(v.len());
+                v[i] = rng.next() as u8;
+            }
+            1 if !v.is_empty() => {
+                let at = rng.below(v.len());
+                v.truncate(at);
+            }
+            2 if !v.is_empty() => {
+                let a = rng.below(v.len());
+                let b = (a + rng.below(64)).min(v.len());
+                let piece = v[a..b].to_vec();
+                let at = rng.below(v.len());
+                v.splice(at..at, piece);
+            }
+            3 if v.len() >= 4 => {
+                let i = rng.below(v.len() - 3);
+                let x = [0u32, 1, 0x7fff_ffff, 0xffff_ffff, 32 << 20, (32 << 20) + 1][rng.below(6)];
+                v[i..i + 4].copy_from_slice(&x.to_be_bytes());
+            }
+            _ => v.extend((0..rng.below(40)).map(|_| rng.next() as u8)),
+        }
+    }
+    v
+}
+
+/// The server's connection driver (`conn.rs`, which the fuzz target's byte-stream
+/// driver does not exercise) against the fuzz seeds and mutations of them, each
+/// over its own real socket: the client writes its bytes, closes its side and
+/// reads until the server closes. The server must close every one of them within
+/// a bound (no hang), send a bounded amount, and still serve a normal client.
+#[test]
+fn hostile_byte_streams_on_real_sockets_never_hang_or_stop_the_server() {
+    let (port, stop, t) = lib_server(Limits { handshake_timeout: Duration::from_millis(500), ..Limits::default() });
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/nbd_client_bytes");
+    let mut seeds: Vec<Vec<u8>> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| std::fs::read(e.expect("entry").path()).expect("seed"))
+        .collect();
+    assert!(seeds.len() >= 5, "the fuzz seeds are missing from {}", dir.display());
+    seeds.sort();
+    let mut rng = Rng(0x5eed_1234_abcd_ef01);
+    let mut inputs = seeds.clone();
+    for i in 0..240 {
+        let s = &seeds[i % seeds.len()];
+        inputs.push(mutate(s, &mut rng));
+    }
+    let mut slowest = Duration::ZERO;
+    let mut served = 0usize;
+    for (n, input) in inputs.iter().enumerate() {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let t0 = Instant::now();
+        // The server may close early (a bad magic ends the connection): ignore
+        // write errors, then read whatever comes until it closes.
+        let _ = c.write_all(input);
+        let _ = c.shutdown(std::net::Shutdown::Write);
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 1 << 16];
+        let mut head = Vec::new();
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) => break,
+                Ok(k) => {
+                    got += k;
+                    if head.len() < 1 << 20 {
+                        head.extend_from_slice(&buf[..k]);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("input {n} ({} bytes): no close from the server: {e}", input.len()),
+            }
+            assert!(got <= 80 << 20, "input {n}: the server sent more than 80 MiB");
+        }
+        slowest = slowest.max(t0.elapsed());
+        // Reached transmission: a simple or structured reply magic came back.
+        let magics = [0x6744_6698u32.to_be_bytes(), 0x668e_33efu32.to_be_bytes()];
+        if head.windows(4).any(|w| magics.iter().any(|m| w == m)) {
+            served += 1;
+        }
+    }
+    eprintln!("{} hostile inputs, {served} reached transmission; slowest close {slowest:?}", inputs.len());
+    assert!(served >= 10, "only {served} inputs reached transmission: the mutations no longer test requests");
+    // A well-behaved client is still served.
+    let mut ok = connect(port, "a");
+    write_and_read_back(&mut ok, 4096, &[0x5a; 4096]);
+    stop.store(true, Ordering::SeqCst);
+    drop(ok);
+    t.join().expect("server thread");
+}
