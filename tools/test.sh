@@ -24,6 +24,8 @@ need openssl openssl
 need containerd containerd            # the snapshotter's tests drive containerd and ctr
 need protoc protobuf-compiler         # containerd-snapshots generates its gRPC code with protoc
 need mkfs.ext4 e2fsprogs              # the snapshotter formats its base file system
+# libublk (ublk devices) makes its kernel bindings with bindgen at build time: libclang.
+ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || missing+=(libclang-dev)
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "== installing: ${missing[*]}"
   as_root apt-get update -qq
@@ -34,6 +36,7 @@ fi
 # now, before any test runs (installing qemu-system swaps the qemu-utils version).
 echo "== guest for the kernel tests"
 tools/guest/build.sh >/dev/null
+GUEST_KERNEL=6.12 tools/guest/build.sh >/dev/null   # the ublk tests' guest (bookworm-security's 6.12)
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
