@@ -1,0 +1,309 @@
+//! Local block devices over ublk (`/dev/ublkbN`), served by `thinctl serve`.
+//!
+//! Each attached device gets one thread that runs `libublk`'s control side (ADD_DEV,
+//! SET_PARAMS, START_DEV through `/dev/ublk-control`) and one queue thread that
+//! serves the kernel's requests with io_uring: every request is executed by
+//! [`serve_request`] on the device's [`Export`], opened through the server's
+//! [`PoolCatalog`] exactly as an NBD connection opens it. So reads, writes, discards,
+//! write-zeroes and flushes are the same `Service` calls as NBD's (FLUSH and FUA
+//! writes join the same group commit), errors map through the same
+//! `thinpool::nbd::errno` (a full pool is `-ENOSPC`, never a crash), and the export
+//! holds the device's attach count for as long as the ublk device exists.
+//!
+//! No `unsafe` here: `libublk` owns the io_uring rings, the mmap'ed request
+//! descriptors and the I/O buffers (which the kernel copies request data into and
+//! out of) and hands them to us as slices.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
+use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
+use libublk::{sys, BufDesc, UblkFlags, UblkIORes};
+use thinpool::nbd::export::errno;
+use thinpool::nbd::{Catalog, Export, ExportError};
+use thinpool::server::exports::PoolCatalog;
+use thinpool::server::local::{LocalDevice, LocalDevices};
+use thinpool::server::protocol::{ControlError, ErrorKind};
+
+/// The ublk control device the kernel module creates.
+pub const UBLK_CONTROL: &str = "/dev/ublk-control";
+
+/// Requests in flight per device (the queue depth).
+const QUEUE_DEPTH: u16 = 64;
+/// Largest request (the kernel splits bigger ones): 512 KiB.
+const IO_BUF_BYTES: u32 = 512 << 10;
+/// How long attach waits for the kernel to start a device, and detach for it to go.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Why ublk is not available here, when it is not.
+pub fn unavailable() -> Option<String> {
+    if Path::new(UBLK_CONTROL).exists() {
+        return None;
+    }
+    Some(format!(
+        "{UBLK_CONTROL} does not exist: this kernel has no ublk driver loaded; it needs \
+         CONFIG_BLK_DEV_UBLK (Linux 6.0 or later) and, when built as a module, `modprobe ublk_drv`"
+    ))
+}
+
+/// Execute one ublk request on `export` with the request's data in `buf`; the
+/// result the kernel gets: bytes done for reads and writes, 0 for the others, or a
+/// negative errno (the same errno NBD clients get for the same failure).
+pub fn serve_request(
+    export: &dyn Export,
+    read_only: bool,
+    op_flags: u32,
+    start_sector: u64,
+    nr_sectors: u32,
+    buf: &mut [u8],
+) -> i32 {
+    let op = op_flags & 0xff;
+    let fua = op_flags & sys::UBLK_IO_F_FUA != 0;
+    if op == sys::UBLK_IO_OP_FLUSH {
+        // A flush has no range (its sector is all ones).
+        return export.flush().map_or_else(|e| -i32::try_from(errno(&e)).unwrap_or(libc::EIO), |()| 0);
+    }
+    let offset = start_sector.checked_mul(512);
+    let len = u64::from(nr_sectors) * 512;
+    let Some(offset) = offset.filter(|o| o.checked_add(len).is_some_and(|end| end <= export.size())) else {
+        return -libc::EINVAL;
+    };
+    let writes = matches!(op, sys::UBLK_IO_OP_WRITE | sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES);
+    if writes && read_only {
+        return -libc::EROFS;
+    }
+    let data = |buf: &mut [u8]| -> Result<usize, ExportError> {
+        usize::try_from(len)
+            .ok()
+            .filter(|&n| n <= buf.len())
+            .ok_or_else(|| ExportError::Invalid(format!("a request of {len} bytes is over the I/O buffer")))
+    };
+    let r = match op {
+        sys::UBLK_IO_OP_READ => data(buf).and_then(|n| export.read(offset, &mut buf[..n]).map(|()| n)),
+        sys::UBLK_IO_OP_WRITE => data(buf).and_then(|n| export.write(offset, &buf[..n]).map(|()| n)),
+        sys::UBLK_IO_OP_DISCARD => export.trim(offset, len).map(|()| 0),
+        sys::UBLK_IO_OP_WRITE_ZEROES => {
+            export.write_zeroes(offset, len, op_flags & sys::UBLK_IO_F_NOUNMAP == 0, false).map(|()| 0)
+        }
+        _ => Err(ExportError::NotSupported),
+    };
+    // FUA: the write is durable before it completes (a commit, as NBD's FUA).
+    let r = r.and_then(|n| if fua && writes { export.flush().map(|()| n) } else { Ok(n) });
+    match r {
+        Ok(n) => i32::try_from(n).unwrap_or(-libc::EINVAL),
+        Err(e) => -i32::try_from(errno(&e)).unwrap_or(libc::EIO),
+    }
+}
+
+/// One attached device.
+struct Attached {
+    device: LocalDevice,
+    thread: JoinHandle<()>,
+}
+
+/// The ublk devices of a server.
+pub struct Ublk {
+    /// The server's exports (set once serving starts).
+    catalog: Arc<OnceLock<Arc<PoolCatalog>>>,
+    devices: Mutex<BTreeMap<String, Attached>>,
+    /// Attaches and detaches run one at a time.
+    busy: Mutex<()>,
+}
+
+fn failed(message: impl Into<String>) -> ControlError {
+    ControlError::new(ErrorKind::Failed, message)
+}
+
+impl Ublk {
+    /// Devices served from `catalog`'s exports, once it is set.
+    pub fn new(catalog: Arc<OnceLock<Arc<PoolCatalog>>>) -> Arc<Ublk> {
+        Arc::new(Ublk { catalog, devices: Mutex::new(BTreeMap::new()), busy: Mutex::new(()) })
+    }
+
+    fn devices(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Attached>> {
+        self.devices.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Remove every device (on shutdown).
+    pub fn detach_all(&self) {
+        let names: Vec<String> = self.devices().keys().cloned().collect();
+        for name in names {
+            if let Err(e) = self.detach(&name) {
+                eprintln!("thinctl serve: {e}");
+            }
+        }
+    }
+}
+
+impl LocalDevices for Ublk {
+    fn attach(&self, name: &str, read_only: bool) -> Result<LocalDevice, ControlError> {
+        let _one = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(why) = unavailable() {
+            return Err(failed(why));
+        }
+        if let Some(a) = self.devices().get(name) {
+            return Err(failed(format!("device \"{name}\" is attached already, as {}", a.device.path)));
+        }
+        let catalog = self.catalog.get().ok_or_else(|| failed("the server is not serving yet"))?;
+        let export = catalog
+            .open(name)
+            .filter(|_| !name.is_empty())
+            .ok_or_else(|| ControlError::new(ErrorKind::NoSuchDevice, format!("no device \"{name}\" is served")))?;
+        let read_only = read_only || export.read_only();
+        let (tx, rx) = mpsc::channel::<Result<u32, String>>();
+        let thread_name = format!("ublk-{name}");
+        let thread = std::thread::Builder::new()
+            .name(thread_name)
+            .spawn(move || run_device(export, read_only, tx))
+            .map_err(|e| failed(format!("cannot start the ublk thread: {e}")))?;
+        let dev_id = match rx.recv_timeout(WAIT) {
+            Ok(Ok(id)) => id,
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(failed(format!("cannot attach \"{name}\" over ublk: {e}")));
+            }
+            Err(_) => {
+                return Err(failed(format!(
+                    "cannot attach \"{name}\" over ublk: the kernel did not start the device within {}s",
+                    WAIT.as_secs()
+                )))
+            }
+        };
+        let device = LocalDevice {
+            name: name.to_string(),
+            kind: "ublk".into(),
+            path: format!("/dev/ublkb{dev_id}"),
+            dev_id,
+            read_only,
+        };
+        self.devices().insert(name.to_string(), Attached { device: device.clone(), thread });
+        Ok(device)
+    }
+
+    fn detach(&self, name: &str) -> Result<LocalDevice, ControlError> {
+        let _one = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(a) = self.devices().remove(name) else {
+            return Err(ControlError::new(
+                ErrorKind::NoSuchDevice,
+                format!("device \"{name}\" is not attached over ublk"),
+            ));
+        };
+        // STOP_DEV: the kernel fails new requests, the queue thread sees its queue
+        // go down and returns; the device thread then deletes the device.
+        let stop = UblkCtrl::new_simple(a.device.dev_id as i32).and_then(|c| c.kill_dev());
+        if let Err(e) = stop {
+            eprintln!("thinctl serve: stopping {}: {e}", a.device.path);
+        }
+        let begin = Instant::now();
+        while !a.thread.is_finished() {
+            if begin.elapsed() > WAIT {
+                return Err(failed(format!("{} did not stop within {}s", a.device.path, WAIT.as_secs())));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = a.thread.join();
+        Ok(a.device)
+    }
+
+    fn list(&self) -> Vec<LocalDevice> {
+        self.devices().values().map(|a| a.device.clone()).collect()
+    }
+}
+
+/// The device thread: add and start the ublk device for `export`, report its id
+/// (or why it failed) on `started`, serve until it is stopped, delete it. The
+/// export (and with it the attach count) is dropped when the queue is gone.
+fn run_device(export: Arc<dyn Export>, read_only: bool, started: mpsc::Sender<Result<u32, String>>) {
+    let ctrl = match UblkCtrlBuilder::default()
+        .name("thinpool")
+        .nr_queues(1)
+        .depth(QUEUE_DEPTH)
+        .io_buf_bytes(IO_BUF_BYTES)
+        .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = started.send(Err(format!("ADD_DEV through {UBLK_CONTROL} failed: {e:?}")));
+            return;
+        }
+    };
+    let size = export.size();
+    let block = u64::from(export.preferred_block_size()).clamp(4096, 1 << 20);
+    let tgt_init = move |dev: &mut UblkDev| {
+        dev.set_default_params(size);
+        let p = &mut dev.tgt.params;
+        p.basic.attrs |= sys::UBLK_ATTR_FUA;
+        if read_only {
+            p.basic.attrs |= sys::UBLK_ATTR_READ_ONLY;
+        }
+        p.basic.io_opt_shift = block.trailing_zeros() as u8;
+        p.types |= sys::UBLK_PARAM_TYPE_DISCARD;
+        p.discard.discard_granularity = block as u32;
+        p.discard.max_discard_sectors = u32::MAX >> 9;
+        p.discard.max_write_zeroes_sectors = u32::MAX >> 9;
+        p.discard.max_discard_segments = 1;
+        Ok(())
+    };
+    let running = Arc::new(AtomicBool::new(false));
+    let q_export = Arc::clone(&export);
+    let queue = move |qid: u16, dev: &UblkDev| serve_queue(qid, dev, &*q_export, read_only);
+    let tx = started.clone();
+    let flag = Arc::clone(&running);
+    let r = ctrl.run_target(tgt_init, queue, move |ctrl: &UblkCtrl| {
+        flag.store(true, Ordering::SeqCst);
+        let _ = tx.send(Ok(ctrl.dev_info().dev_id));
+    });
+    if let Err(e) = r {
+        if !running.load(Ordering::SeqCst) {
+            let _ = started.send(Err(format!("starting the device failed: {e:?}")));
+        }
+    }
+    // Dropping the control deletes the device (it was added here).
+    drop(ctrl);
+    drop(export);
+}
+
+/// A queue thread: fetch requests, execute them, commit the results, until the
+/// queue goes down (the device was stopped).
+fn serve_queue(qid: u16, dev: &UblkDev, export: &dyn Export, read_only: bool) {
+    let bufs = std::cell::RefCell::new(dev.alloc_queue_io_bufs());
+    let queue = match UblkQueue::new(qid, dev) {
+        Ok(q) => q,
+        Err(e) => {
+            eprintln!("thinctl serve: ublk queue {qid}: {e:?}");
+            return;
+        }
+    };
+    let queue = {
+        let b = bufs.borrow();
+        match queue.submit_fetch_commands_unified(BufDescList::Slices(Some(&b))) {
+            Ok(q) => q,
+            Err(e) => {
+                eprintln!("thinctl serve: ublk queue {qid}: {e:?}");
+                return;
+            }
+        }
+    };
+    queue.wait_and_handle_io(|q: &UblkQueue, tag: u16, _: &UblkIOCtx| {
+        let iod = *q.get_iod(tag);
+        let mut b = bufs.borrow_mut();
+        let Some(buf) = b.get_mut(usize::from(tag)) else { return };
+        let res = serve_request(export, read_only, iod.op_flags, iod.start_sector, iod.nr_sectors, buf.as_mut_slice());
+        if res < 0 {
+            eprintln!(
+                "thinctl serve: ublk request op {:#x} at sector {} ({} sectors) failed: errno {}",
+                iod.op_flags, iod.start_sector, iod.nr_sectors, -res
+            );
+        }
+        if let Err(e) = q.complete_io_cmd_unified(tag, BufDesc::Slice(buf.as_slice()), Ok(UblkIORes::Result(res))) {
+            eprintln!("thinctl serve: ublk queue {qid}: completing a request: {e:?}");
+        }
+    });
+}
