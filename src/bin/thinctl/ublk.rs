@@ -15,7 +15,6 @@
 //! out of) and hands them to us as slices.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -41,14 +40,19 @@ const IO_BUF_BYTES: u32 = 512 << 10;
 /// How long attach waits for the kernel to start a device, and detach for it to go.
 const WAIT: Duration = Duration::from_secs(20);
 
-/// Why ublk is not available here, when it is not.
+/// Why ublk is not available here, when it is not: `/dev/ublk-control` is missing.
+/// (`THINCTL_UBLK_CONTROL` names another path to look for, so tests can see this
+/// error on any host.)
 pub fn unavailable() -> Option<String> {
-    if Path::new(UBLK_CONTROL).exists() {
+    let control =
+        std::env::var_os("THINCTL_UBLK_CONTROL").map_or_else(|| UBLK_CONTROL.into(), std::path::PathBuf::from);
+    if control.exists() {
         return None;
     }
     Some(format!(
-        "{UBLK_CONTROL} does not exist: this kernel has no ublk driver loaded; it needs \
-         CONFIG_BLK_DEV_UBLK (Linux 6.0 or later) and, when built as a module, `modprobe ublk_drv`"
+        "{} does not exist: this kernel has no ublk driver loaded; it needs \
+         CONFIG_BLK_DEV_UBLK (Linux 6.0 or later) and, when built as a module, `modprobe ublk_drv`",
+        control.display()
     ))
 }
 
@@ -306,4 +310,93 @@ fn serve_queue(qid: u16, dev: &UblkDev, export: &dyn Export, read_only: bool) {
             eprintln!("thinctl serve: ublk queue {qid}: completing a request: {e:?}");
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use thinpool::server::exports::ExportedDevice;
+    use thinpool::server::service::{NoSpacePolicy, Service};
+    use thinpool::volume::{CreateOptions, PoolDir};
+
+    /// A served pool with device `web` of `size` bytes, opened as an export the way
+    /// an attach opens it.
+    fn export(data_bytes: u64, size: u64, read_only: bool) -> (tempfile::TempDir, Arc<Service>, Arc<dyn Export>) {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (mut pd, mut pool) =
+            PoolDir::create(&tmp.path().join("p"), &CreateOptions { data_bytes, ..Default::default() }).expect("pool");
+        pd.create_device(&mut pool, "web", size, None).expect("web");
+        let service = Service::new(pool);
+        service.set_no_space_policy(NoSpacePolicy::Error);
+        let devices = vec![ExportedDevice { name: "web".into(), id: 0, size }];
+        let catalog = PoolCatalog::new(Arc::clone(&service), devices, None, read_only);
+        let export = catalog.open("web").expect("open");
+        (tmp, service, export)
+    }
+
+    const R: u32 = sys::UBLK_IO_OP_READ;
+    const W: u32 = sys::UBLK_IO_OP_WRITE;
+
+    #[test]
+    fn requests_go_through_the_export_and_complete_with_bytes_or_zero() {
+        let (_tmp, service, ex) = export(16 << 20, 4 << 20, false);
+        assert_eq!(service.attached(0), 1, "the export holds the attach count");
+        let mut buf = vec![0u8; IO_BUF_BYTES as usize];
+        buf[..8192].iter_mut().enumerate().for_each(|(i, b)| *b = (i % 251) as u8);
+        let written = buf[..8192].to_vec();
+        assert_eq!(serve_request(&*ex, false, W | sys::UBLK_IO_F_FUA, 128, 16, &mut buf), 8192);
+        buf.fill(0);
+        assert_eq!(serve_request(&*ex, false, R, 128, 16, &mut buf), 8192);
+        assert_eq!(&buf[..8192], &written[..]);
+        // A flush has no range: its sector is all ones.
+        assert_eq!(serve_request(&*ex, false, sys::UBLK_IO_OP_FLUSH, u64::MAX, 0, &mut buf), 0);
+        // Write-zeroes without NOUNMAP unmaps whole blocks; with it, zeros are written.
+        assert_eq!(
+            serve_request(&*ex, false, sys::UBLK_IO_OP_WRITE_ZEROES | sys::UBLK_IO_F_NOUNMAP, 128, 8, &mut buf),
+            0
+        );
+        assert_eq!(serve_request(&*ex, false, R, 128, 16, &mut buf), 8192);
+        assert!(buf[..4096].iter().all(|&b| b == 0) && buf[4096..8192] == written[4096..]);
+        // A discard of the whole 64 KiB block unmaps it.
+        let mapped = |s: &Service| s.extents(0, 0, 1 << 20).expect("extents").iter().any(|r| r.mapped);
+        assert!(mapped(&service));
+        assert_eq!(serve_request(&*ex, false, sys::UBLK_IO_OP_DISCARD, 128, 128, &mut buf), 0);
+        assert!(!mapped(&service), "the discard unmapped the block");
+        assert_eq!(serve_request(&*ex, false, R, 128, 16, &mut buf), 8192);
+        assert!(buf[..8192].iter().all(|&b| b == 0));
+        drop(ex);
+        assert_eq!(service.attached(0), 0, "dropping the export releases the attach count");
+    }
+
+    #[test]
+    fn bad_requests_read_only_devices_and_a_full_pool_get_negative_errnos() {
+        let (_tmp, _service, ex) = export(1 << 20, 4 << 20, false);
+        let mut buf = vec![7u8; IO_BUF_BYTES as usize];
+        let sectors = (4 << 20) / 512;
+        assert_eq!(serve_request(&*ex, false, R, sectors, 1, &mut buf), -libc::EINVAL, "past the end");
+        assert_eq!(serve_request(&*ex, false, R, u64::MAX / 256, 1, &mut buf), -libc::EINVAL, "offset overflow");
+        let over = (IO_BUF_BYTES / 512) + 8;
+        assert_eq!(serve_request(&*ex, false, R, 0, over, &mut buf), -libc::EINVAL, "over the buffer");
+        assert_eq!(serve_request(&*ex, false, 0x7f, 0, 1, &mut buf), -libc::EOPNOTSUPP);
+        assert_eq!(serve_request(&*ex, true, W, 0, 8, &mut buf), -libc::EROFS);
+        assert_eq!(serve_request(&*ex, true, sys::UBLK_IO_OP_DISCARD, 0, 8, &mut buf), -libc::EROFS);
+        assert_eq!(serve_request(&*ex, true, R, 0, 8, &mut buf), 4096);
+        // 1 MiB of data is 16 blocks: the 17th new block is refused with ENOSPC.
+        let mut results = Vec::new();
+        for block in 0..20u64 {
+            results.push(serve_request(&*ex, false, W, block * 128, 8, &mut buf));
+        }
+        assert!(results[..16].iter().all(|&r| r == 4096), "{results:?}");
+        assert_eq!(results[16..], [-libc::ENOSPC; 4]);
+        assert_eq!(serve_request(&*ex, false, R, 0, 8, &mut buf), 4096, "still serving");
+    }
+
+    #[test]
+    fn a_served_read_only_export_refuses_writes_with_the_nbd_errno() {
+        let (_tmp, _service, ex) = export(16 << 20, 1 << 20, true);
+        let mut buf = vec![1u8; 4096];
+        // The export refuses (EPERM, as NBD clients get) even when the ublk side was
+        // not told the device is read-only.
+        assert_eq!(serve_request(&*ex, false, W, 0, 8, &mut buf), -libc::EPERM);
+    }
 }
