@@ -1,8 +1,9 @@
 //! Local block devices over ublk (`/dev/ublkbN`), served by `thinctl serve`.
 //!
 //! Each attached device gets one thread that runs `libublk`'s control side (ADD_DEV,
-//! SET_PARAMS, START_DEV through `/dev/ublk-control`) and one queue thread that
-//! serves the kernel's requests with io_uring: every request is executed by
+//! SET_PARAMS, START_DEV through `/dev/ublk-control`) and one thread per queue (one
+//! queue per CPU, at most [`MAX_QUEUES`]) that serves the kernel's requests with
+//! io_uring, one at a time: every request is executed by
 //! [`serve_request`] on the device's [`Export`], opened through the server's
 //! [`PoolCatalog`] exactly as an NBD connection opens it. So reads, writes, discards,
 //! write-zeroes and flushes are the same `Service` calls as NBD's (FLUSH and FUA
@@ -33,8 +34,10 @@ use thinpool::server::protocol::{ControlError, ErrorKind};
 /// The ublk control device the kernel module creates.
 pub const UBLK_CONTROL: &str = "/dev/ublk-control";
 
-/// Requests in flight per device (the queue depth).
+/// Requests in flight per queue (the queue depth).
 const QUEUE_DEPTH: u16 = 64;
+/// At most this many queues (one thread each) per device.
+const MAX_QUEUES: usize = 4;
 /// Largest request (the kernel splits bigger ones): 512 KiB.
 const IO_BUF_BYTES: u32 = 512 << 10;
 /// How long attach waits for the kernel to start a device, and detach for it to go.
@@ -226,7 +229,9 @@ impl LocalDevices for Ublk {
 fn run_device(export: Arc<dyn Export>, read_only: bool, started: mpsc::Sender<Result<u32, String>>) {
     let ctrl = match UblkCtrlBuilder::default()
         .name("thinpool")
-        .nr_queues(1)
+        // One queue per CPU (blk-mq maps submitting CPUs to queues), each served by
+        // its own thread, at most MAX_QUEUES.
+        .nr_queues(std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_QUEUES)) as u16)
         .depth(QUEUE_DEPTH)
         .io_buf_bytes(IO_BUF_BYTES)
         .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
