@@ -10,7 +10,10 @@
 //! a device is attached; fstrim on the mounted origin gives blocks back (status);
 //! a pool that fills gives the writer ENOSPC and keeps serving; the kernel's NBD
 //! client reads the snapshot over the Unix socket; detach; SIGTERM removes the
-//! remaining devices; `thinctl check` passes on the pool afterwards.
+//! remaining devices; `thinctl check` passes on the pool afterwards. Then user
+//! recovery: a server killed with SIGKILL under a mounted file system leaves the
+//! device in place, a write waits, and the next `thinctl serve` takes the device
+//! over (same /dev/ublkbN): the write completes, the files read back, fsck is clean.
 //!
 //! The guest boots under TCG; tools/guest/build.sh installs qemu and fetches the
 //! kernel when missing, and the test fails if it cannot.
@@ -154,11 +157,39 @@ wait $spid && echo "server exit 0"
 ls /dev/ublkb* 2>/dev/null || echo "no ublk devices left"
 $T check /tmp/p
 $T ls /tmp/p
+echo "== a server killed with SIGKILL: the next one takes its device over"
+$T serve /tmp/p --socket /tmp/nbd.sock --ublk thin0 > /tmp/serve2.log 2>&1 &
+spid=$!
+i=0; while ! grep -q 'attached "thin0"' /tmp/serve2.log; do i=$((i+1)); [ $i -lt 300 ] || { cat /tmp/serve2.log; exit 1; }; sleep 0.2; done
+O=$(sed -n 's/^attached "thin0" as \(\/dev\/ublkb[0-9]*\).*/\1/p' /tmp/serve2.log)
+mount -t ext4 "$O" /mnt/o
+dd if=/dev/urandom of=/mnt/o/g1 bs=1M count=1 2>/dev/null
+(cd /mnt/o && sha256sum g1) > /tmp/g.sha
+sync
+kill -9 $spid
+wait $spid || echo "server killed"
+ls /dev/ublkb* && echo "the device stays"
+(dd if=/dev/urandom of=/mnt/o/g2 bs=64k count=4 conv=fsync 2>/dev/null && echo "a write made during the outage completed") &
+wpid=$!
+sleep 2
+kill -0 $wpid && echo "the write waits for a server"
+$T serve /tmp/p --socket /tmp/nbd.sock > /tmp/serve3.log 2>&1 &
+spid=$!
+i=0; while ! grep -q 'recovered "thin0"' /tmp/serve3.log; do i=$((i+1)); [ $i -lt 300 ] || { cat /tmp/serve3.log; exit 1; }; sleep 0.2; done
+cat /tmp/serve3.log
+wait $wpid
+(cd /mnt/o && sha256sum -c /tmp/g.sha)
+umount /mnt/o
+/sbin/e2fsck -fn "$O" && echo "recovered device fsck clean"
+kill -TERM $spid
+wait $spid && echo "second server exit 0"
+ls /dev/ublkb* 2>/dev/null || echo "no ublk devices at the end"
+$T check /tmp/p
 echo GUEST-OK
 "#;
 
 #[test]
-fn ublk_devices_in_the_6_12_guest_carry_ext4_live_snapshots_fstrim_and_enospc() {
+fn ublk_devices_in_the_6_12_guest_carry_ext4_live_snapshots_fstrim_enospc_and_recovery() {
     let tmp = tempfile::tempdir().expect("tmp");
     let disk = payload_disk(tmp.path());
     let out = run_guest(SCRIPT, &[&disk]);
@@ -180,5 +211,13 @@ fn ublk_devices_in_the_6_12_guest_carry_ext4_live_snapshots_fstrim_and_enospc() 
     has("server exit 0");
     has("no ublk devices left");
     has("metadata is consistent");
+    has("the device stays");
+    has("recovered \"thin0\" as /dev/ublkb");
+    has("the write waits for a server");
+    has("a write made during the outage completed");
+    has("g1: OK");
+    has("recovered device fsck clean");
+    has("second server exit 0");
+    has("no ublk devices at the end");
     assert!(!out.contains("ACCEPTED"), "{out}");
 }

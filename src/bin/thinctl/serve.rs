@@ -194,7 +194,7 @@ pub fn serve(dir: &Path, args: ServeArgs) -> CliResult {
     };
     let first = devices().1;
     let catalog = Arc::new(std::sync::OnceLock::new());
-    let ublk = crate::ublk::Ublk::new(Arc::clone(&catalog));
+    let ublk = crate::ublk::Ublk::new(dir, Arc::clone(&catalog));
     let handler: Handler = Controller::new(Arc::clone(&service), Arc::clone(&pd), read_only)
         .with_health(Arc::clone(&settings))
         .with_local_devices(ublk.clone())
@@ -286,9 +286,21 @@ pub fn serve(dir: &Path, args: ServeArgs) -> CliResult {
                     }
                 }
             }
+            // Devices a server of this pool left when it died are taken over first.
+            for r in ublk_at_start.recover() {
+                match r {
+                    Ok(d) => {
+                        let _ = writeln!(out, "recovered \"{}\" as {} (ublk)", d.name, d.path);
+                    }
+                    Err(e) => eprintln!("thinctl serve: {e}"),
+                }
+            }
             // --ublk NAME: attached once the exports exist; a failure stops the server.
             for name in &ublk_names {
                 use thinpool::server::local::LocalDevices;
+                if ublk_at_start.list().iter().any(|d| &d.name == name) {
+                    continue;
+                }
                 match ublk_at_start.attach(name, read_only) {
                     Ok(d) => {
                         let ro = if d.read_only { " (read-only)" } else { "" };

@@ -116,6 +116,9 @@ struct Attached {
 
 /// The ublk devices of a server.
 pub struct Ublk {
+    /// The pool directory (canonical), recorded with each device so that a server
+    /// restarted after a crash finds its devices.
+    pool: String,
     /// The server's exports (set once serving starts).
     catalog: Arc<OnceLock<Arc<PoolCatalog>>>,
     devices: Mutex<BTreeMap<String, Attached>>,
@@ -128,9 +131,45 @@ fn failed(message: impl Into<String>) -> ControlError {
 }
 
 impl Ublk {
-    /// Devices served from `catalog`'s exports, once it is set.
-    pub fn new(catalog: Arc<OnceLock<Arc<PoolCatalog>>>) -> Arc<Ublk> {
-        Arc::new(Ublk { catalog, devices: Mutex::new(BTreeMap::new()), busy: Mutex::new(()) })
+    /// Devices of the pool in `pool_dir` served from `catalog`'s exports, once it is set.
+    pub fn new(pool_dir: &std::path::Path, catalog: Arc<OnceLock<Arc<PoolCatalog>>>) -> Arc<Ublk> {
+        let pool = std::fs::canonicalize(pool_dir).unwrap_or_else(|_| pool_dir.to_path_buf());
+        Arc::new(Ublk {
+            pool: pool.to_string_lossy().into_owned(),
+            catalog,
+            devices: Mutex::new(BTreeMap::new()),
+            busy: Mutex::new(()),
+        })
+    }
+
+    /// Take over the devices a server of this pool left when it died (ublk user
+    /// recovery): every ublk device the kernel holds quiesced whose recorded pool is
+    /// ours is served again, under the same /dev/ublkbN, and I/O waiting on it
+    /// resumes. Returns them.
+    pub fn recover(&self) -> Vec<Result<LocalDevice, ControlError>> {
+        if unavailable().is_some() {
+            return Vec::new();
+        }
+        let Ok(dir) = std::fs::read_dir("/sys/class/ublk-char") else { return Vec::new() };
+        let mut ids: Vec<u32> = dir
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("ublkc")?.parse().ok()))
+            .collect();
+        ids.sort_unstable();
+        let mut out = Vec::new();
+        for id in ids {
+            let Ok(ctrl) = UblkCtrl::new_simple(id as i32) else { continue };
+            if u32::from(ctrl.dev_info().state) != sys::UBLK_S_DEV_QUIESCED {
+                continue;
+            }
+            let Some(data) = ctrl.get_target_data_from_json() else { continue };
+            let Ok(target) = serde_json::from_value::<Target>(data) else { continue };
+            if target.pool != self.pool {
+                continue;
+            }
+            out.push(self.start(&target.name, target.read_only, Some((id, &ctrl))));
+        }
+        out
     }
 
     fn devices(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Attached>> {
@@ -148,8 +187,23 @@ impl Ublk {
     }
 }
 
-impl LocalDevices for Ublk {
-    fn attach(&self, name: &str, read_only: bool) -> Result<LocalDevice, ControlError> {
+/// What a device records about itself (libublk's target data, in
+/// `/run/ublksrvd/N.json`): enough for a restarted server to recover it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Target {
+    pool: String,
+    name: String,
+    read_only: bool,
+}
+
+impl Ublk {
+    /// Add (or, with `recover`, take over) and start the device of `name`.
+    fn start(
+        &self,
+        name: &str,
+        read_only: bool,
+        recover: Option<(u32, &UblkCtrl)>,
+    ) -> Result<LocalDevice, ControlError> {
         let _one = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(why) = unavailable() {
             return Err(failed(why));
@@ -163,11 +217,21 @@ impl LocalDevices for Ublk {
             .filter(|_| !name.is_empty())
             .ok_or_else(|| ControlError::new(ErrorKind::NoSuchDevice, format!("no device \"{name}\" is served")))?;
         let read_only = read_only || export.read_only();
+        let target = Target { pool: self.pool.clone(), name: name.to_string(), read_only };
+        let recover_id = match recover {
+            Some((id, ctrl)) => {
+                // START_USER_RECOVERY: the kernel lets a new server fetch requests.
+                ctrl.start_user_recover()
+                    .map_err(|e| failed(format!("cannot recover /dev/ublkb{id} for \"{name}\": {e}")))?;
+                Some(id)
+            }
+            None => None,
+        };
         let (tx, rx) = mpsc::channel::<Result<u32, String>>();
         let thread_name = format!("ublk-{name}");
         let thread = std::thread::Builder::new()
             .name(thread_name)
-            .spawn(move || run_device(export, read_only, tx))
+            .spawn(move || run_device(export, target, recover_id, tx))
             .map_err(|e| failed(format!("cannot start the ublk thread: {e}")))?;
         let dev_id = match rx.recv_timeout(WAIT) {
             Ok(Ok(id)) => id,
@@ -191,6 +255,12 @@ impl LocalDevices for Ublk {
         };
         self.devices().insert(name.to_string(), Attached { device: device.clone(), thread });
         Ok(device)
+    }
+}
+
+impl LocalDevices for Ublk {
+    fn attach(&self, name: &str, read_only: bool) -> Result<LocalDevice, ControlError> {
+        self.start(name, read_only, None)
     }
 
     fn detach(&self, name: &str) -> Result<LocalDevice, ControlError> {
@@ -226,26 +296,39 @@ impl LocalDevices for Ublk {
 /// The device thread: add and start the ublk device for `export`, report its id
 /// (or why it failed) on `started`, serve until it is stopped, delete it. The
 /// export (and with it the attach count) is dropped when the queue is gone.
-fn run_device(export: Arc<dyn Export>, read_only: bool, started: mpsc::Sender<Result<u32, String>>) {
+fn run_device(
+    export: Arc<dyn Export>,
+    target: Target,
+    recover: Option<u32>,
+    started: mpsc::Sender<Result<u32, String>>,
+) {
+    let read_only = target.read_only;
+    // A device can be taken over by a restarted server where the kernel can
+    // (UBLK_F_USER_RECOVERY: while no server runs, its I/O waits).
+    let recovery = UblkCtrl::get_features().is_some_and(|f| f & u64::from(sys::UBLK_F_USER_RECOVERY) != 0);
     let ctrl = match UblkCtrlBuilder::default()
         .name("thinpool")
+        .id(recover.map_or(-1, |id| id as i32))
+        .ctrl_flags(if recovery { u64::from(sys::UBLK_F_USER_RECOVERY) } else { 0 })
         // One queue per CPU (blk-mq maps submitting CPUs to queues), each served by
         // its own thread, at most MAX_QUEUES.
         .nr_queues(std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_QUEUES)) as u16)
         .depth(QUEUE_DEPTH)
         .io_buf_bytes(IO_BUF_BYTES)
-        .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+        .dev_flags(if recover.is_some() { UblkFlags::UBLK_DEV_F_RECOVER_DEV } else { UblkFlags::UBLK_DEV_F_ADD_DEV })
         .build()
     {
         Ok(c) => c,
         Err(e) => {
-            let _ = started.send(Err(format!("ADD_DEV through {UBLK_CONTROL} failed: {e:?}")));
+            let _ = started.send(Err(format!("adding the device through {UBLK_CONTROL} failed: {e}")));
             return;
         }
     };
+    let target_json = serde_json::to_value(&target).unwrap_or_default();
     let size = export.size();
     let block = u64::from(export.preferred_block_size()).clamp(4096, 1 << 20);
     let tgt_init = move |dev: &mut UblkDev| {
+        dev.set_target_json(target_json);
         dev.set_default_params(size);
         let p = &mut dev.tgt.params;
         p.basic.attrs |= sys::UBLK_ATTR_FUA;
@@ -271,10 +354,12 @@ fn run_device(export: Arc<dyn Export>, read_only: bool, started: mpsc::Sender<Re
     });
     if let Err(e) = r {
         if !running.load(Ordering::SeqCst) {
-            let _ = started.send(Err(format!("starting the device failed: {e:?}")));
+            let _ = started.send(Err(format!("starting the device failed: {e}")));
         }
     }
-    // Dropping the control deletes the device (it was added here).
+    // Stopped (detach, shutdown): delete the device. (A server that dies instead
+    // leaves it quiesced for the next one.)
+    let _ = ctrl.del_dev();
     drop(ctrl);
     drop(export);
 }
