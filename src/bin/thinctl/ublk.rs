@@ -167,7 +167,13 @@ impl Ublk {
             if target.pool != self.pool {
                 continue;
             }
-            out.push(self.start(&target.name, target.read_only, Some((id, &ctrl))));
+            let r = self.start(&target.name, target.read_only, Some((id, &ctrl)));
+            if matches!(&r, Err(e) if e.kind == ErrorKind::NoSuchDevice) {
+                // Its thin device is gone (deleted while no server ran): nothing can
+                // serve it again, so it is removed rather than left waiting.
+                let _ = ctrl.del_dev();
+            }
+            out.push(r.map_err(|e| failed(format!("/dev/ublkb{id}: {}", e.message))));
         }
         out
     }
@@ -304,12 +310,15 @@ fn run_device(
 ) {
     let read_only = target.read_only;
     // A device can be taken over by a restarted server where the kernel can
-    // (UBLK_F_USER_RECOVERY: while no server runs, its I/O waits).
-    let recovery = UblkCtrl::get_features().is_some_and(|f| f & u64::from(sys::UBLK_F_USER_RECOVERY) != 0);
+    // (UBLK_F_USER_RECOVERY: while no server runs, its I/O waits). Requests the dead
+    // server had taken are re-issued to the next (REISSUE): a block write or read
+    // done twice is harmless.
+    let wanted = u64::from(sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE);
+    let recovery = UblkCtrl::get_features().is_some_and(|f| f & wanted == wanted);
     let ctrl = match UblkCtrlBuilder::default()
         .name("thinpool")
         .id(recover.map_or(-1, |id| id as i32))
-        .ctrl_flags(if recovery { u64::from(sys::UBLK_F_USER_RECOVERY) } else { 0 })
+        .ctrl_flags(if recovery { wanted } else { 0 })
         // One queue per CPU (blk-mq maps submitting CPUs to queues), each served by
         // its own thread, at most MAX_QUEUES.
         .nr_queues(std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_QUEUES)) as u16)
