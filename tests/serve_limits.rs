@@ -402,3 +402,40 @@ fn a_client_that_does_not_finish_the_handshake_is_closed_after_the_timeout() {
     stop.store(true, Ordering::Relaxed);
     t.join().expect("server");
 }
+
+#[test]
+fn serve_raises_a_low_open_file_limit_to_fit_max_connections() {
+    let (_tmp, d) = pool();
+    let port = TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    // A shell with a soft limit of 256 descriptors starts the server.
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -Sn 256 && exec {} serve {d} --listen 127.0.0.1:{port} --max-connections 1000",
+            env!("CARGO_BIN_EXE_thinctl")
+        ))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("sh");
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().expect("stdout")).read_line(&mut line).expect("serving line");
+    let s = Served { child, port };
+    assert!(line.contains("serving pool"), "{line}");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", s.pid())).expect("limits");
+    let row = limits.lines().find(|l| l.starts_with("Max open files")).expect("open files row");
+    let f: Vec<&str> = row.split_whitespace().collect();
+    let (soft, hard) = (f[3], f[4]);
+    let hard_n: u64 = hard.parse().unwrap_or(u64::MAX);
+    let want = 1128.min(hard_n);
+    let soft_n: u64 = soft.parse().expect("soft limit");
+    assert!(soft_n >= want, "soft open-file limit {soft} < {want} (hard {hard}): {row}");
+    // And the clients fit: 400 connections past the old limit of 256 all get the greeting.
+    let mut conns = Vec::new();
+    for _ in 0..400 {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let mut hello = [0u8; 18];
+        c.read_exact(&mut hello).expect("greeting past the old descriptor limit");
+        conns.push(c);
+    }
+}

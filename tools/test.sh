@@ -24,6 +24,9 @@ need openssl openssl
 need containerd containerd            # the snapshotter's tests drive containerd and ctr
 need protoc protobuf-compiler         # containerd-snapshots generates its gRPC code with protoc
 need mkfs.ext4 e2fsprogs              # the snapshotter formats its base file system
+need runc runc                        # the snapshotter's VM test runs containers in the guest
+need busybox busybox-static           # ... from an image built of the static /bin/busybox
+need strip binutils                   # ... and ships the snapshotter and thinctl stripped
 # libublk (ublk devices) makes its kernel bindings with bindgen at build time: libclang.
 ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || missing+=(libclang-dev)
 if [ "${#missing[@]}" -gt 0 ]; then

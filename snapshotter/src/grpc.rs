@@ -92,6 +92,13 @@ impl Snapshotter for Service {
             if report.removed.is_empty() { "" } else { ": " },
             report.removed.join(", ")
         );
+        if !report.forgotten.is_empty() {
+            eprintln!(
+                "thinpool-snapshotter: cleanup forgot {} attachment(s) no longer connected: {}",
+                report.forgotten.len(),
+                report.forgotten.join(", ")
+            );
+        }
         Ok(())
     }
 

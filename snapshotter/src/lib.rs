@@ -13,6 +13,7 @@
 //! | [`store`] | the snapshots as devices and labels in `pool.toml` (no other database) |
 //! | [`base`] | the base file system: `mkfs.ext4` once, copied into a thin device |
 //! | [`attach`] | `/dev/nbdN` through `nbd-client` (the only part that needs root) |
+//! | [`privsep`] | `--user`: a root helper that only attaches, the rest as the user |
 //! | [`grpc`] | the gRPC service over the store |
 //! | [`filter`] | containerd's list filters |
 //! | [`serve`] | the process: pool, NBD server, control socket, gRPC socket, signals |
@@ -24,6 +25,7 @@ pub mod base;
 pub mod error;
 pub mod filter;
 pub mod grpc;
+pub mod privsep;
 pub mod serve;
 pub mod store;
 pub mod units;

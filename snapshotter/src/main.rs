@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use thinpool_snapshotter::attach::AttachMode;
+use thinpool_snapshotter::attach::{AttachMode, Kernel};
+use thinpool_snapshotter::privsep;
 use thinpool_snapshotter::serve::{run, Options};
 use thinpool_snapshotter::units::parse_size;
 
@@ -42,14 +43,48 @@ struct Args {
     /// Print errors and the ready line as JSON.
     #[arg(long)]
     json: bool,
+    /// Started as root, run as this user (`NAME`, `UID` or `UID:GID`) with
+    /// everything but the kernel attach: with `--attach nbd` a helper process
+    /// keeps root only to run `nbd-client` and to tell whether a `/dev/nbdN` is open.
+    #[arg(long, value_name = "USER")]
+    user: Option<String>,
 }
 
 fn size(s: &str) -> Result<u64, String> {
     parse_size(s).filter(|&n| n > 0).ok_or_else(|| format!("\"{s}\" is not a size (e.g. 512, 64k, 10G, 1T)"))
 }
 
+fn fail(json: bool, e: &str) -> ExitCode {
+    if json {
+        eprintln!("{}", serde_json::json!({ "error": e }));
+    } else {
+        eprintln!("error: {e}");
+    }
+    ExitCode::FAILURE
+}
+
 fn main() -> ExitCode {
+    if std::env::args_os().nth(1).is_some_and(|a| a == privsep::HELPER_ARG) {
+        return privsep::helper_main();
+    }
     let args = Args::parse();
+    let mut kernel: Option<Arc<dyn Kernel>> = None;
+    if let Some(user) = &args.user {
+        // Before any thread exists: the helper first (it keeps root), then drop.
+        let (uid, gid) = match privsep::parse_user(user) {
+            Ok(ids) => ids,
+            Err(e) => return fail(args.json, &format!("--user: {e}")),
+        };
+        if args.attach == AttachMode::Nbd {
+            match privsep::Helper::spawn() {
+                Ok(h) => kernel = Some(Arc::new(h)),
+                Err(e) => return fail(args.json, &e.to_string()),
+            }
+        }
+        if let Err(e) = privsep::drop_privileges(uid, gid) {
+            return fail(args.json, &format!("--user {user}: {e}"));
+        }
+    }
     let opts = Options {
         dir: args.dir.clone(),
         socket: args.socket.clone(),
@@ -58,6 +93,7 @@ fn main() -> ExitCode {
         size: args.size,
         data_bytes: args.data_size,
         commit_interval: Duration::from_millis(args.commit_interval_ms.max(1)),
+        kernel,
     };
     let json = args.json;
     let stop = Arc::new(AtomicBool::new(false));
@@ -95,13 +131,6 @@ fn main() -> ExitCode {
     );
     match r {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            if json {
-                eprintln!("{}", serde_json::json!({ "error": e.to_string() }));
-            } else {
-                eprintln!("error: {e}");
-            }
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(json, &e.to_string()),
     }
 }

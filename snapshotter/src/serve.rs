@@ -37,6 +37,10 @@ pub struct Options {
     pub data_bytes: u64,
     /// Periodic commit of writes no client flushed.
     pub commit_interval: Duration,
+    /// Who attaches kernel devices: the privilege-separated helper
+    /// ([`crate::privsep::Helper`]) when the snapshotter dropped root, else `None`
+    /// (this process runs `nbd-client` itself).
+    pub kernel: Option<Arc<dyn crate::attach::Kernel>>,
 }
 
 /// Why the snapshotter could not run.
@@ -120,9 +124,19 @@ pub fn run(
     for name in Store::leftovers(&pd) {
         warn(&format!("device \"{name}\" is a base file system whose formatting did not finish; Cleanup removes it"));
     }
+    // The pool's lock is ours, so an earlier snapshotter of this pool is dead: the
+    // devices it left attached point at a server that is gone.
+    let attacher = Attacher::with_state(opts.attach, &opts.dir, opts.kernel.clone());
+    let recovered = attacher.recover();
+    for (dev, name) in &recovered.detached {
+        warn(&format!("disconnected {dev}, which a snapshotter that died left attached to \"{name}\""));
+    }
+    for p in &recovered.problems {
+        warn(p);
+    }
     let service = Service::new(pool);
     let pd = Arc::new(Mutex::new(pd));
-    let store = Arc::new(Store::new(Arc::clone(&service), Arc::clone(&pd), opts.size, Attacher::new(opts.attach)));
+    let store = Arc::new(Store::new(Arc::clone(&service), Arc::clone(&pd), opts.size, attacher));
     let devices: DeviceList = {
         let pd = Arc::clone(&pd);
         Arc::new(move || Store::export_list(&pd.lock().unwrap_or_else(PoisonError::into_inner)))

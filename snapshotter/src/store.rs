@@ -55,6 +55,9 @@ pub const MAX_LABEL_BYTES: usize = 4096;
 pub const USAGE_WINDOW: u64 = 1 << 16;
 /// Most labels of one snapshot, all together.
 pub const MAX_LABELS_BYTES: usize = 64 << 10;
+/// How long Remove waits for the NBD connection of a device it just detached to
+/// close before deleting the device.
+pub const DISCONNECT_GRACE: Duration = Duration::from_secs(5);
 
 /// The kind of a snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,6 +171,9 @@ fn now_ns() -> u128 {
 pub struct CleanupReport {
     /// Devices deleted.
     pub removed: Vec<String>,
+    /// Attachments found disconnected (or of devices that are gone) and forgotten:
+    /// `/dev/nbdN (export)`.
+    pub forgotten: Vec<String>,
 }
 
 /// The snapshotter's state: the shared pool, its directory, and how mounts are made.
@@ -396,7 +402,20 @@ impl Store {
     }
 
     fn delete_device(&self, pd: &mut PoolDir, name: &str) -> Result<(), SnapError> {
-        self.attacher.detach(name)?;
+        if let crate::attach::Detached::Lazily(dev) = self.attacher.detach(name, true)? {
+            eprintln!(
+                "thinpool-snapshotter: warning: {dev} (snapshot device \"{name}\") was still open (mounted somewhere?) \
+                 when it was removed: disconnected lazily; the kernel frees {dev} when its last user closes it, \
+                 and I/O on it fails until then"
+            );
+        }
+        // The kernel closes its connection after the disconnect: give our server a
+        // moment to see it go before the engine is asked to delete the device.
+        let id = pd.device(name)?.id;
+        let until = Instant::now() + DISCONNECT_GRACE;
+        while self.service.attached(id) > 0 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         pd.delete_with(name, |id| -> Result<(), SnapError> {
             self.service.delete(id).map_err(|e| match self.service.attached(id) {
                 0 => SnapError::from(e),
@@ -435,7 +454,7 @@ impl Store {
         if Self::find(&pd, name).is_ok() {
             return Err(SnapError::AlreadyExists(name.to_string()));
         }
-        self.attacher.detach(&r.device)?;
+        self.attacher.detach(&r.device, false)?;
         self.service.flush()?;
         r.key = name.to_string();
         r.kind = SnapKind::Committed;
@@ -561,6 +580,17 @@ impl Store {
     pub fn cleanup(&self) -> Result<CleanupReport, SnapError> {
         let mut pd = self.dir();
         let mut report = CleanupReport::default();
+        // Attachments somebody else disconnected: forgotten, Mounts attaches anew;
+        // attachments of devices that are gone: detached.
+        for (name, dev) in self.attacher.forget_lost()? {
+            report.forgotten.push(format!("{dev} ({name})"));
+        }
+        for (name, a) in self.attacher.attached() {
+            if pd.device(&name).is_err() {
+                self.attacher.detach(&name, true)?;
+                report.forgotten.push(format!("{} ({name})", a.device));
+            }
+        }
         for name in Self::leftovers(&pd) {
             self.delete_device(&mut pd, &name)?;
             report.removed.push(name);
@@ -578,13 +608,24 @@ impl Store {
         Ok(report)
     }
 
-    /// Detach every attached device (on shutdown).
+    /// Detach every attached device (on shutdown; one still mounted is disconnected
+    /// lazily, with a warning).
     pub fn detach_all(&self) {
-        for (name, dev) in self.attacher.attached() {
-            if let Err(e) = self.attacher.detach(&name) {
-                eprintln!("thinpool-snapshotter: cannot detach {dev}: {e}");
+        for (name, a) in self.attacher.attached() {
+            match self.attacher.detach(&name, true) {
+                Ok(crate::attach::Detached::Lazily(dev)) => eprintln!(
+                    "thinpool-snapshotter: warning: {dev} (snapshot device \"{name}\") was still mounted at shutdown: \
+                     disconnected lazily, I/O on it fails until it is unmounted"
+                ),
+                Ok(_) => {}
+                Err(e) => eprintln!("thinpool-snapshotter: cannot detach {}: {e}", a.device),
             }
         }
+    }
+
+    /// The attacher (its attachments, and recovery at start-up).
+    pub fn attacher(&self) -> &Attacher {
+        &self.attacher
     }
 
     /// containerd's labels of `info` as a map (helper for the gRPC side).

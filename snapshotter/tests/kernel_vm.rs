@@ -5,9 +5,9 @@
 //! loopback) and mounts them as ext4. Shows that the base file system (formatted once
 //! on a sparse file, copied into a thin device) is one the kernel mounts and checks
 //! clean, that a committed layer's files are in its view and in a child, and that a
-//! child's changes stay its own. (The snapshotter's own `--attach nbd` path runs
-//! `nbd-client` itself and needs the `nbd` module where the snapshotter runs: not
-//! tested here.)
+//! child's changes stay its own. (The snapshotter's own `--attach nbd` path, which
+//! runs `nbd-client` itself where the snapshotter runs, is tested inside the guest by
+//! `kernel_vm_containerd.rs`.)
 
 mod common;
 

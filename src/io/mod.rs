@@ -157,15 +157,15 @@ forward_storage!(Arc);
 /// Whole 4 KiB blocks of the metadata device: the view the transaction manager and
 /// the checker use. Every [`Storage`] is one (block `b` is bytes
 /// `[b x 4096, (b + 1) x 4096)`; a trailing partial block is not part of the device).
-pub trait MetaStorage: Send {
+pub trait MetaStorage: Send + Sync {
     /// Number of whole blocks the device holds.
     fn nr_blocks(&self) -> u64;
     /// Read block `b` into `buf`.
     fn read_block(&self, b: u64, buf: &mut Block) -> io::Result<()>;
     /// Write `buf` to block `b` (not durable until [`MetaStorage::sync`]).
-    fn write_block(&mut self, b: u64, buf: &Block) -> io::Result<()>;
+    fn write_block(&self, b: u64, buf: &Block) -> io::Result<()>;
     /// Make every earlier write durable.
-    fn sync(&mut self) -> io::Result<()>;
+    fn sync(&self) -> io::Result<()>;
 }
 
 fn block_out_of_range(b: u64, n: u64) -> io::Error {
@@ -186,14 +186,14 @@ impl<S: Storage + ?Sized> MetaStorage for S {
         }
         self.read_at(&mut buf[..], b * BLOCK_SIZE as u64)
     }
-    fn write_block(&mut self, b: u64, buf: &Block) -> io::Result<()> {
+    fn write_block(&self, b: u64, buf: &Block) -> io::Result<()> {
         let n = self.nr_blocks();
         if b >= n {
             return Err(block_out_of_range(b, n));
         }
         self.write_at(&buf[..], b * BLOCK_SIZE as u64)
     }
-    fn sync(&mut self) -> io::Result<()> {
+    fn sync(&self) -> io::Result<()> {
         Storage::sync(self)
     }
 }
@@ -216,7 +216,7 @@ mod tests {
 
     #[test]
     fn every_storage_is_a_block_device_that_checks_its_bounds() {
-        let mut m = MemStorage::new(3 * BLOCK_SIZE as u64 + 100);
+        let m = MemStorage::new(3 * BLOCK_SIZE as u64 + 100);
         assert_eq!(m.nr_blocks(), 3);
         let blk = [7u8; BLOCK_SIZE];
         m.write_block(2, &blk).expect("write");
@@ -225,6 +225,6 @@ mod tests {
         assert_eq!(out, blk);
         assert_eq!(m.read_block(3, &mut out).expect_err("past end").kind(), io::ErrorKind::UnexpectedEof);
         assert_eq!(m.write_at(&[1, 2], m.len() - 1).expect_err("past end").kind(), io::ErrorKind::UnexpectedEof);
-        MetaStorage::sync(&mut m).expect("sync");
+        MetaStorage::sync(&m).expect("sync");
     }
 }

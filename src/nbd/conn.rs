@@ -32,6 +32,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use super::export::Catalog;
 use super::handshake::{option_frame, CatalogRef, Frame, Negotiation, Session, Step};
+use super::reply::ReplyBuf;
 use super::server::{Hub, Limits};
 use super::tls::TlsSetup;
 use super::transmission::{execute, frame, runs_long};
@@ -54,7 +55,7 @@ const KEEP_BUFFER: usize = 16 << 20;
 /// (never copied into one buffer).
 #[derive(Default)]
 struct Outbox {
-    chunks: VecDeque<Vec<u8>>,
+    chunks: VecDeque<ReplyBuf>,
     /// Bytes of the first chunk already written.
     pos: usize,
     /// Bytes waiting, over all chunks.
@@ -62,7 +63,7 @@ struct Outbox {
     /// Emptied buffers kept for the next batches (at most [`KEEP_BUFFER`] bytes of
     /// capacity in all), so that a stream of large replies reuses warm memory
     /// instead of mapping and faulting in a new buffer for each.
-    spares: Vec<Vec<u8>>,
+    spares: Vec<ReplyBuf>,
     /// A write failed (the client went away): the connection is to be closed.
     failed: bool,
     /// Leading chunks to write as they are, before TLS takes over (the STARTTLS
@@ -84,7 +85,7 @@ impl Outbox {
             self.pos = 0;
             self.raw = self.raw.saturating_sub(1);
             if let Some(mut c) = self.chunks.pop_front() {
-                let kept: usize = self.spares.iter().map(Vec::capacity).sum();
+                let kept: usize = self.spares.iter().map(ReplyBuf::capacity).sum();
                 if kept + c.capacity() <= KEEP_BUFFER {
                     c.clear();
                     self.spares.push(c);
@@ -98,7 +99,7 @@ impl Outbox {
         let mut slices = [IoSlice::new(&[]); 16];
         let mut n = 0;
         for (i, c) in self.chunks.iter().take(limit.min(16)).enumerate() {
-            slices[i] = IoSlice::new(if i == 0 { &c[self.pos..] } else { c });
+            slices[i] = IoSlice::new(if i == 0 { &c.as_slice()[self.pos..] } else { c.as_slice() });
             n += 1;
         }
         (slices, n)
@@ -129,7 +130,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Shared {
     /// Queue `data` (taking its buffer; it gets an empty one back) and write what
     /// the socket takes now.
-    fn send(&self, data: &mut Vec<u8>) {
+    fn send(&self, data: &mut ReplyBuf) {
         let mut ob = lock(&self.out);
         if ob.failed || data.is_empty() {
             data.clear();
@@ -225,7 +226,7 @@ impl Shared {
 
     /// A reply from the blocking pool: queue it, and have the reactor poll for
     /// writability when the socket did not take it all.
-    fn complete(&self, mut reply: Vec<u8>, bytes: usize) {
+    fn complete(&self, mut reply: ReplyBuf, bytes: usize) {
         self.send(&mut reply);
         {
             let mut j = lock(&self.jobs);
@@ -274,7 +275,7 @@ pub(super) struct Conn {
     start: usize,
     end: usize,
     /// Replies of inline requests not yet handed to the outbox.
-    batch: Vec<u8>,
+    batch: ReplyBuf,
     phase: Phase,
     /// End of the handshake allowance (until GO/EXPORT_NAME).
     deadline: Option<Instant>,
@@ -317,14 +318,15 @@ impl Conn {
             jobs_done: Condvar::new(),
             waker,
         });
-        let mut hello = super::handshake::greeting().to_vec();
+        let mut hello = ReplyBuf::new();
+        hello.extend_from_slice(&super::handshake::greeting());
         shared.send(&mut hello);
         Conn {
             shared,
             inbuf: Vec::new(),
             start: 0,
             end: 0,
-            batch: Vec::new(),
+            batch: ReplyBuf::new(),
             phase: Phase::Flags,
             deadline: Some(Instant::now() + limits.handshake_timeout),
             catalog,
@@ -390,7 +392,18 @@ impl Conn {
             if hub.forced() || self.shared.failed() {
                 return Outcome::Close;
             }
-            if self.in_handshake() && (hub.stopping() || self.deadline.is_some_and(|d| Instant::now() >= d)) {
+            if self.in_handshake() && hub.stopping() {
+                // Options already received get NBD_REP_ERR_SHUTDOWN (a clean
+                // refusal a client can report) before the connection closes.
+                if let Phase::Options { neg, .. } = &mut self.phase {
+                    neg.refuse_all(wire::REP_ERR_SHUTDOWN, "the server is shutting down".into());
+                    let _ = self.process(hub);
+                    self.flush_batch();
+                    self.shared.flush();
+                }
+                return Outcome::Close;
+            }
+            if self.in_handshake() && self.deadline.is_some_and(|d| Instant::now() >= d) {
                 return Outcome::Close;
             }
             if let Err(e) = self.process(hub) {
@@ -514,7 +527,7 @@ impl Conn {
         if !self.batch.is_empty() {
             self.shared.send(&mut self.batch);
             if self.batch.capacity() > KEEP_BUFFER {
-                self.batch = Vec::new();
+                self.batch = ReplyBuf::new();
             }
         }
     }
@@ -628,7 +641,9 @@ impl Conn {
                     *left -= n as u32;
                     let done = *left == 0;
                     if done {
-                        neg.too_big(*option, &mut self.batch);
+                        let mut answer = Vec::new();
+                        neg.too_big(*option, &mut answer);
+                        self.batch.extend_from_slice(&answer);
                         if let Phase::Options { skip, .. } = &mut self.phase {
                             *skip = None;
                         }
@@ -657,7 +672,10 @@ impl Conn {
                                 return Ok(());
                             }
                             let data = &self.inbuf[self.start + 16..self.start + 16 + len];
-                            let step = neg.handle(option, data, &mut self.batch)?;
+                            let mut answer = Vec::new();
+                            let step = neg.handle(option, data, &mut answer);
+                            self.batch.extend_from_slice(&answer);
+                            let step = step?;
                             self.consume(16 + len);
                             match step {
                                 Step::Next => {}
@@ -703,7 +721,7 @@ impl Conn {
                         let (session, shared, payload) =
                             (Arc::clone(session), Arc::clone(&self.shared), payload.to_vec());
                         hub.run_blocking(Box::new(move || {
-                            let mut reply = Vec::new();
+                            let mut reply = ReplyBuf::new();
                             execute(&session, &req, &payload, &mut reply);
                             shared.complete(reply, payload.len());
                         }));

@@ -9,6 +9,7 @@
 //! - `handshake.rs`: the greeting and option haggling, one function per option
 //!   (no I/O: replies go to a buffer); the attach guard.
 //! - `transmission.rs`: request framing, validation and execution (no I/O).
+//! - `reply.rs`: the reply buffer, which reuses its memory without zeroing it.
 //! - `conn.rs`: one connection: buffers, backpressure, phases, its driver.
 //! - `transport.rs`: its TCP or Unix socket, and TLS after STARTTLS.
 //! - [`tls`]: the TLS mode and the certificate directory.
@@ -21,6 +22,7 @@ mod contexts;
 pub mod export;
 mod handshake;
 pub mod mem;
+mod reply;
 pub mod server;
 pub mod tls;
 mod transmission;

@@ -738,7 +738,9 @@ pub fn serve_connection<R: Read, W: Write + Send + 'static>(
         }
         let mut payload = vec![0u8; payload_len];
         reader.read_exact(&mut payload)?;
-        execute(&session, &req, &payload, &mut out);
+        let mut reply = super::reply::ReplyBuf::new();
+        execute(&session, &req, &payload, &mut reply);
+        out.extend_from_slice(reply.as_slice());
         send(&mut out)?;
     }
 }

@@ -14,6 +14,7 @@ use byteorder::{BigEndian as BE, ByteOrder};
 
 use super::export::{errno, ExportError};
 use super::handshake::{Session, CTX_BASE_ALLOCATION};
+use super::reply::ReplyBuf;
 use super::server::MAX_PAYLOAD;
 use super::wire::{self, Command, Request};
 
@@ -98,7 +99,7 @@ pub(super) fn check_request(s: &Session, command: Command, req: &Request) -> Res
     Ok(())
 }
 
-fn error_reply(s: &Session, out: &mut Vec<u8>, command: Command, req: &Request, err: u32) {
+fn error_reply(s: &Session, out: &mut ReplyBuf, command: Command, req: &Request, err: u32) {
     if s.structured && matches!(command, Command::Read | Command::BlockStatus) {
         let mut p = [0u8; 6];
         BE::write_u32(&mut p[0..], err);
@@ -111,7 +112,7 @@ fn error_reply(s: &Session, out: &mut Vec<u8>, command: Command, req: &Request, 
 
 /// Validate, then execute one request (`payload`: a WRITE's data) and append its
 /// reply to `out`.
-pub(super) fn execute(s: &Session, req: &Request, payload: &[u8], out: &mut Vec<u8>) {
+pub(super) fn execute(s: &Session, req: &Request, payload: &[u8], out: &mut ReplyBuf) {
     let command = req.command;
     if let Err(e) = check_request(s, command, req) {
         return error_reply(s, out, command, req, e);
@@ -151,14 +152,12 @@ pub(super) fn execute(s: &Session, req: &Request, payload: &[u8], out: &mut Vec<
 /// become hole chunks (unless DF asks for one piece). Data is read straight into the
 /// reply buffer; on a read error whatever was appended for this request is
 /// replaced by the error reply.
-fn do_read(s: &Session, out: &mut Vec<u8>, req: &Request) {
+fn do_read(s: &Session, out: &mut ReplyBuf, req: &Request) {
     let len = req.length as usize;
     let mark = out.len();
     if !s.structured {
-        out.reserve(16 + len);
         out.extend_from_slice(&wire::simple_reply(0, req.cookie));
-        out.resize(mark + 16 + len, 0);
-        if let Err(e) = s.export().read(req.offset, &mut out[mark + 16..]) {
+        if let Err(e) = s.export().read(req.offset, out.append(len)) {
             out.truncate(mark);
             error_reply(s, out, Command::Read, req, errno(&e));
         }
@@ -171,7 +170,6 @@ fn do_read(s: &Session, out: &mut Vec<u8>, req: &Request) {
     // Read optimistically into one data chunk: the data lands straight in the reply
     // buffer. Holes (unless the client asked for one piece, DF) split the reply
     // into data and hole chunks afterwards, which costs a copy only then.
-    out.reserve(20 + len);
     out.extend_from_slice(&wire::chunk_header(
         wire::REPLY_FLAG_DONE,
         wire::REPLY_TYPE_OFFSET_DATA,
@@ -180,11 +178,14 @@ fn do_read(s: &Session, out: &mut Vec<u8>, req: &Request) {
     ));
     out.extend_from_slice(&req.offset.to_be_bytes());
     let at = out.len();
-    out.resize(at + len, 0);
+    // `append` hands out memory of earlier replies: `read` fills all of it;
+    // `read_sparse` fills the data runs, and the hole runs are never sent as data
+    // (the reply is rebuilt below when there are any).
+    let data = out.append(len);
     let runs = if req.flags & wire::CMD_FLAG_DF != 0 {
-        s.export().read(req.offset, &mut out[at..]).map(|()| vec![(len as u64, false)])
+        s.export().read(req.offset, data).map(|()| vec![(len as u64, false)])
     } else {
-        s.export().read_sparse(req.offset, &mut out[at..])
+        s.export().read_sparse(req.offset, data)
     };
     let runs = match runs {
         Ok(r) => r,
@@ -208,16 +209,18 @@ fn do_read(s: &Session, out: &mut Vec<u8>, req: &Request) {
         pos += n;
     }
     if pos < len as u64 {
-        // The export covered less than asked: the rest was read as data already.
-        match chunks.last_mut() {
-            Some(last) if !last.2 => last.1 += len as u64 - pos,
-            _ => chunks.push((pos, len as u64 - pos, false)),
+        // The export's runs covered less than asked, so not every byte is known
+        // to be filled: read the whole range again as one data chunk.
+        if let Err(e) = s.export().read(req.offset, &mut out.as_mut_slice()[at..]) {
+            out.truncate(mark);
+            error_reply(s, out, Command::Read, req, errno(&e));
         }
+        return;
     }
     if chunks.len() == 1 && !chunks[0].2 {
         return;
     }
-    let data = out.split_off(at);
+    let data = out.as_slice()[at..].to_vec();
     out.truncate(mark);
     let last = chunks.len() - 1;
     for (i, (off, n, hole)) in chunks.into_iter().enumerate() {
@@ -239,7 +242,7 @@ fn do_read(s: &Session, out: &mut Vec<u8>, req: &Request) {
 
 /// BLOCK_STATUS: one chunk per selected context (`base:allocation` first), each of
 /// at most [`MAX_EXTENTS`] extents; the last one carries the DONE flag.
-fn do_block_status(s: &Session, out: &mut Vec<u8>, req: &Request) {
+fn do_block_status(s: &Session, out: &mut ReplyBuf, req: &Request) {
     let mut payloads = Vec::new();
     if s.base_allocation {
         match base_allocation_payload(s, req) {

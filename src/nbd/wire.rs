@@ -79,6 +79,8 @@ pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
 pub const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
 /// `NBD_REP_ERR_UNKNOWN`: no such export.
 pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
+/// `NBD_REP_ERR_SHUTDOWN`: the server is shutting down.
+pub const REP_ERR_SHUTDOWN: u32 = (1 << 31) + 7;
 /// `NBD_REP_ERR_TOO_BIG`: the option payload is too large.
 pub const REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
 

@@ -347,6 +347,35 @@ impl Pool {
         Ok(())
     }
 
+    /// A commit in steps for a serving core that syncs outside its lock (see
+    /// [`Metadata::commit_prepare`]): the data must already be durable. `None`:
+    /// nothing changed.
+    pub fn commit_prepare(&mut self) -> Result<Option<crate::thin::PreparedCommit>, PoolError> {
+        self.md.commit_prepare(&mut || Ok(()))
+    }
+
+    /// Step 3 of a commit in steps: write the superblock.
+    pub fn commit_write_superblock(&mut self, p: &crate::thin::PreparedCommit) -> Result<(), PoolError> {
+        self.md.commit_write_superblock(p)
+    }
+
+    /// The last step of a commit in steps: the superblock is durable.
+    pub fn commit_finish(&mut self, p: crate::thin::PreparedCommit) {
+        let Committed { released_data } = self.md.commit_finish(p);
+        self.publish_reuses();
+        self.data.punch_released(released_data);
+    }
+
+    /// A sync of a commit in steps failed: the pool refuses changes until reopened.
+    pub fn commit_abort(&mut self, p: crate::thin::PreparedCommit) {
+        self.md.commit_abort(p);
+    }
+
+    /// The metadata device (to sync it outside the lock in a commit in steps).
+    pub fn metadata_storage(&self) -> Arc<dyn crate::io::MetaStorage> {
+        self.md.storage()
+    }
+
     /// Whether a write that finds no free data block commits by itself when the
     /// transaction freed blocks (the default), or fails with
     /// [`PoolError::NoSpace`] and leaves the commit to its caller (a serving core

@@ -455,10 +455,38 @@ impl Service {
     }
 
     /// The commit itself, with no metadata change in flight: data first, outside
-    /// the metadata lock, then the metadata.
+    /// the metadata lock, then the metadata. The new metadata blocks and the
+    /// superblock are written under the lock, but the two syncs of the metadata
+    /// device run outside it, so lookups (reads, overwrites of mapped blocks) go
+    /// on meanwhile; changes stay out until the commit ends (the barrier). (perf:
+    /// with a client committing after every write, readers of other devices
+    /// waited on those syncs.)
     fn commit_now(&self) -> Result<(), PoolError> {
         self.data.sync()?;
-        self.lock().pool.commit_with(&mut || Ok(()))
+        let (p, meta) = {
+            let mut g = self.lock();
+            match g.pool.commit_prepare()? {
+                None => return Ok(()),
+                Some(p) => (p, g.pool.metadata_storage()),
+            }
+        };
+        if let Err(e) = meta.sync() {
+            self.lock().pool.commit_abort(p);
+            return Err(MetaError::from(e).into());
+        }
+        {
+            let mut g = self.lock();
+            if let Err(e) = g.pool.commit_write_superblock(&p) {
+                g.pool.commit_abort(p);
+                return Err(e);
+            }
+        }
+        if let Err(e) = meta.sync() {
+            self.lock().pool.commit_abort(p);
+            return Err(MetaError::from(e).into());
+        }
+        self.lock().pool.commit_finish(p);
+        Ok(())
     }
 
     /// Discard a range: whole blocks are unmapped, partial ones once every byte of

@@ -3,6 +3,13 @@
 
 use super::*;
 
+/// A commit in steps whose metadata blocks are written but not yet durable (see
+/// [`Metadata::commit_prepare`]).
+#[derive(Debug)]
+pub struct PreparedCommit {
+    sb: Superblock,
+}
+
 impl Metadata {
     /// Grow the data space map to `nr_blocks` (the data device grew).
     pub fn extend_data(&mut self, nr_blocks: u64) -> Result<(), PoolError> {
@@ -58,6 +65,12 @@ impl Metadata {
         Ok(())
     }
 
+    /// The metadata device, for syncing it outside the pool's lock during a
+    /// commit in steps (see [`Metadata::commit_prepare`]).
+    pub fn storage(&self) -> std::sync::Arc<dyn MetaStorage> {
+        self.t.storage()
+    }
+
     /// Has anything changed since the last commit?
     pub fn is_dirty(&self) -> bool {
         self.changed
@@ -87,6 +100,88 @@ impl Metadata {
     }
 
     fn commit_inner(&mut self, sync_data: &mut dyn FnMut() -> std::io::Result<()>) -> Result<Committed, PoolError> {
+        let p = self.prepare_inner(sync_data)?;
+        self.t.sync()?;
+        self.write_superblock(&p)?;
+        self.t.sync()?;
+        Ok(self.commit_finish(p))
+    }
+
+    /// The first step of a commit done in steps, for a caller that syncs the
+    /// metadata device (`Metadata::storage`) without holding the metadata: the same
+    /// commit as [`Metadata::commit`], in this order:
+    /// 1. `commit_prepare`: `sync_data`, then every new metadata block written
+    ///    (not yet durable);
+    /// 2. the caller syncs the metadata device;
+    /// 3. [`Metadata::commit_write_superblock`];
+    /// 4. the caller syncs the metadata device again;
+    /// 5. [`Metadata::commit_finish`] (or [`Metadata::commit_abort`] when a
+    ///    sync failed).
+    ///
+    /// Between the steps the metadata may be read (lookups), never changed: the
+    /// caller keeps every change out until step 5. `None`: nothing to commit
+    /// (`sync_data` ran).
+    pub fn commit_prepare(
+        &mut self,
+        sync_data: &mut dyn FnMut() -> std::io::Result<()>,
+    ) -> Result<Option<PreparedCommit>, PoolError> {
+        if self.read_only {
+            return Ok(None);
+        }
+        if self.t.is_poisoned() {
+            return Err(MetaError::Poisoned.into());
+        }
+        if !self.changed {
+            sync_data().map_err(PoolError::DataIo)?;
+            return Ok(None);
+        }
+        let r = self.prepare_inner(sync_data);
+        if r.is_err() {
+            self.t.poison();
+        }
+        r.map(Some)
+    }
+
+    /// Step 3 of a commit in steps (see [`Metadata::commit_prepare`]): write the
+    /// new superblock (not yet durable).
+    pub fn commit_write_superblock(&mut self, p: &PreparedCommit) -> Result<(), PoolError> {
+        let r = self.write_superblock(p);
+        if r.is_err() {
+            self.t.poison();
+        }
+        r
+    }
+
+    /// The last step of a commit (see [`Metadata::commit_prepare`]): the
+    /// superblock is durable; a new transaction begins.
+    pub fn commit_finish(&mut self, p: PreparedCommit) -> Committed {
+        self.sb = p.sb;
+        self.t.set_committing(false);
+        self.t.end_transaction();
+        self.sms.end_transaction();
+        let released_data = self.t.data_counts_mut().commit().released;
+        self.t.meta_counts_mut().commit();
+        self.changed = false;
+        Committed { released_data }
+    }
+
+    /// A step of a commit in steps failed outside (a sync of the metadata
+    /// device): nothing more is accepted until reopen, as after any failed
+    /// commit; the previous commit stays intact on disk.
+    pub fn commit_abort(&mut self, _p: PreparedCommit) {
+        self.t.poison();
+    }
+
+    fn write_superblock(&mut self, p: &PreparedCommit) -> Result<(), PoolError> {
+        let blk = p.sb.encode(0);
+        self.t.write_through(0, &blk)?;
+        Ok(())
+    }
+
+    fn prepare_inner(
+        &mut self,
+        sync_data: &mut dyn FnMut() -> std::io::Result<()>,
+    ) -> Result<PreparedCommit, PoolError> {
         sync_data().map_err(PoolError::DataIo)?;
         self.t.set_committing(true);
         // Device details and roots into their trees.
@@ -116,7 +211,7 @@ impl Metadata {
             }
         }
         self.sms.write(&mut self.t)?;
-        self.t.write_dirty()?;
+        self.t.write_dirty_blocks()?;
         let (data_sm_root, metadata_sm_root) = self.sms.roots(&self.t);
         let sb = Superblock {
             time: self.time,
@@ -128,17 +223,7 @@ impl Metadata {
             device_details_root: self.details_root,
             ..self.sb.clone()
         };
-        let blk = sb.encode(0);
-        self.t.write_through(0, &blk)?;
-        self.t.sync()?;
-        self.sb = sb;
-        self.t.set_committing(false);
-        self.t.end_transaction();
-        self.sms.end_transaction();
-        let released_data = self.t.data_counts_mut().commit().released;
-        self.t.meta_counts_mut().commit();
-        self.changed = false;
-        Ok(Committed { released_data })
+        Ok(PreparedCommit { sb })
     }
 
     /// Take a metadata snapshot (`reserve_metadata_snap`): commit, then copy the

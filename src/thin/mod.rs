@@ -36,6 +36,7 @@ use crate::space_map::RefCounts;
 use crate::transaction::Txn;
 
 pub use crate::units::DevId;
+pub use commit::PreparedCommit;
 pub use diff::{
     diff_committed, diff_step_in, diff_walk_in, DeltaKind, DeltaRun, DiffOptions, DiffStats, DiffWalk, HeldMappings,
     HELD_FOR_DIFF,

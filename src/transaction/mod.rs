@@ -8,6 +8,7 @@
 //! is poisoned and refuses everything until the pool is reopened.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use crate::error::{Corruption, MetaError};
 use crate::format::checksum::{self, BlockKind};
@@ -29,7 +30,7 @@ struct Cached {
 
 /// Blocks, shadows and counts of one open metadata device.
 pub struct Txn {
-    storage: Box<dyn MetaStorage>,
+    storage: Arc<dyn MetaStorage>,
     cache: HashMap<u64, Cached>,
     clean: usize,
     cache_limit: usize,
@@ -58,7 +59,7 @@ impl Txn {
     /// A transaction manager over `storage` with the given counts.
     pub fn new(storage: Box<dyn MetaStorage>, meta: RefCounts, data: RefCounts) -> Txn {
         Txn {
-            storage,
+            storage: Arc::from(storage),
             cache: HashMap::new(),
             clean: 0,
             cache_limit: DEFAULT_CACHE_BLOCKS,
@@ -290,6 +291,19 @@ impl Txn {
 
     /// Seal and write every dirty block, then sync. Errors poison the manager.
     pub fn write_dirty(&mut self) -> Result<(), MetaError> {
+        self.write_dirty_blocks()?;
+        self.sync()
+    }
+
+    /// The metadata device, for a caller that syncs it without holding the
+    /// manager (a commit's syncs outside the pool's lock: see
+    /// `Metadata::commit_prepare`). Writes still go through the manager.
+    pub fn storage(&self) -> Arc<dyn MetaStorage> {
+        Arc::clone(&self.storage)
+    }
+
+    /// Seal and write every dirty block, without a sync. Errors poison the manager.
+    pub fn write_dirty_blocks(&mut self) -> Result<(), MetaError> {
         self.ensure_ok()?;
         let mut dirty: Vec<u64> = self.cache.iter().filter(|(_, c)| c.dirty).map(|(&b, _)| b).collect();
         dirty.sort_unstable();
@@ -305,7 +319,7 @@ impl Txn {
                 return Err(e.into());
             }
         }
-        self.sync()
+        Ok(())
     }
 
     /// Sync the device. Errors poison the manager.

@@ -221,6 +221,7 @@ pub fn serve(dir: &Path, args: ServeArgs) -> CliResult {
         },
         streams: thinpool::server::replicate::stream_handler(Arc::clone(&service), Arc::clone(&pd), read_only),
     };
+    raise_fd_limit(opts.max_connections as u64);
     let sock: PathBuf = dir.join(CONTROL_SOCKET);
     let stop = Arc::new(AtomicBool::new(false));
     let ublk_names = access.ublk.clone();
@@ -330,5 +331,29 @@ pub fn serve(dir: &Path, args: ServeArgs) -> CliResult {
     match failed {
         Some(e) => Err(msg(e)),
         None => Ok(()),
+    }
+}
+
+/// Every connection holds a descriptor: raise the soft `RLIMIT_NOFILE` (often
+/// 1024) toward the hard limit so that `max_connections` clients fit, with room
+/// for the pool's files, listeners and the control socket. Past the hard limit
+/// the server still runs; accepts pause while no descriptor is free.
+fn raise_fd_limit(max_connections: u64) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    let need = max_connections.saturating_add(128);
+    if soft >= need {
+        return;
+    }
+    let new = need.min(hard);
+    if new > soft {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, new, hard) {
+            eprintln!("thinpool: cannot raise the open-file limit to {new}: {e}");
+        }
+    }
+    if need > hard {
+        eprintln!(
+            "thinpool: the open-file limit ({hard}) is below --max-connections {max_connections} plus 128; accepts pause when descriptors run out"
+        );
     }
 }
