@@ -201,7 +201,7 @@ fn ublk_devices_in_the_6_12_guest_carry_ext4_live_snapshots_fstrim_enospc_and_re
     has("f3 is not in the snapshot");
     has("ro=1");
     has("write to the read-only device refused");
-    has("delete refused: error: device \"snap\" is attached");
+    has("delete refused: error: device \"snap\" is attached as /dev/ublkb");
     has("snapshot device removed");
     has("nbd snapshot fsck clean");
     has("fstrim reclaimed");

@@ -372,8 +372,18 @@ impl Controller {
         let outcome = match change {
             PoolChange::Delete { name } => {
                 let id = pd.delete_with(name, |id| {
+                    let local = self.local.as_ref().and_then(|l| l.list().into_iter().find(|d| d.name == *name));
                     self.service.delete(id).map_err(|e| match self.service.attached(id) {
                         0 => ControlError::from(e),
+                        _ if local.is_some() => {
+                            let (path, kind) = local.as_ref().map_or(("", ""), |d| (d.path.as_str(), d.kind.as_str()));
+                            ControlError::new(
+                                ErrorKind::Attached,
+                                format!(
+                                    "device \"{name}\" is attached as {path} ({kind}); detach it (thinctl detach) before deleting it"
+                                ),
+                            )
+                        }
                         n => ControlError::new(
                             ErrorKind::Attached,
                             format!(
