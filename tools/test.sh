@@ -27,6 +27,8 @@ need mkfs.ext4 e2fsprogs              # the snapshotter formats its base file sy
 need runc runc                        # the snapshotter's VM test runs containers in the guest
 need busybox busybox-static           # ... from an image built of the static /bin/busybox
 need strip binutils                   # ... and ships the snapshotter and thinctl stripped
+# libublk (ublk devices) makes its kernel bindings with bindgen at build time: libclang.
+ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || missing+=(libclang-dev)
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "== installing: ${missing[*]}"
   as_root apt-get update -qq
@@ -37,6 +39,7 @@ fi
 # now, before any test runs (installing qemu-system swaps the qemu-utils version).
 echo "== guest for the kernel tests"
 tools/guest/build.sh >/dev/null
+GUEST_KERNEL=6.12 tools/guest/build.sh >/dev/null   # the ublk tests' guest (bookworm-security's 6.12)
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

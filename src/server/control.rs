@@ -275,6 +275,8 @@ pub struct Controller {
     /// The health settings the server runs with (status reports them; a `SetHealth`
     /// change updates them); without them status reports `pool.toml`'s.
     health: Option<Arc<crate::server::health::LiveSettings>>,
+    /// Local block devices (ublk), when the server attaches them.
+    local: Option<Arc<dyn crate::server::local::LocalDevices>>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -286,13 +288,19 @@ impl std::fmt::Debug for Controller {
 impl Controller {
     /// A controller for `service` and `pd`; `read_only` refuses every change.
     pub fn new(service: Arc<Service>, pd: Arc<Mutex<PoolDir>>, read_only: bool) -> Controller {
-        Controller { service, pd, read_only, health: None }
+        Controller { service, pd, read_only, health: None, local: None }
     }
 
     /// Report and change these live health settings (thresholds, autoextend,
     /// no-space policy) rather than only `pool.toml`'s.
     pub fn with_health(mut self, settings: Arc<crate::server::health::LiveSettings>) -> Controller {
         self.health = Some(settings);
+        self
+    }
+
+    /// Answer `attach`, `detach` and `local_devices` with these local devices.
+    pub fn with_local_devices(mut self, local: Arc<dyn crate::server::local::LocalDevices>) -> Controller {
+        self.local = Some(local);
         self
     }
 
@@ -332,8 +340,25 @@ impl Controller {
                 crate::server::rollback::rollback_served(&self.service, &self.pd, self.read_only, &device, &snapshot)
                     .map(|outcome| Response::RolledBack { outcome, block_bytes: self.service.block_bytes() })
             }
+            Request::Attach { name, read_only } => self
+                .local()
+                // A pool served read-only attaches read-only.
+                .and_then(|l| l.attach(&name, read_only || self.read_only))
+                .map(|device| Response::Attached { device }),
+            Request::Detach { name } => {
+                self.local().and_then(|l| l.detach(&name)).map(|device| Response::Detached { device })
+            }
+            Request::LocalDevices => {
+                Ok(Response::LocalDevices { devices: self.local.as_ref().map(|l| l.list()).unwrap_or_default() })
+            }
         };
         r.unwrap_or_else(|error| Response::Error { error })
+    }
+
+    fn local(&self) -> Result<&dyn crate::server::local::LocalDevices, ControlError> {
+        self.local.as_deref().ok_or_else(|| {
+            ControlError::new(ErrorKind::Failed, "this server does not attach local block devices (ublk)")
+        })
     }
 
     fn change(&self, change: &PoolChange) -> Result<Response, ControlError> {
@@ -347,8 +372,18 @@ impl Controller {
         let outcome = match change {
             PoolChange::Delete { name } => {
                 let id = pd.delete_with(name, |id| {
+                    let local = self.local.as_ref().and_then(|l| l.list().into_iter().find(|d| d.name == *name));
                     self.service.delete(id).map_err(|e| match self.service.attached(id) {
                         0 => ControlError::from(e),
+                        _ if local.is_some() => {
+                            let (path, kind) = local.as_ref().map_or(("", ""), |d| (d.path.as_str(), d.kind.as_str()));
+                            ControlError::new(
+                                ErrorKind::Attached,
+                                format!(
+                                    "device \"{name}\" is attached as {path} ({kind}); detach it (thinctl detach) before deleting it"
+                                ),
+                            )
+                        }
                         n => ControlError::new(
                             ErrorKind::Attached,
                             format!(

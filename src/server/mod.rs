@@ -6,6 +6,7 @@ pub mod control;
 pub mod diff;
 pub mod exports;
 pub mod health;
+pub mod local;
 pub mod protocol;
 pub mod replicate;
 pub mod rollback;

@@ -43,8 +43,8 @@ use serde::{Deserialize, Serialize};
 use crate::thin::DevId;
 use crate::volume::{ChangeOutcome, PoolChange};
 
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// The protocol version this build speaks (3: `attach`, `detach`, `local_devices`).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Longest line (request or reply), newline included.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -101,6 +101,25 @@ pub enum Request {
         /// The new device's name.
         name: String,
     },
+    /// Attach device `name` as a local block device (ublk, `/dev/ublkbN`; since
+    /// version 3); answered with [`Response::Attached`]. The device counts as
+    /// attached (so it cannot be deleted) until it is detached.
+    Attach {
+        /// The device.
+        name: String,
+        /// The kernel sees a read-only disk and writes are refused.
+        #[serde(default)]
+        read_only: bool,
+    },
+    /// Remove the local block device of `name` (since version 3); answered with
+    /// [`Response::Detached`].
+    Detach {
+        /// The device.
+        name: String,
+    },
+    /// The local block devices attached now (since version 3); answered with
+    /// [`Response::LocalDevices`].
+    LocalDevices,
 }
 
 impl Request {
@@ -155,6 +174,21 @@ pub enum Response {
     Received {
         /// What was received.
         report: crate::stream::StreamReport,
+    },
+    /// A local block device was attached.
+    Attached {
+        /// Where it is.
+        device: crate::server::local::LocalDevice,
+    },
+    /// A local block device was removed.
+    Detached {
+        /// What was removed.
+        device: crate::server::local::LocalDevice,
+    },
+    /// The local block devices attached now.
+    LocalDevices {
+        /// The devices, ordered by name.
+        devices: Vec<crate::server::local::LocalDevice>,
     },
     /// The request failed; nothing it would have changed was changed.
     Error {
@@ -402,6 +436,11 @@ mod tests {
         ];
         let mut requests: Vec<Request> = changes.into_iter().map(|change| Request::Change { change }).collect();
         requests.extend([Request::Ls, Request::Status]);
+        requests.extend([
+            Request::Attach { name: "web".into(), read_only: true },
+            Request::Detach { name: "web".into() },
+            Request::LocalDevices,
+        ]);
         for request in requests {
             let line = encode(&RequestLine { version: PROTOCOL_VERSION, request: request.clone() });
             assert_eq!(decode_request(line.trim_end().as_bytes()).expect("decode"), request);
@@ -449,6 +488,16 @@ mod tests {
                 },
             },
             Response::Error { error: ControlError::new(ErrorKind::Attached, "attached") },
+            Response::Attached {
+                device: crate::server::local::LocalDevice {
+                    name: "web".into(),
+                    kind: "ublk".into(),
+                    path: "/dev/ublkb0".into(),
+                    dev_id: 0,
+                    read_only: false,
+                },
+            },
+            Response::LocalDevices { devices: Vec::new() },
         ];
         for response in responses {
             round_trip(ResponseLine { version: PROTOCOL_VERSION, response });

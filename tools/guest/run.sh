@@ -4,6 +4,7 @@
 # 10.0.2.2. Streams the console; exits with the guest script's status.
 #
 #   tools/guest/run.sh GUEST_SCRIPT [DISK ...]      VM_TIMEOUT (default 600 s), VM_MEM (MiB, default 512)
+# GUEST_KERNEL=6.12 boots the 6.12 guest (with ublk), see build.sh.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 script=$1; shift

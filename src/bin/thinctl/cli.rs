@@ -26,6 +26,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per run: the size does not matter
 pub enum Cmd {
     /// Create or adopt a pool.
     #[command(subcommand)]
@@ -199,6 +200,30 @@ pub enum Cmd {
         #[arg(value_name = "DIR_NAME", num_args = 1..=2, required = true)]
         args: Vec<OsString>,
         /// Print the summary as JSON (the fields of send's, plus "id" and "base_name").
+        #[arg(long)]
+        json: bool,
+    },
+    /// Attach a device of a served pool as a local block device over ublk
+    /// (/dev/ublkbN), asking the running `thinctl serve DIR`; prints the device path.
+    /// With no NAME, lists the attached devices.
+    #[command(override_usage = "thinctl attach [DIR] [NAME] [--read-only] [--json]")]
+    Attach {
+        #[arg(value_name = "DIR_NAME", num_args = 0..=2)]
+        args: Vec<OsString>,
+        /// The kernel sees a read-only disk; writes are refused.
+        #[arg(long)]
+        read_only: bool,
+        /// Print {"name", "kind", "path", "dev_id", "read_only"} (a list:
+        /// {"devices": [...]}).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the local block device (ublk) of a device of a served pool.
+    #[command(override_usage = "thinctl detach [DIR] NAME [--json]")]
+    Detach {
+        #[arg(value_name = "DIR_NAME", num_args = 1..=2, required = true)]
+        args: Vec<OsString>,
+        /// Print what was removed as JSON.
         #[arg(long)]
         json: bool,
     },

@@ -31,6 +31,7 @@
 //! Nothing imports this dispatcher: the control socket carries typed requests
 //! (`thinpool::server::protocol`), run in the server by its `Controller`.
 
+mod attach;
 mod cli;
 mod commands;
 mod diff;
@@ -44,6 +45,7 @@ mod remote;
 mod rollback;
 mod send;
 mod serve;
+mod ublk;
 mod units;
 mod views;
 mod xml;
@@ -137,6 +139,19 @@ fn run(cli: Cli) -> CliResult {
         Cmd::Receive { args, json } => {
             let (dir, rest) = split_dir(args, 1);
             receive::receive(&dir, &utf8(&rest[0], "NAME")?, json)
+        }
+        Cmd::Attach { args, read_only, json } => {
+            if args.len() == 2 || (args.len() == 1 && !std::path::Path::new(&args[0]).join("pool.toml").exists()) {
+                let (dir, rest) = split_dir(args, 1);
+                attach::attach(&dir, &utf8(&rest[0], "NAME")?, read_only, json)
+            } else {
+                let (dir, _) = split_dir(args, 0);
+                attach::list(&dir, json)
+            }
+        }
+        Cmd::Detach { args, json } => {
+            let (dir, rest) = split_dir(args, 1);
+            attach::detach(&dir, &utf8(&rest[0], "NAME")?, json)
         }
         Cmd::Create { .. } | Cmd::Snapshot { .. } | Cmd::Delete { .. } | Cmd::Discard { .. } | Cmd::Resize { .. } => {
             Err(msg("internal error: a change was not dispatched"))

@@ -75,6 +75,11 @@ pub struct ServeAccess {
     /// Require client certificates signed by DIR/ca-cert.pem.
     #[arg(long)]
     pub tls_verify_peer: bool,
+    /// Also attach device NAME as a local block device over ublk (/dev/ublkbN;
+    /// repeatable). Needs a kernel with CONFIG_BLK_DEV_UBLK (module ublk_drv).
+    /// `thinctl attach`/`detach` add and remove more while serving.
+    #[arg(long = "ublk", value_name = "NAME")]
+    pub ublk: Vec<String>,
 }
 
 /// A group name or number to a group id.
@@ -149,8 +154,13 @@ pub fn serve(dir: &Path, args: ServeArgs) -> CliResult {
             dir.display()
         );
     }
+    if !access.ublk.is_empty() {
+        if let Some(why) = crate::ublk::unavailable() {
+            return Err(msg(format!("cannot attach {} over ublk: {why}", access.ublk.join(", "))));
+        }
+    }
     let (pd, mut pool) = open_pool(dir, Access::Write)?;
-    for name in &exports {
+    for name in exports.iter().chain(&access.ublk) {
         pd.device(name).map_err(CliError::Dir)?;
     }
     pool.set_metadata_max_bytes(tuning.metadata_max);
@@ -183,8 +193,11 @@ pub fn serve(dir: &Path, args: ServeArgs) -> CliResult {
         })
     };
     let first = devices().1;
+    let catalog = Arc::new(std::sync::OnceLock::new());
+    let ublk = crate::ublk::Ublk::new(dir, Arc::clone(&catalog));
     let handler: Handler = Controller::new(Arc::clone(&service), Arc::clone(&pd), read_only)
         .with_health(Arc::clone(&settings))
+        .with_local_devices(ublk.clone())
         .into_handler();
     let opts = serve::Options {
         listen,
@@ -211,62 +224,114 @@ pub fn serve(dir: &Path, args: ServeArgs) -> CliResult {
     raise_fd_limit(opts.max_connections as u64);
     let sock: PathBuf = dir.join(CONTROL_SOCKET);
     let stop = Arc::new(AtomicBool::new(false));
-    serve::run(service, devices, &opts, Some((sock.clone(), handler)), stop, |bound| {
-        // Whoever started the server may have stopped reading its output: never let a
-        // closed stdout take the server down.
-        use std::io::Write;
-        let mut out = std::io::stdout();
-        let tls_required = tls_mode == Some(TlsMode::Require);
-        let mut places = Vec::new();
-        if let Some(addr) = bound.tcp {
-            places.push(format!("nbd://{addr}/NAME"));
-        }
-        if let Some(path) = bound.socket() {
-            places.push(format!("nbd+unix:///NAME?socket={}", path.display()));
-        }
-        let _ = writeln!(
-            out,
-            "serving pool {} on {}{}{}; control socket {}",
-            dir.display(),
-            places.join(" and "),
-            if read_only { " (read-only)" } else { "" },
-            match tls_mode {
-                Some(TlsMode::Require) => " (TLS required)",
-                Some(TlsMode::On) => " (TLS offered)",
-                _ => "",
-            },
-            sock.display()
-        );
-        if let Some(name) = first {
-            let mut lead = "attach with:";
+    let ublk_names = access.ublk.clone();
+    let ublk_failed: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let (ublk_at_start, failed_at_start, stop_at_start) = (ublk.clone(), Arc::clone(&ublk_failed), Arc::clone(&stop));
+    let service_after = Arc::clone(&service);
+    let r = serve::run_with_catalog(
+        service,
+        devices,
+        &opts,
+        Some((sock.clone(), handler)),
+        Arc::clone(&stop),
+        |bound| {
+            // Whoever started the server may have stopped reading its output: never let a
+            // closed stdout take the server down.
+            use std::io::Write;
+            let mut out = std::io::stdout();
+            let tls_required = tls_mode == Some(TlsMode::Require);
+            let mut places = Vec::new();
             if let Some(addr) = bound.tcp {
-                if tls_required {
-                    let _ = writeln!(
-                        out,
-                        "{lead}  nbdinfo 'nbds://{addr}/{name}?tls-certificates=DIR'  (DIR holds ca-cert.pem)"
-                    );
-                } else {
-                    let _ = writeln!(out, "{lead}  nbd-client {} {} /dev/nbd0 -N {name}", addr.ip(), addr.port());
-                    let _ = writeln!(out, "          or  nbdinfo nbd://{addr}/{name}");
-                }
-                lead = "          or";
+                places.push(format!("nbd://{addr}/NAME"));
             }
             if let Some(path) = bound.socket() {
-                if tls_required {
-                    let _ = writeln!(
-                        out,
-                        "{lead}  nbdinfo 'nbds+unix:///{name}?socket={}&tls-certificates=DIR'",
-                        path.display()
-                    );
-                } else {
-                    let _ = writeln!(out, "{lead}  nbd-client -u {} /dev/nbd0 -N {name}", path.display());
-                    let _ = writeln!(out, "          or  nbdinfo 'nbd+unix:///{name}?socket={}'", path.display());
+                places.push(format!("nbd+unix:///NAME?socket={}", path.display()));
+            }
+            let _ = writeln!(
+                out,
+                "serving pool {} on {}{}{}; control socket {}",
+                dir.display(),
+                places.join(" and "),
+                if read_only { " (read-only)" } else { "" },
+                match tls_mode {
+                    Some(TlsMode::Require) => " (TLS required)",
+                    Some(TlsMode::On) => " (TLS offered)",
+                    _ => "",
+                },
+                sock.display()
+            );
+            if let Some(name) = first {
+                let mut lead = "attach with:";
+                if let Some(addr) = bound.tcp {
+                    if tls_required {
+                        let _ = writeln!(
+                            out,
+                            "{lead}  nbdinfo 'nbds://{addr}/{name}?tls-certificates=DIR'  (DIR holds ca-cert.pem)"
+                        );
+                    } else {
+                        let _ = writeln!(out, "{lead}  nbd-client {} {} /dev/nbd0 -N {name}", addr.ip(), addr.port());
+                        let _ = writeln!(out, "          or  nbdinfo nbd://{addr}/{name}");
+                    }
+                    lead = "          or";
+                }
+                if let Some(path) = bound.socket() {
+                    if tls_required {
+                        let _ = writeln!(
+                            out,
+                            "{lead}  nbdinfo 'nbds+unix:///{name}?socket={}&tls-certificates=DIR'",
+                            path.display()
+                        );
+                    } else {
+                        let _ = writeln!(out, "{lead}  nbd-client -u {} /dev/nbd0 -N {name}", path.display());
+                        let _ = writeln!(out, "          or  nbdinfo 'nbd+unix:///{name}?socket={}'", path.display());
+                    }
                 }
             }
-        }
-        let _ = out.flush();
-    })
-    .map_err(|e| msg(format!("cannot serve pool {}: {e}", dir.display())))
+            // Devices a server of this pool left when it died are taken over first.
+            for r in ublk_at_start.recover() {
+                match r {
+                    Ok(d) => {
+                        let _ = writeln!(out, "recovered \"{}\" as {} (ublk)", d.name, d.path);
+                    }
+                    Err(e) => eprintln!("thinctl serve: {e}"),
+                }
+            }
+            // --ublk NAME: attached once the exports exist; a failure stops the server.
+            for name in &ublk_names {
+                use thinpool::server::local::LocalDevices;
+                if ublk_at_start.list().iter().any(|d| &d.name == name) {
+                    continue;
+                }
+                match ublk_at_start.attach(name, read_only) {
+                    Ok(d) => {
+                        let ro = if d.read_only { " (read-only)" } else { "" };
+                        let _ = writeln!(out, "attached \"{}\" as {}{ro} (ublk)", d.name, d.path);
+                    }
+                    Err(e) => {
+                        *failed_at_start.lock().unwrap_or_else(PoisonError::into_inner) = Some(e.message);
+                        stop_at_start.store(true, std::sync::atomic::Ordering::SeqCst);
+                        break;
+                    }
+                }
+            }
+            let _ = out.flush();
+        },
+        |cat| {
+            let _ = catalog.set(cat);
+        },
+    );
+    // The ublk devices go before the process does; what they wrote after the
+    // committer's final commit is committed here.
+    ublk.detach_all();
+    if let Err(e) = service_after.flush() {
+        eprintln!("thinctl serve: final commit failed: {e}");
+    }
+    r.map_err(|e| msg(format!("cannot serve pool {}: {e}", dir.display())))?;
+    let failed = ublk_failed.lock().unwrap_or_else(PoisonError::into_inner).take();
+    match failed {
+        Some(e) => Err(msg(e)),
+        None => Ok(()),
+    }
 }
 
 /// Every connection holds a descriptor: raise the soft `RLIMIT_NOFILE` (often
