@@ -47,7 +47,8 @@ def record(results, fio_json, job, server, rnd, cpu_ticks):
     rec = {"job": job, "server": server, "round": int(rnd)}
     ios = sum(j[d]["total_ios"] for j in jobs for d in ("read", "write"))
     rec["ios"] = ios
-    rec["cpu_us_per_io"] = (int(cpu_ticks) / tck * 1e6 / ios) if ios else None
+    # cpu_ticks "-": the server died during the job (restarted by the script): no CPU figure.
+    rec["cpu_us_per_io"] = (int(cpu_ticks) / tck * 1e6 / ios) if ios and cpu_ticks != "-" else None
     if job == "flush-storm":
         r = next(j for j in jobs if j["jobname"] == "reader")
         w = next(j for j in jobs if j["jobname"] == "writer")
