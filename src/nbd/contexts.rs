@@ -83,25 +83,6 @@ pub(super) fn payload(
     max_extents: usize,
 ) -> Result<Vec<u8>, u32> {
     let extents = export.context_extents(ctx.key, offset, total).map_err(|e| errno(&e))?;
-    let mut payload = ctx.id.to_be_bytes().to_vec();
-    let mut covered = 0u64;
-    for e in extents {
-        if covered >= total || payload.len() >= 4 + 8 * max_extents {
-            break;
-        }
-        let len = e.length.min(total - covered).min(u32::MAX as u64 & !511);
-        if len == 0 {
-            break;
-        }
-        payload.extend_from_slice(&(len as u32).to_be_bytes());
-        payload.extend_from_slice(&e.flags.to_be_bytes());
-        covered += len;
-        if one {
-            break;
-        }
-    }
-    if payload.len() == 4 {
-        return Err(wire::EIO);
-    }
-    Ok(payload)
+    let pairs = extents.into_iter().map(|e| (e.length, e.flags));
+    wire::block_status_payload(ctx.id, pairs, total, max_extents, one).ok_or(wire::EIO)
 }

@@ -276,28 +276,10 @@ fn base_allocation_payload(s: &Session, req: &Request) -> Result<Vec<u8>, u32> {
         Ok(x) => x,
         Err(e) => return Err(errno(&e)),
     };
-    let mut payload = CTX_BASE_ALLOCATION.to_be_bytes().to_vec();
-    let mut covered = 0u64;
-    let total = req.length as u64;
     let one = req.flags & wire::CMD_FLAG_REQ_ONE != 0;
-    for e in extents {
-        if covered >= total || payload.len() >= 4 + 8 * MAX_EXTENTS {
-            break;
-        }
-        let len = e.length.min(total - covered).min(u32::MAX as u64 & !511);
-        if len == 0 {
-            break;
-        }
+    let pairs = extents.into_iter().map(|e| {
         let flags = (if e.hole { wire::STATE_HOLE } else { 0 }) | (if e.zero { wire::STATE_ZERO } else { 0 });
-        payload.extend_from_slice(&(len as u32).to_be_bytes());
-        payload.extend_from_slice(&flags.to_be_bytes());
-        covered += len;
-        if one {
-            break;
-        }
-    }
-    if payload.len() == 4 {
-        return Err(wire::EIO);
-    }
-    Ok(payload)
+        (e.length, flags)
+    });
+    wire::block_status_payload(CTX_BASE_ALLOCATION, pairs, req.length as u64, MAX_EXTENTS, one).ok_or(wire::EIO)
 }

@@ -363,6 +363,44 @@ pub fn chunk_header(flags: u16, kind: u16, cookie: u64, length: u32) -> [u8; 20]
     b
 }
 
+/// The payload of a BLOCK_STATUS reply chunk for one metadata context:
+///
+/// | bytes | field |
+/// |---|---|
+/// | 0..4 | context id |
+/// | then 8 per extent | length (u32), status flags (u32) |
+///
+/// `extents` are (length, flags) in order from the request's offset. At most
+/// `max_extents` (only the first with `one`, NBD_CMD_FLAG_REQ_ONE) are encoded; no
+/// length reaches 4 GiB (each is cut to a multiple of 512 below it) and together
+/// they never cover more than `total`. `None` when no extent could be encoded.
+pub fn block_status_payload(
+    context_id: u32,
+    extents: impl IntoIterator<Item = (u64, u32)>,
+    total: u64,
+    max_extents: usize,
+    one: bool,
+) -> Option<Vec<u8>> {
+    let mut payload = context_id.to_be_bytes().to_vec();
+    let mut covered = 0u64;
+    for (length, flags) in extents {
+        if covered >= total || payload.len() >= 4 + 8 * max_extents {
+            break;
+        }
+        let len = length.min(total - covered).min(u32::MAX as u64 & !511);
+        if len == 0 {
+            break;
+        }
+        payload.extend_from_slice(&(len as u32).to_be_bytes());
+        payload.extend_from_slice(&flags.to_be_bytes());
+        covered += len;
+        if one {
+            break;
+        }
+    }
+    (payload.len() > 4).then_some(payload)
+}
+
 /// An option reply header.
 pub fn option_reply(option: u32, kind: u32, length: u32) -> [u8; 20] {
     let mut b = [0u8; 20];
