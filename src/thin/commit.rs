@@ -238,11 +238,23 @@ impl Metadata {
         }
         self.changed = true;
         self.commit(sync_data)?;
+        let uuid = self.sb.uuid;
+        let h = self.put_held_copy(uuid)?;
+        self.commit(sync_data)?;
+        Ok(h)
+    }
+
+    /// Copy the committed superblock (its trees) to a new metadata block carrying
+    /// `uuid`, take a reference on both trees for it and make it the held root (as
+    /// `reserve_metadata_snap` does: the copy has no space-map roots and no held
+    /// root of its own). The caller commits.
+    pub(super) fn put_held_copy(&mut self, uuid: [u8; 16]) -> Result<u64, PoolError> {
         let h = self.t.alloc_meta()?;
         let copy = Superblock {
             data_sm_root: SmRoot::default(),
             metadata_sm_root: SmRoot::default(),
             held_root: 0,
+            uuid,
             ..self.sb.clone()
         };
         self.t.put(h, copy.encode(h), BlockKind::Superblock, 0);
@@ -250,7 +262,6 @@ impl Metadata {
         self.t.meta_counts_mut().inc(self.sb.device_details_root)?;
         self.held_root = h;
         self.changed = true;
-        self.commit(sync_data)?;
         Ok(h)
     }
 

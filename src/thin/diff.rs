@@ -217,19 +217,7 @@ impl Metadata {
             return Err(PoolError::MetadataSnapshot("a metadata snapshot is already held"));
         }
         self.ensure_metadata(MetaNeed::Grow(1))?;
-        let h = self.t.alloc_meta()?;
-        let copy = Superblock {
-            data_sm_root: SmRoot::default(),
-            metadata_sm_root: SmRoot::default(),
-            held_root: 0,
-            uuid: HELD_FOR_DIFF,
-            ..self.sb.clone()
-        };
-        self.t.put(h, copy.encode(h), BlockKind::Superblock, 0);
-        self.t.meta_counts_mut().inc(self.sb.data_mapping_root)?;
-        self.t.meta_counts_mut().inc(self.sb.device_details_root)?;
-        self.held_root = h;
-        self.changed = true;
+        let h = self.put_held_copy(HELD_FOR_DIFF)?;
         Ok(HeldMappings {
             block: h,
             mapping_root: self.sb.data_mapping_root,
