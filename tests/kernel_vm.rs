@@ -23,34 +23,13 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
 
+use common::guest::run_guest;
 use sha2::{Digest, Sha256};
 use thinpool::pool::{OpenOptions as PoolOpen, Pool};
 
 const MIB: u64 = 1 << 20;
 const BS: u64 = 64 * 1024;
-
-fn run_guest(script: &str, disks: &[&Path]) -> String {
-    let dir = tempfile::tempdir().expect("tmp");
-    let path = dir.path().join("test.sh");
-    std::fs::write(&path, script).expect("script");
-    let runner = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/guest/run.sh");
-    let t = Instant::now();
-    let out = Command::new(&runner)
-        .arg(&path)
-        .args(disks)
-        .env("VM_TIMEOUT", "900")
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", runner.display()));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    eprintln!("guest ran for {:.1} s", t.elapsed().as_secs_f64());
-    for line in text.lines().skip_while(|l| !l.contains("== guest script start")) {
-        eprintln!("guest| {line}");
-    }
-    assert!(out.status.success(), "guest failed:\n{text}");
-    text
-}
 
 fn files(dir: &Path, meta: u64, data: u64) -> (PathBuf, PathBuf) {
     let (m, d) = (dir.join("metadata"), dir.join("data"));
@@ -208,7 +187,7 @@ ask done
 echo GUEST-OK
 "#
     );
-    let out = run_guest(&script, &[]);
+    let out = run_guest(&script, &[], &[]);
     assert!(out.contains("GUEST-OK"), "{out}");
     assert!(out.contains("a: OK") && out.contains("b: OK") && out.contains("small: OK"), "{out}");
     assert!(out.contains("snapshot has no c") && out.contains("small differs as expected"), "{out}");
@@ -285,7 +264,7 @@ fn the_kernel_reads_our_pools_and_we_read_what_the_kernel_wrote() {
         script += &format!("/sbin/dmsetup remove thin{id}\n");
     }
     script += "/sbin/dmsetup remove pool\necho KERNEL-DONE\n";
-    let out = run_guest(&script, &[&m, &d, &payload_path]);
+    let out = run_guest(&script, &[&m, &d, &payload_path], &[]);
     assert!(out.contains("KERNEL-DONE"), "{out}");
     for (id, want) in &shas {
         let line = format!("SHA {id} {want}");
@@ -433,7 +412,7 @@ ask done
 echo GUEST-OK
 "#
     );
-    let out = run_guest(&script, &[]);
+    let out = run_guest(&script, &[], &[]);
     assert!(out.contains("GUEST-OK"), "{out}");
     let seen = ctl_thread.join().expect("control");
     let at = |label: &str| seen.iter().find(|(l, _)| l == label).unwrap_or_else(|| panic!("no {label}: {seen:?}")).1;

@@ -18,72 +18,11 @@
 //! The guest boots under TCG; tools/guest/build.sh installs qemu and fetches the
 //! kernel when missing, and the test fails if it cannot.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Instant;
+mod common;
 
-fn run_guest(script: &str, disks: &[&Path]) -> String {
-    let dir = tempfile::tempdir().expect("tmp");
-    let path = dir.path().join("test.sh");
-    std::fs::write(&path, script).expect("script");
-    let runner = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/guest/run.sh");
-    let t = Instant::now();
-    let out = Command::new(&runner)
-        .arg(&path)
-        .args(disks)
-        .env("GUEST_KERNEL", "6.12")
-        .env("VM_MEM", "768")
-        .env("VM_TIMEOUT", "900")
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", runner.display()));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    eprintln!("guest ran for {:.1} s", t.elapsed().as_secs_f64());
-    for line in text.lines().skip_while(|l| !l.contains("== guest script start")) {
-        eprintln!("guest| {line}");
-    }
-    assert!(out.status.success(), "guest failed:\n{text}");
-    text
-}
+use std::path::Path;
 
-/// A disk image holding a cpio archive of thinctl (at /sbin/thinctl) and the shared
-/// libraries it loads (at their own paths).
-fn payload_disk(dir: &Path) -> PathBuf {
-    let stage = dir.join("stage");
-    let exe = Path::new(env!("CARGO_BIN_EXE_thinctl"));
-    std::fs::create_dir_all(stage.join("sbin")).expect("mkdir");
-    std::fs::copy(exe, stage.join("sbin/thinctl")).expect("copy thinctl");
-    let mut files = vec!["sbin/thinctl".to_string()];
-    let ldd = Command::new("ldd").arg(exe).output().expect("ldd");
-    for lib in String::from_utf8_lossy(&ldd.stdout).split_whitespace().filter(|w| w.starts_with('/')) {
-        let rel = lib.trim_start_matches('/');
-        let to = stage.join(rel);
-        std::fs::create_dir_all(to.parent().expect("parent")).expect("mkdir");
-        std::fs::copy(lib, &to).unwrap_or_else(|e| panic!("copy {lib}: {e}"));
-        files.push(rel.to_string());
-    }
-    let image = dir.join("payload.img");
-    let mut cpio = Command::new("cpio")
-        .current_dir(&stage)
-        .args(["-o", "-H", "newc", "--quiet"])
-        .stdin(Stdio::piped())
-        .stdout(std::fs::File::create(&image).expect("image"))
-        .spawn()
-        .unwrap_or_else(|e| panic!("cpio not runnable ({e}): install the Debian package cpio"));
-    {
-        use std::io::Write;
-        let mut stdin = cpio.stdin.take().expect("stdin");
-        stdin.write_all((files.join("\n") + "\n").as_bytes()).expect("file list");
-    }
-    assert!(cpio.wait().expect("cpio").success());
-    let len = std::fs::metadata(&image).expect("image").len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&image)
-        .expect("image")
-        .set_len(len.div_ceil(1 << 20) * (1 << 20))
-        .expect("pad");
-    image
-}
+use common::guest::{payload_disk, run_guest};
 
 const SCRIPT: &str = r#"
 cd / && cpio -idm < /dev/vda 2>/dev/null
@@ -191,8 +130,9 @@ echo GUEST-OK
 #[test]
 fn ublk_devices_in_the_6_12_guest_carry_ext4_live_snapshots_fstrim_enospc_and_recovery() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let disk = payload_disk(tmp.path());
-    let out = run_guest(SCRIPT, &[&disk]);
+    // thinctl at /sbin/thinctl, with the shared libraries it loads at their own paths.
+    let disk = payload_disk(tmp.path(), &[(Path::new(env!("CARGO_BIN_EXE_thinctl")), "sbin/thinctl")], &[]);
+    let out = run_guest(SCRIPT, &[&disk], &[("GUEST_KERNEL", "6.12"), ("VM_MEM", "768")]);
     let has = |s: &str| assert!(out.contains(s), "no {s:?} in the guest's output:\n{out}");
     has("GUEST-OK");
     has("f1: OK");

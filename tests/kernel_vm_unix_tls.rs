@@ -13,12 +13,14 @@
 //! The guest boots under TCG; tools/guest/build.sh installs qemu and fetches the
 //! kernel when missing, and the test fails if it cannot.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Instant;
 
+use common::guest::{payload_disk, run_guest};
 use sha2::{Digest, Sha256};
 
 fn thinctl_ok(args: &[&str]) {
@@ -33,27 +35,6 @@ fn run_ok(dir: &Path, tool: &str, package: &str, args: &[&str]) {
         .output()
         .unwrap_or_else(|e| panic!("{tool} not runnable ({e}): install the Debian package {package}"));
     assert!(out.status.success(), "{tool} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-fn run_guest(script: &str, disks: &[&Path]) -> String {
-    let dir = tempfile::tempdir().expect("tmp");
-    let path = dir.path().join("test.sh");
-    std::fs::write(&path, script).expect("script");
-    let runner = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/guest/run.sh");
-    let t = Instant::now();
-    let out = Command::new(&runner)
-        .arg(&path)
-        .args(disks)
-        .env("VM_TIMEOUT", "900")
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", runner.display()));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    eprintln!("guest ran for {:.1} s", t.elapsed().as_secs_f64());
-    for line in text.lines().skip_while(|l| !l.contains("== guest script start")) {
-        eprintln!("guest| {line}");
-    }
-    assert!(out.status.success(), "guest failed:\n{text}");
-    text
 }
 
 /// CA, server (localhost, 127.0.0.1) and client certificates in `dir`.
@@ -113,58 +94,22 @@ fn make_pki(dir: &Path) {
     }
 }
 
-/// A disk image holding a cpio archive of thinctl (at /sbin/thinctl), the shared
-/// libraries it loads (at their own paths) and the client's TLS files (at /pki).
-fn payload_disk(dir: &Path, pki: &Path) -> std::path::PathBuf {
-    let stage = dir.join("stage");
-    let exe = Path::new(env!("CARGO_BIN_EXE_thinctl"));
-    std::fs::create_dir_all(stage.join("sbin")).expect("mkdir");
-    std::fs::copy(exe, stage.join("sbin/thinctl")).expect("copy thinctl");
-    let mut files = vec!["sbin/thinctl".to_string()];
-    let ldd = Command::new("ldd").arg(exe).output().expect("ldd");
-    for lib in String::from_utf8_lossy(&ldd.stdout).split_whitespace().filter(|w| w.starts_with('/')) {
-        let rel = lib.trim_start_matches('/');
-        let to = stage.join(rel);
-        std::fs::create_dir_all(to.parent().expect("parent")).expect("mkdir");
-        std::fs::copy(lib, &to).unwrap_or_else(|e| panic!("copy {lib}: {e}"));
-        files.push(rel.to_string());
-    }
-    std::fs::create_dir_all(stage.join("pki")).expect("mkdir");
-    for f in ["ca-cert.pem", "client-cert.pem", "client-key.pem"] {
-        std::fs::copy(pki.join(f), stage.join("pki").join(f)).expect("copy pki");
-        files.push(format!("pki/{f}"));
-    }
-    let image = dir.join("payload.img");
-    let mut cpio = Command::new("cpio")
-        .current_dir(&stage)
-        .args(["-o", "-H", "newc", "--quiet"])
-        .stdin(Stdio::piped())
-        .stdout(std::fs::File::create(&image).expect("image"))
-        .spawn()
-        .unwrap_or_else(|e| panic!("cpio not runnable ({e}): install the Debian package cpio"));
-    {
-        use std::io::Write;
-        let mut stdin = cpio.stdin.take().expect("stdin");
-        stdin.write_all((files.join("\n") + "\n").as_bytes()).expect("file list");
-    }
-    assert!(cpio.wait().expect("cpio").success());
-    // A whole number of MiB, for the virtio disk.
-    let len = std::fs::metadata(&image).expect("image").len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&image)
-        .expect("image")
-        .set_len(len.div_ceil(1 << 20) * (1 << 20))
-        .expect("pad");
-    image
-}
-
 #[test]
 fn the_kernel_attaches_over_a_unix_socket_and_over_tls_with_client_certificates() {
     let tmp = tempfile::tempdir().expect("tmp");
     let pki = tmp.path().join("pki");
     make_pki(&pki);
-    let disk = payload_disk(tmp.path(), &pki);
+    // thinctl at /sbin/thinctl, the shared libraries it loads (at their own paths) and
+    // the client's TLS files (at /pki).
+    let disk = payload_disk(
+        tmp.path(),
+        &[(Path::new(env!("CARGO_BIN_EXE_thinctl")), "sbin/thinctl")],
+        &[
+            (&pki.join("ca-cert.pem"), "pki/ca-cert.pem"),
+            (&pki.join("client-cert.pem"), "pki/client-cert.pem"),
+            (&pki.join("client-key.pem"), "pki/client-key.pem"),
+        ],
+    );
 
     // The TLS server, on the host.
     let dir = tmp.path().join("pool");
@@ -221,7 +166,7 @@ echo "tls-read $(dd if=/dev/nbd1 bs=1M count=4 iflag=direct 2>/dev/null | sha256
 echo GUEST-OK
 "#
     );
-    let out = run_guest(&script, &[&disk]);
+    let out = run_guest(&script, &[&disk], &[]);
     assert!(out.contains("GUEST-OK"), "{out}");
     assert!(out.contains("f: OK"), "the file written over the Unix socket reads back: {out}");
     assert!(out.contains("server exit 0") && out.contains("socket removed"), "{out}");

@@ -11,31 +11,8 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-use std::time::Instant;
-
+use common::guest::run_guest;
 use common::*;
-
-fn run_guest(script: &str) -> String {
-    let dir = tempfile::tempdir().expect("tmp");
-    let path = dir.path().join("test.sh");
-    std::fs::write(&path, script).expect("script");
-    let runner = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/guest/run.sh");
-    let t = Instant::now();
-    let out = Command::new(&runner)
-        .arg(&path)
-        .env("VM_TIMEOUT", "900")
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", runner.display()));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    eprintln!("guest ran for {:.1} s", t.elapsed().as_secs_f64());
-    for line in text.lines().skip_while(|l| !l.contains("== guest script start")) {
-        eprintln!("guest| {line}");
-    }
-    assert!(out.status.success(), "guest failed:\n{text}");
-    text
-}
 
 /// The export a snapshot's mount names, and the mount's options.
 fn mount_of(c: &Containerd, key: &str) -> (String, String) {
@@ -60,8 +37,9 @@ fn the_kernel_mounts_prepared_committed_and_viewed_snapshots_as_ext4() {
     c.snap(&["prepare", "a1"]);
     let (a1, a1_opts) = mount_of(&c, "a1");
     assert_eq!(a1_opts, "rw,noinit_itable");
-    let out = run_guest(&format!(
-        r#"
+    let out = run_guest(
+        &format!(
+            r#"
 H=10.0.2.2
 /sbin/nbd-client $H {port} /dev/nbd0 -N {a1}
 /sbin/e2fsck -fn /dev/nbd0
@@ -74,7 +52,10 @@ umount /mnt/a
 /sbin/nbd-client -d /dev/nbd0
 echo "first boot done"
 "#
-    ));
+        ),
+        &[],
+        &[],
+    );
     assert!(out.contains("first boot done"));
 
     c.snap(&["commit", "c1", "a1"]);
@@ -84,8 +65,9 @@ echo "first boot done"
     let (v1, v1_opts) = mount_of(&c, "v1");
     let (a2, a2_opts) = mount_of(&c, "a2");
     assert_eq!(v1_opts, "ro");
-    let out = run_guest(&format!(
-        r#"
+    let out = run_guest(
+        &format!(
+            r#"
 H=10.0.2.2
 mkdir -p /mnt/v /mnt/a
 /sbin/nbd-client $H {port} /dev/nbd0 -N {v1} -readonly
@@ -107,7 +89,10 @@ umount /mnt/v
 /sbin/nbd-client -d /dev/nbd1
 /sbin/nbd-client -d /dev/nbd0
 "#
-    ));
+        ),
+        &[],
+        &[],
+    );
     for want in [
         "view has the committed file",
         "child has the parent's files",

@@ -21,13 +21,12 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
+use common::guest::{self, run_guest};
 use common::need;
 
 const IMAGE: &str = "docker.io/thinpool/busybox:test";
@@ -101,29 +100,14 @@ fn busybox_image(out: &Path) {
     std::fs::write(out, archive.into_inner().expect("archive")).expect("write image");
 }
 
-/// Copy program `exe` to `stage/sbin/NAME` (stripped of debug info when `strip`)
-/// and the libraries `ldd` lists to their own paths; the paths staged.
-fn stage_program(stage: &Path, exe: &Path, strip: bool) -> Vec<String> {
-    let name = exe.file_name().expect("name").to_string_lossy().into_owned();
-    let to = stage.join("sbin").join(&name);
-    std::fs::create_dir_all(stage.join("sbin")).expect("mkdir");
-    if strip {
-        need("strip", "binutils");
-        let st = Command::new("strip").arg("-o").arg(&to).arg(exe).status().expect("strip");
-        assert!(st.success(), "strip {}", exe.display());
-    } else {
-        std::fs::copy(exe, &to).unwrap_or_else(|e| panic!("copy {}: {e}", exe.display()));
-    }
-    let mut files = vec![format!("sbin/{name}")];
-    let ldd = Command::new("ldd").arg(exe).output().expect("ldd");
-    for lib in String::from_utf8_lossy(&ldd.stdout).split_whitespace().filter(|w| w.starts_with('/')) {
-        let rel = lib.trim_start_matches('/');
-        let to = stage.join(rel);
-        std::fs::create_dir_all(to.parent().expect("parent")).expect("mkdir");
-        std::fs::copy(lib, &to).unwrap_or_else(|e| panic!("copy {lib}: {e}"));
-        files.push(rel.to_string());
-    }
-    files
+/// `exe` stripped of debug info, as `dir/NAME`.
+fn stripped(dir: &Path, exe: &Path) -> PathBuf {
+    need("strip", "binutils");
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let to = dir.join(exe.file_name().expect("name"));
+    let st = Command::new("strip").arg("-o").arg(&to).arg(exe).status().expect("strip");
+    assert!(st.success(), "strip {}", exe.display());
+    to
 }
 
 fn which(cmd: &str, package: &str) -> PathBuf {
@@ -137,9 +121,9 @@ fn which(cmd: &str, package: &str) -> PathBuf {
 }
 
 /// The disk image the guest extracts: containerd, its runc shim, ctr, runc, the
-/// snapshotter, thinctl, their libraries, and the image archive at /img/image.tar.
+/// snapshotter, thinctl (all at /sbin/NAME), their libraries, and the image archive
+/// at /img/image.tar.
 fn payload_disk(dir: &Path) -> PathBuf {
-    let stage = dir.join("stage");
     let snapshotter = PathBuf::from(env!("CARGO_BIN_EXE_thinpool-snapshotter"));
     // thinctl (the root package's binary) is built into the same directory by
     // `cargo test` at the workspace root, which tools/test.sh runs first.
@@ -149,63 +133,27 @@ fn payload_disk(dir: &Path) -> PathBuf {
         "{} is not built: run `cargo build --bin thinctl` (tools/test.sh builds it before the snapshotter's tests)",
         thinctl.display()
     );
-    let mut files = Vec::new();
+    let mut programs = Vec::new();
     for (cmd, package) in [
         ("containerd", "containerd"),
         ("containerd-shim-runc-v2", "containerd"),
         ("ctr", "containerd"),
         ("runc", "runc"),
     ] {
-        files.extend(stage_program(&stage, &which(cmd, package), false));
+        programs.push(which(cmd, package));
     }
-    files.extend(stage_program(&stage, &snapshotter, true));
-    files.extend(stage_program(&stage, &thinctl, true));
-    std::fs::create_dir_all(stage.join("img")).expect("mkdir");
-    busybox_image(&stage.join("img/image.tar"));
-    files.push("img/image.tar".into());
-    files.sort();
-    files.dedup();
-    let image = dir.join("payload.img");
-    need("cpio", "cpio");
-    let mut cpio = Command::new("cpio")
-        .current_dir(&stage)
-        .args(["-o", "-H", "newc", "--quiet"])
-        .stdin(Stdio::piped())
-        .stdout(std::fs::File::create(&image).expect("image"))
-        .spawn()
-        .expect("cpio");
-    cpio.stdin.take().expect("stdin").write_all((files.join("\n") + "\n").as_bytes()).expect("file list");
-    assert!(cpio.wait().expect("cpio").success());
-    let len = std::fs::metadata(&image).expect("image").len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&image)
-        .expect("image")
-        .set_len(len.div_ceil(1 << 20) * (1 << 20))
-        .expect("pad");
-    image
-}
-
-fn run_guest(script: &str, disks: &[&Path]) -> String {
-    let dir = tempfile::tempdir().expect("tmp");
-    let path = dir.path().join("test.sh");
-    std::fs::write(&path, script).expect("script");
-    let runner = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/guest/run.sh");
-    let t = Instant::now();
-    let out = Command::new(&runner)
-        .arg(&path)
-        .args(disks)
-        .env("VM_TIMEOUT", "900")
-        .env("VM_MEM", "1024")
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", runner.display()));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    eprintln!("guest ran for {:.1} s", t.elapsed().as_secs_f64());
-    for line in text.lines().skip_while(|l| !l.contains("== guest script start")) {
-        eprintln!("guest| {line}");
-    }
-    assert!(out.status.success(), "guest failed:\n{text}");
-    text
+    let strip_dir = dir.join("stripped");
+    programs.push(stripped(&strip_dir, &snapshotter));
+    programs.push(stripped(&strip_dir, &thinctl));
+    let names: Vec<String> =
+        programs.iter().map(|p| format!("sbin/{}", p.file_name().expect("name").to_string_lossy())).collect();
+    let image = dir.join("image.tar");
+    busybox_image(&image);
+    guest::payload_disk(
+        dir,
+        &programs.iter().zip(&names).map(|(p, n)| (p.as_path(), n.as_str())).collect::<Vec<_>>(),
+        &[(&image, "img/image.tar")],
+    )
 }
 
 /// The number after `tag` on its line of the guest's output.
@@ -362,7 +310,7 @@ fn containers_run_on_thin_snapshots_the_snapshotter_attaches_itself() {
     need("runc", "runc");
     let tmp = tempfile::tempdir().expect("tmp");
     let disk = payload_disk(tmp.path());
-    let out = run_guest(&SCRIPT.replace("IMAGE", IMAGE), &[&disk]);
+    let out = run_guest(&SCRIPT.replace("IMAGE", IMAGE), &[&disk], &[("VM_MEM", "1024")]);
     assert!(out.contains("GUEST-OK"), "the guest script finished");
 
     // Privilege separation: the snapshotter runs as the ordinary user, its helper as root.

@@ -1,5 +1,8 @@
-//! Helpers shared by the integration tests: kernel fixtures and Debian's thin tools.
+//! Helpers shared by the integration tests: kernel fixtures and Debian's thin tools;
+//! the qemu guest of the kernel VM tests in [`guest`].
 #![allow(dead_code)]
+
+pub mod guest;
 
 use std::fs::File;
 use std::io::Read;

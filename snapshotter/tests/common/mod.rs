@@ -2,6 +2,10 @@
 //! checkers. A missing tool fails the test naming its Debian package.
 #![allow(dead_code)]
 
+/// The qemu guest of the kernel VM tests: the root crate's helpers, one file for both crates.
+#[path = "../../../tests/common/guest.rs"]
+pub mod guest;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
