@@ -7,7 +7,7 @@
 //! the typed description of an attachment ([`LocalDevice`]). The ublk server itself
 //! lives in the `thinctl` binary (`src/bin/thinctl/ublk.rs`), on top of the `libublk`
 //! crate: it opens the device through the same exports layer as NBD
-//! ([`PoolCatalog::open`](crate::server::exports::PoolCatalog::open)), so reads,
+//! ([`Catalog::open`](crate::nbd::export::Catalog::open) of [`PoolCatalog`](crate::server::exports::PoolCatalog)), so reads,
 //! writes, discards, write-zeroes and flushes go through the same
 //! [`Service`](crate::server::service::Service) calls, the same group commit and the
 //! same attach count.
