@@ -237,18 +237,31 @@ fn answer(conn: &UnixStream, handler: &Handler, streams: &Streams, stop: &Atomic
     reply(conn, response)
 }
 
+/// The kind an engine error is reported as (over the control socket, and by
+/// `thinctl --json` for a pool it opened itself).
+pub fn pool_error_kind(e: &PoolError) -> ErrorKind {
+    match e {
+        PoolError::NoSuchDevice(_) => ErrorKind::NoSuchDevice,
+        PoolError::ReadOnly => ErrorKind::ReadOnly,
+        PoolError::NoSpace { .. } => ErrorKind::NoSpace,
+        PoolError::Meta(MetaError::Corrupt { .. }) => ErrorKind::Corrupt,
+        _ => ErrorKind::Failed,
+    }
+}
+
+/// The kind a pool directory error is reported as (see [`pool_error_kind`]).
+pub fn dir_error_kind(e: &PoolDirError) -> ErrorKind {
+    match e {
+        PoolDirError::NoSuchDevice { .. } => ErrorKind::NoSuchDevice,
+        PoolDirError::ReadOnly { .. } => ErrorKind::ReadOnly,
+        PoolDirError::Pool(p) => pool_error_kind(p),
+        _ => ErrorKind::Failed,
+    }
+}
+
 impl From<PoolDirError> for ControlError {
     fn from(e: PoolDirError) -> Self {
-        let kind = match &e {
-            PoolDirError::NoSuchDevice { .. } | PoolDirError::Pool(PoolError::NoSuchDevice(_)) => {
-                ErrorKind::NoSuchDevice
-            }
-            PoolDirError::ReadOnly { .. } | PoolDirError::Pool(PoolError::ReadOnly) => ErrorKind::ReadOnly,
-            PoolDirError::Pool(PoolError::NoSpace { .. }) => ErrorKind::NoSpace,
-            PoolDirError::Pool(PoolError::Meta(MetaError::Corrupt { .. })) => ErrorKind::Corrupt,
-            _ => ErrorKind::Failed,
-        };
-        ControlError::new(kind, e.to_string())
+        ControlError::new(dir_error_kind(&e), e.to_string())
     }
 }
 

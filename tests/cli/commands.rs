@@ -501,3 +501,38 @@ fn thin_check_passes_after_every_command() {
     }
     assert_eq!(status_json(&s, "p")["data_used_blocks"], 0, "every block is free again");
 }
+
+#[test]
+fn a_failed_command_run_with_json_prints_its_error_as_json_too() {
+    let s = Scratch::new();
+    s.pool("p", "64M");
+    s.ok(&["create", "p", "web", "--size", "10M"]);
+    let error_of = |json: &str| -> serde_json::Value {
+        let v: serde_json::Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("not JSON ({e}): {json:?}"));
+        v["error"].clone()
+    };
+
+    let r = s.run(&["diff", "p", "web", "nosuch", "--json"]);
+    assert!(r.fails(1).contains("error: no such device \"nosuch\""), "the human line stays: {}", r.stderr);
+    let e = error_of(&r.stdout);
+    assert_eq!(e["kind"], "no_such_device", "{e}");
+    assert_eq!(e["message"], "no such device \"nosuch\"; devices: web");
+
+    // Without --json nothing goes to standard output.
+    let r = s.run(&["diff", "p", "web", "nosuch"]);
+    r.fails(1);
+    assert_eq!(r.stdout, "");
+
+    let r = s.run(&["status", "nope", "--json"]);
+    r.fails(1);
+    let e = error_of(&r.stdout);
+    assert_eq!(e["kind"], "failed", "{e}");
+    assert!(e["message"].as_str().expect("message").starts_with("no pool at"), "{e}");
+
+    // send: standard output is the stream, so the JSON error goes to standard error.
+    let r = s.run(&["send", "p", "nosuch", "--json"]);
+    r.fails(1);
+    assert_eq!(r.stdout, "");
+    let line = r.stderr.lines().find(|l| l.starts_with('{')).expect("a JSON line on standard error");
+    assert_eq!(error_of(line)["kind"], "no_such_device");
+}

@@ -84,6 +84,25 @@ fn changes_to_a_served_pool_go_through_its_control_socket() {
 }
 
 #[test]
+fn a_served_pool_reports_errors_with_the_same_json_kinds() {
+    let sc = Scratch::new();
+    sc.pool("p", "64M");
+    sc.ok(&["create", "p", "web", "--size", "10M"]);
+    let server = Server::start(&sc, "p");
+    let r = sc.run(&["diff", "p", "web", "nosuch", "--json"]);
+    r.fails(1);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).expect("JSON on standard output");
+    assert_eq!(v["error"]["kind"], "no_such_device", "{v}");
+    assert_eq!(v["error"]["message"], "no such device \"nosuch\"; devices: web");
+    let r = sc.run(&["detach", "p", "web", "--json"]);
+    r.fails(1);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).expect("JSON on standard output");
+    assert_eq!(v["error"]["kind"], "no_such_device", "{v}");
+    assert!(v["error"]["message"].as_str().expect("message").contains("not attached"), "{v}");
+    assert_eq!(server.stop(), Some(0));
+}
+
+#[test]
 fn data_written_over_nbd_is_in_the_pool_after_the_server_stops() {
     let sc = Scratch::new();
     let p = sc.pool("p", "64M");

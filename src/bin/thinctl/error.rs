@@ -1,6 +1,6 @@
 //! The errors of the command line, and how they are worded.
 
-use thinpool::error::{MetaError, PoolError};
+use thinpool::error::PoolError;
 use thinpool::volume::PoolDirError;
 
 /// Errors of the command line: the library's, plus messages made here.
@@ -45,25 +45,37 @@ pub fn msg(s: impl Into<String>) -> CliError {
     CliError::Msg(s.into())
 }
 
+/// The kind of an error, in the words of the control protocol's
+/// [`thinpool::server::protocol::ErrorKind`] (`no_such_device`, `attached`,
+/// `no_space`, `corrupt`, `busy`, ...; `failed` for the rest), so that a script reads
+/// the same kind whether the pool is served or not.
+fn kind(e: &CliError) -> thinpool::server::protocol::ErrorKind {
+    use thinpool::server::control::{dir_error_kind, pool_error_kind};
+    use thinpool::server::protocol::ErrorKind;
+    match e {
+        CliError::Pool(p) => pool_error_kind(p),
+        CliError::Dir(PoolDirError::Busy { .. }) => ErrorKind::Busy,
+        CliError::Dir(d) => dir_error_kind(d),
+        CliError::Remote(r) => r.kind,
+        _ => ErrorKind::Failed,
+    }
+}
+
+/// A failed command's error as JSON, for commands run with `--json`:
+/// `{"error": {"kind": KIND, "message": MESSAGE}}`, the message being the line
+/// [`describe`] words.
+pub fn to_json(e: &CliError) -> serde_json::Value {
+    serde_json::json!({ "error": { "kind": kind(e), "message": describe(e) } })
+}
+
 /// The one-line message for an error, with what to do where that is known (the
 /// same for an error of a served pool, which arrives typed by kind).
 pub fn describe(e: &CliError) -> String {
     use thinpool::server::protocol::ErrorKind;
     let base = e.to_string();
-    let kind = match e {
-        CliError::Pool(p) | CliError::Dir(PoolDirError::Pool(p)) => match p {
-            PoolError::NoSpace { .. } => Some(ErrorKind::NoSpace),
-            PoolError::Meta(MetaError::Corrupt { .. }) => Some(ErrorKind::Corrupt),
-            _ => None,
-        },
-        CliError::Remote(r) => Some(r.kind),
-        _ => None,
-    };
-    match kind {
-        Some(ErrorKind::NoSpace) => {
-            format!("{base}: the pool is full; delete or discard devices, or grow the data file")
-        }
-        Some(ErrorKind::Corrupt) => format!("{base}; the metadata is damaged: `thinctl check` gives a full report"),
+    match kind(e) {
+        ErrorKind::NoSpace => format!("{base}: the pool is full; delete or discard devices, or grow the data file"),
+        ErrorKind::Corrupt => format!("{base}; the metadata is damaged: `thinctl check` gives a full report"),
         _ => base,
     }
 }

@@ -22,6 +22,8 @@
 //!   the held metadata snapshot or null. Also `out-of-metadata-space`, with `reason`,
 //!   `metadata_reserve_blocks`, the thresholds and which are `thresholds_crossed`, and
 //!   the autoextend and no-space settings in force (see `health`).
+//! - A command with `--json` that fails also prints `{"error": {"kind", "message"}}`
+//!   where its JSON would have gone (see `json_errors` and `error::to_json`).
 //!
 //! Layout: this file parses the arguments (`cli`) and dispatches; `commands` (pool
 //! and device commands), `image` (import, export), `xml` (dump, restore) and `serve`
@@ -161,11 +163,41 @@ fn run(cli: Cli) -> CliResult {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json = json_errors(&cli.cmd);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", error::describe(&e));
+            match json {
+                JsonErrors::No => {}
+                JsonErrors::Stdout => println!("{}", error::to_json(&e)),
+                JsonErrors::Stderr => eprintln!("{}", error::to_json(&e)),
+            }
             ExitCode::from(1)
         }
+    }
+}
+
+/// Where a command run with `--json` prints its error as JSON too
+/// (`{"error": {"kind", "message"}}`, see [`error::to_json`]), after the usual
+/// `error: ...` line on standard error.
+enum JsonErrors {
+    No,
+    /// Where its JSON answer would have gone.
+    Stdout,
+    /// `send`: its standard output is the stream, its JSON summary goes to standard error.
+    Stderr,
+}
+
+fn json_errors(cmd: &Cmd) -> JsonErrors {
+    match cmd {
+        Cmd::Send { json: true, .. } => JsonErrors::Stderr,
+        Cmd::Ls { json: true, .. }
+        | Cmd::Status { json: true, .. }
+        | Cmd::Diff { json: true, .. }
+        | Cmd::Receive { json: true, .. }
+        | Cmd::Attach { json: true, .. }
+        | Cmd::Detach { json: true, .. } => JsonErrors::Stdout,
+        _ => JsonErrors::No,
     }
 }
