@@ -168,6 +168,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", error::describe(&e));
+            // A `Failed` command already printed its answer (`status --json` of a
+            // pool that cannot open prints its status, mode "fail").
+            let json = if matches!(e, error::CliError::Failed(_)) { JsonErrors::No } else { json };
             match json {
                 JsonErrors::No => {}
                 JsonErrors::Stdout => println!("{}", error::to_json(&e)),
