@@ -27,6 +27,12 @@ fn import_then_export_gives_the_same_bytes() {
     assert_eq!(out.len(), 4 << 20, "export writes the whole device");
     assert_eq!(&out[..data.len()], &data[..]);
     assert!(out[data.len()..].iter().all(|&b| b == 0));
+    // --sync (fsync the file before exiting) writes the same bytes, to a file or a pipe.
+    sc.ok(&["export", "p", "web", "synced", "--sync"]);
+    assert_eq!(std::fs::read(sc.path("synced")).expect("synced"), out);
+    let piped = sc.run(&["export", "p", "web", "-", "--sync"]);
+    piped.ok();
+    assert_eq!(piped.raw_stdout, out, "--sync to standard output");
     assert_thin_check(&sc.path("p"), "import");
 }
 

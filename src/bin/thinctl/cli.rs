@@ -89,10 +89,15 @@ pub enum Cmd {
         create: bool,
     },
     /// Write a device's raw bytes to FILE (holes for unmapped blocks) or `-` (stdout).
-    #[command(override_usage = "thinctl export [DIR] NAME FILE|-")]
+    #[command(override_usage = "thinctl export [DIR] NAME FILE|- [--sync]")]
     Export {
         #[arg(value_name = "DIR_NAME_FILE", num_args = 2..=3, required = true)]
         args: Vec<OsString>,
+        /// fsync FILE before exiting, so the copy survives a host crash (like `dd
+        /// conv=fsync`). Without it FILE's data may still be in the page cache when the
+        /// command returns, as after `cp`, `dd` or `qemu-img convert`.
+        #[arg(long)]
+        sync: bool,
     },
     /// List devices: name, id, size, mapped and exclusive bytes, creation, origin.
     Ls {

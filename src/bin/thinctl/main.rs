@@ -101,9 +101,9 @@ fn run(cli: Cli) -> CliResult {
             let (dir, rest) = split_dir(args, 2);
             image::import(&dir, &utf8(&rest[0], "NAME")?, Path::new(&rest[1]), create)
         }
-        Cmd::Export { args } => {
+        Cmd::Export { args, sync } => {
             let (dir, rest) = split_dir(args, 2);
-            image::export(&dir, &utf8(&rest[0], "NAME")?, &rest[1])
+            image::export(&dir, &utf8(&rest[0], "NAME")?, &rest[1], sync)
         }
         Cmd::Ls { dir, json } => commands::ls(&dir.unwrap_or_else(default_dir), json),
         Cmd::Status { dir, json } => commands::status(&dir.unwrap_or_else(default_dir), json),
