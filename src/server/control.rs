@@ -407,6 +407,14 @@ impl Controller {
                 })?;
                 crate::volume::ChangeOutcome::Deleted { id }
             }
+            PoolChange::Discard { name, offset, length } => {
+                // In windows, I/O flowing in between (see Service::discard), then
+                // one commit.
+                let (id, start, len) = pd.discard_range(name, *offset, *length)?;
+                let blocks = self.service.discard(id, start, len)?;
+                self.service.flush()?;
+                crate::volume::ChangeOutcome::Discarded { blocks }
+            }
             other => self.service.with_pool(|pool| pd.apply(pool, other))?,
         };
         if let (PoolChange::SetHealth { change }, Some(live)) = (change, &self.health) {

@@ -7,7 +7,7 @@
 //! at the last commit, because a block in use then must not be handed out again
 //! before the next commit (spec §4.8).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use bitvec::vec::BitVec;
 
@@ -36,6 +36,9 @@ pub struct RefCounts {
     /// Free blocks that were in use at the last commit (not allocatable before the
     /// next one).
     freed_uncommitted: u64,
+    /// Free blocks held back from allocation for a while (see [`RefCounts::reserve`]);
+    /// few at a time.
+    reserved: HashSet<u64>,
     /// Blocks whose count changed since the last commit (deduplicated by `touched_flag`).
     touched: Vec<u64>,
     touched_flag: BitVec,
@@ -70,6 +73,7 @@ impl RefCounts {
             dirty_overflow: BTreeSet::new(),
             committed_used: BitVec::repeat(false, nr_blocks as usize),
             freed_uncommitted: 0,
+            reserved: HashSet::new(),
             touched: Vec::new(),
             touched_flag: BitVec::repeat(false, nr_blocks as usize),
             cursor: 0,
@@ -130,7 +134,24 @@ impl RefCounts {
     /// Free blocks that can be allocated now (free and not in use at the last
     /// commit).
     pub fn nr_allocatable(&self) -> u64 {
-        self.nr_free() - self.freed_uncommitted
+        self.nr_free() - self.freed_uncommitted - self.reserved.len() as u64
+    }
+
+    /// Hold back `b` from allocation until [`RefCounts::unreserve`] (a block whose
+    /// bytes are being punched outside the pool's lock). False, and nothing held,
+    /// unless `b` is allocatable now.
+    pub fn reserve(&mut self, b: u64) -> bool {
+        self.is_allocatable(b) && self.reserved.insert(b)
+    }
+
+    /// Let `b` be allocated again.
+    pub fn unreserve(&mut self, b: u64) {
+        self.reserved.remove(&b);
+    }
+
+    /// Blocks held back by [`RefCounts::reserve`].
+    pub fn nr_reserved(&self) -> u64 {
+        self.reserved.len() as u64
     }
 
     /// Number of bitmaps.
@@ -222,7 +243,10 @@ impl RefCounts {
 
     /// Can `b` be handed out now: count 0 now and at the last commit?
     pub fn is_allocatable(&self, b: u64) -> bool {
-        b < self.nr_blocks && self.counts[b as usize] == 0 && !self.committed_used[b as usize]
+        b < self.nr_blocks
+            && self.counts[b as usize] == 0
+            && !self.committed_used[b as usize]
+            && !self.reserved.contains(&b)
     }
 
     /// Find a block that is free now and was free at the last commit, searching from
@@ -253,7 +277,7 @@ impl RefCounts {
             let mut off = 0usize;
             while let Some(p) = slice[off..].iter().position(|&c| c == 0) {
                 let cand = b + (off + p) as u64;
-                if !self.committed_used[cand as usize] {
+                if !self.committed_used[cand as usize] && (self.reserved.is_empty() || !self.reserved.contains(&cand)) {
                     return Some(cand);
                 }
                 off += p + 1;
@@ -300,6 +324,7 @@ impl RefCounts {
         self.touched.retain(|&b| b < new_nr);
         self.overflow.retain(|&b, _| b < new_nr);
         self.dirty_overflow.retain(|&b| b < new_nr);
+        self.reserved.retain(|&b| b < new_nr);
         let nb = new_nr.div_ceil(ENTRIES_PER_BITMAP);
         self.used_per_bitmap.truncate(nb as usize);
         self.dirty_bitmaps.retain(|&i| i < nb);
@@ -396,6 +421,27 @@ mod tests {
         rc.dec(a).expect("dec");
         rc.commit();
         assert_eq!(rc.nr_allocatable(), 4);
+    }
+
+    #[test]
+    fn a_reserved_block_is_not_allocated_until_unreserved() {
+        let mut rc = RefCounts::new("t", 3);
+        let a = rc.alloc().expect("a");
+        assert!(!rc.reserve(a), "a used block cannot be reserved");
+        rc.commit();
+        rc.dec(a).expect("dec");
+        assert!(!rc.reserve(a), "nor one the last commit still uses");
+        rc.commit();
+        assert!(rc.reserve(a));
+        assert!(!rc.reserve(a), "reserved once");
+        assert_eq!((rc.nr_free(), rc.nr_allocatable(), rc.nr_reserved()), (3, 2, 1));
+        let got: Vec<u64> = (0..2).map(|_| rc.alloc().expect("alloc")).collect();
+        assert!(!got.contains(&a), "{got:?} skips the reserved block {a}");
+        assert_eq!(rc.alloc(), None, "only the reserved block is left");
+        rc.commit();
+        assert!(!rc.is_allocatable(a), "a commit keeps the reservation");
+        rc.unreserve(a);
+        assert_eq!(rc.alloc(), Some(a));
     }
 
     #[test]

@@ -463,6 +463,23 @@ impl Metadata {
         self.t.data_counts().get(b)
     }
 
+    /// Hold data block `b` back from allocation until [`Metadata::unreserve_data_block`],
+    /// if it is free both in the current transaction and in the last commit (so
+    /// nothing, durable or not, uses its bytes): true when it is held.
+    pub fn reserve_data_block(&mut self, b: u64) -> bool {
+        self.t.data_counts_mut().reserve(b)
+    }
+
+    /// Let a block held by [`Metadata::reserve_data_block`] be allocated again.
+    pub fn unreserve_data_block(&mut self, b: u64) {
+        self.t.data_counts_mut().unreserve(b);
+    }
+
+    /// Data blocks held back by [`Metadata::reserve_data_block`].
+    pub fn data_blocks_reserved(&self) -> u64 {
+        self.t.data_counts().nr_reserved()
+    }
+
     /// Reference count of a metadata block (tests and tools).
     pub fn meta_ref_count(&self, b: u64) -> u32 {
         self.t.meta_counts().get(b)

@@ -273,6 +273,20 @@ impl PoolDir {
         length: Option<u64>,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<u64, PoolDirError> {
+        let (id, start, len) = self.discard_range(name, offset, length)?;
+        let n = discard_blocks(pool, id, start, len, progress)?;
+        pool.commit()?;
+        Ok(n)
+    }
+
+    /// The device and byte range a [`PoolChange::Discard`] of `name` covers, checked
+    /// against the device's size: `(id, start, length)`.
+    pub fn discard_range(
+        &self,
+        name: &str,
+        offset: Option<u64>,
+        length: Option<u64>,
+    ) -> Result<(DevId, u64, u64), PoolDirError> {
         self.writable()?;
         let e = self.device(name)?.clone();
         let (start, len) = match (offset, length) {
@@ -295,9 +309,7 @@ impl PoolDir {
                 (off, len)
             }
         };
-        let n = discard_blocks(pool, e.id, start, len, progress)?;
-        pool.commit()?;
-        Ok(n)
+        Ok((e.id, start, len))
     }
 
     /// Set the virtual size of `name`; shrinking unmaps the whole blocks past the new
