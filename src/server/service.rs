@@ -572,6 +572,11 @@ impl Service {
             };
             n += step.0;
             at = step.1;
+            if at < end {
+                // Let the reads and writes that queued behind this step in first
+                // (the next step's quiesce would otherwise win the gate again).
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
         Ok(n)
     }
